@@ -1,0 +1,4 @@
+from router.cli import main
+import sys
+
+sys.exit(main())
