@@ -1,4 +1,4 @@
-"""The de-identification engine: the one place where an instance's header is de-identified.
+"""The de-identification engine: applies the PS3.15 confidentiality profile to one instance.
 
 (Work in progress: the public interface below is what the file mode and the node use.)
 """
@@ -30,6 +30,8 @@ class InstanceResult:
     patient_pseudonym: str
     modality: str
     transfer_syntax_uid: str
+    #: The AE title that sent it (file meta SourceApplicationEntityTitle of the input), for routing.
+    source_ae_title: str
     bytes_in: int
     bytes_out: int
 
