@@ -1,14 +1,57 @@
 """The de-identification engine: applies the PS3.15 confidentiality profile to one instance.
 
-(Work in progress: the public interface below is what the file mode and the node use.)
+This is the one place where an instance's header is de-identified; the file mode and the
+node's de-identify stage both call ``Deidentifier``. It works on pydicom's raw elements
+and converts only the elements it must read or change, so values it keeps are written
+back byte for byte (whatever their character set) and the pixel data is never decoded.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from router.config import DeidConfig
+from pydicom import config as pydicom_config
+from pydicom import dcmread
+from pydicom.charset import decode_bytes
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.errors import InvalidDicomError
+from pydicom.filebase import DicomFileLike
+from pydicom.filewriter import write_dataset, write_file_meta_info
+from pydicom.sequence import Sequence
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
+
+from router import __version__
+from router.config import BASIC_PROFILE_CODE, OPTIONS, DeidConfig
+from router.pseudonyms import Pseudonymizer
+from router.rules import Action, Profile
+
+#: Our implementation class UID (a fixed 2.25 UID) and version name, for the file meta.
+IMPLEMENTATION_CLASS_UID = UID("2.25.158783364585436617185016425961838233617")
+IMPLEMENTATION_VERSION = f"DEID_ROUTER_{__version__.replace('.', '')}"[:16]
+
+TEXT_VRS = frozenset({"LO", "SH", "ST", "LT", "UT", "UC", "PN"})
+DATE_VRS = frozenset({"DA", "DT"})
+NUMERIC_VRS = frozenset({"FL", "FD", "SL", "SS", "UL", "US", "SV", "UV", "AT"})
+BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
+#: File meta elements that name the systems an instance passed through: not forwarded.
+META_KEPT = ("MediaStorageSOPClassUID", "TransferSyntaxUID")
+
+# pydicom: keep reading values that break a VR's rules rather than failing the instance;
+# the engine rewrites or removes what it must and validates what it relies on.
+pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
 
 
 class InstanceRefused(Exception):
@@ -36,14 +79,482 @@ class InstanceResult:
     bytes_out: int
 
 
-class Deidentifier:
-    """De-identifies instances with one site secret; safe to share within a process."""
+@dataclass
+class _Patient:
+    """Per-instance state: who the patient is, as far as the pseudonyms need to know."""
 
-    def __init__(self, config: DeidConfig, secret: bytes): ...
+    key: str
+    shift_days: int | None  # None: dates are not shifted
+    scrub: re.Pattern[str] | None  # identifying values to cut out of kept text
+
+
+class Deidentifier:
+    """De-identifies instances with one site secret; build once per process and reuse."""
+
+    def __init__(self, config: DeidConfig, secret: bytes):
+        self.config = config
+        self.profile = Profile(config)
+        self.keys = Pseudonymizer(secret, config.pseudonym_prefix, config.date_shift_min_days, config.date_shift_max_days)
+        self.shift_dates = "retain-longitudinal-modified-dates" in config.options
+        self.method_codes = self._method_codes()
+
+    # -- files ---------------------------------------------------------------------------
 
     def process_file(self, src: Path, dst: Path) -> InstanceResult:
         """Read the Part 10 (or raw dataset) file src, de-identify it, write Part 10 dst.
 
         dst is written completely (and fsynced) or not at all. Raises InstanceRefused.
         """
-        raise NotImplementedError
+        ds = read_instance(src)
+        result = self.deidentify(ds)
+        size = write_instance(ds, Path(dst))
+        return _with_sizes(result, os.path.getsize(src), size)
+
+    # -- datasets ------------------------------------------------------------------------
+
+    def deidentify(self, ds: Dataset) -> InstanceResult:
+        """De-identify ds in place (header, sequences, private tags, file meta)."""
+        meta = getattr(ds, "file_meta", None) or FileMetaDataset()
+        source_ae = str(meta.get("SourceApplicationEntityTitle", "") or "").strip()
+        transfer_syntax = transfer_syntax_of(ds)
+        patient = self._patient(ds)
+        self._apply(ds, patient)
+        self._mark(ds, patient)
+        sop_class = _text(ds, 0x00080016)
+        sop_instance = _text(ds, 0x00080018)
+        new_meta = FileMetaDataset()
+        new_meta.MediaStorageSOPClassUID = sop_class
+        new_meta.MediaStorageSOPInstanceUID = sop_instance
+        new_meta.TransferSyntaxUID = transfer_syntax
+        new_meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+        new_meta.ImplementationVersionName = IMPLEMENTATION_VERSION
+        ds.file_meta = new_meta
+        return InstanceResult(
+            sop_class_uid=sop_class,
+            sop_instance_uid=sop_instance,
+            study_instance_uid=_text(ds, 0x0020000D),
+            series_instance_uid=_text(ds, 0x0020000E),
+            patient_pseudonym=_text(ds, 0x00100020),
+            modality=_text(ds, 0x00080060).upper(),
+            transfer_syntax_uid=str(transfer_syntax),
+            source_ae_title=source_ae,
+            bytes_in=0,
+            bytes_out=0,
+        )
+
+    def _patient(self, ds: Dataset) -> _Patient:
+        key = _text(ds, 0x00100020) or _text(ds, 0x00100010) or _text(ds, 0x0020000D)
+        shift = self.keys.date_offset_days(key) if self.shift_dates else None
+        return _Patient(key, shift, self._scrub_pattern(identifying_values(ds)))
+
+    def _scrub_pattern(self, values: set[str]) -> re.Pattern[str] | None:
+        tokens = {v.strip() for v in values if len(v.strip()) >= self.profile.scrub_min_length}
+        if not tokens:
+            return None
+        short = self.profile.scrub_whole_word_max
+        parts = [
+            rf"(?<![0-9A-Za-z]){re.escape(t)}(?![0-9A-Za-z])" if len(t) <= short else re.escape(t)
+            for t in sorted(tokens, key=len, reverse=True)
+        ]
+        return re.compile("|".join(parts), re.IGNORECASE)
+
+    def _apply(self, ds: Dataset, patient: _Patient) -> None:
+        """Apply the profile to every element of ds, recursing into sequences."""
+        private: list[int] = []
+        for tag in list(ds.keys()):
+            group, element = tag >> 16, tag & 0xFFFF
+            if group == 0x0002:
+                del ds[tag]  # file meta does not belong in the dataset
+            elif group & 1:
+                private.append(tag)
+            elif element == 0 or self.profile.removes_group(group):
+                del ds[tag]  # group lengths (now wrong) and whole curve/overlay groups
+            else:
+                self._element(ds, tag, patient)
+        if private:
+            self._private(ds, private, patient)
+
+    def _element(self, ds: Dataset, tag: int, patient: _Patient, action: Action | None = None) -> None:
+        raw = ds.get_item(tag)
+        vr = _vr(raw, tag)
+        action = action or self.profile.action(tag)
+        if action is None:
+            if vr is None:
+                del ds[tag]  # not in the data dictionary: cannot tell what it holds
+                return
+            code = self.profile.unlisted.get(vr)
+            if code is None:
+                self._keep(ds, tag, vr, patient, shift=patient.shift_days is not None)
+                return
+            action = Action(code)
+        code = action.code
+        vr = vr or "UN"
+        if code == "X":
+            del ds[tag]
+        elif code == "Z":
+            ds[tag] = DataElement(tag, vr, Sequence() if vr == "SQ" else None)
+        elif code == "D":
+            ds[tag] = DataElement(tag, vr, self._dummy(vr))
+        elif code == "U":
+            if vr == "SQ":
+                self._recurse(ds, tag, patient)
+            elif vr == "UI":
+                values = _strings(raw)
+                ds[tag] = DataElement(tag, vr, _vm([self.keys.uid(v) for v in values if v]))
+            else:
+                ds[tag] = DataElement(tag, vr, self._dummy(vr))
+        elif code == "K":
+            self._keep(ds, tag, vr, patient, shift=False)
+        elif code == "C":
+            if vr in DATE_VRS and patient.shift_days is None:
+                ds[tag] = DataElement(tag, vr, self._dummy(vr))
+            else:
+                self._keep(ds, tag, vr, patient, shift=True)
+        elif code == "P":
+            value = self.keys.patient(patient.key) if tag in (0x00100010, 0x00100020) else None
+            if value is None:
+                original = "\\".join(_strings(raw))
+                value = self.keys.value(tag, original) if original else None
+            ds[tag] = DataElement(tag, vr, value)
+        elif code == "R":
+            ds[tag] = DataElement(tag, vr, action.value)
+        elif code != "V":
+            raise AssertionError(f"unknown action {code}")
+
+    def _keep(self, ds: Dataset, tag: int, vr: str, patient: _Patient, shift: bool) -> None:
+        """Keep an element, with what keeping still implies: recurse, shift dates, scrub text."""
+        if vr == "SQ":
+            self._recurse(ds, tag, patient)
+        elif vr in DATE_VRS and shift and patient.shift_days is not None:
+            values = _strings(ds.get_item(tag))
+            shifted = [shift_date(v, vr, patient.shift_days) for v in values]
+            ds[tag] = DataElement(tag, vr, _vm([v for v in shifted if v is not None]))
+        elif vr in TEXT_VRS and patient.scrub is not None:
+            self._scrub(ds, tag, vr, patient.scrub)
+
+    def _scrub(self, ds: Dataset, tag: int, vr: str, pattern: re.Pattern[str]) -> None:
+        raw = ds.get_item(tag)
+        if isinstance(raw, RawDataElement):
+            data = raw.value or b""
+            if data.isascii() and not pattern.search(data.decode("ascii")):
+                return  # the common case: nothing to cut, and the raw bytes stay as they are
+        elem = ds[tag]
+        values = elem.value if isinstance(elem.value, list) else [elem.value]
+        cleaned = [_cut(str(v), pattern) if v is not None else v for v in values]
+        if cleaned != [str(v) if v is not None else v for v in values]:
+            ds[tag] = DataElement(tag, vr, _vm(cleaned))
+
+    def _recurse(self, ds: Dataset, tag: int, patient: _Patient) -> None:
+        elem = ds[tag]
+        if elem.VR != "SQ" or not elem.value:
+            return
+        for item in elem.value:
+            self._apply(item, patient)
+
+    def _private(self, ds: Dataset, tags: list[int], patient: _Patient) -> None:
+        """Remove private elements, except what retain-safe-private keeps by creator."""
+        kept_blocks: set[int] = set()
+        creators: dict[int, str] = {}
+        for tag in tags:
+            if 0x10 <= tag & 0xFFFF <= 0xFF:
+                creators[tag] = "".join(_strings(ds.get_item(tag))).strip()
+        for tag in tags:
+            element = tag & 0xFFFF
+            if element <= 0xFF:
+                continue
+            creator_tag = (tag & 0xFFFF0000) | (element >> 8)
+            creator = creators.get(creator_tag)
+            if creator and self.profile.is_safe_private(creator, tag >> 16, element & 0xFF):
+                kept_blocks.add(creator_tag)
+                vr = _vr(ds.get_item(tag), tag) or "UN"
+                self._keep(ds, tag, vr, patient, shift=True)
+            else:
+                del ds[tag]
+        for tag in tags:
+            if tag & 0xFFFF <= 0xFF and tag not in kept_blocks:
+                del ds[tag]
+
+    def _dummy(self, vr: str):
+        if vr == "SQ":
+            return Sequence()
+        if vr in NUMERIC_VRS:
+            return 0
+        if vr in BINARY_VRS:
+            return b"\x00\x00"
+        return self.profile.dummy.get(vr, "ANONYMIZED")
+
+    def _mark(self, ds: Dataset, patient: _Patient) -> None:
+        """Record what was done: PS3.15 E.1.1 and the CID 7050 codes."""
+        ds.PatientIdentityRemoved = "YES"
+        options = sorted(o for o in self.config.options if o != "clean-pixel-data")
+        ds.DeidentificationMethod = [f"deid-router {__version__}", "PS3.15 E.1 Basic Profile", *options][:16]
+        ds.DeidentificationMethodCodeSequence = Sequence([_code(v, m) for v, m in self.method_codes])
+        if self.shift_dates:
+            ds.LongitudinalTemporalInformationModified = "MODIFIED"
+        elif "retain-longitudinal-full-dates" in self.config.options:
+            ds.LongitudinalTemporalInformationModified = "UNMODIFIED"
+        else:
+            ds.LongitudinalTemporalInformationModified = "REMOVED"
+
+    def _method_codes(self) -> list[tuple[str, str]]:
+        # Clean Pixel Data is claimed by the pixel stage only when it has cleaned the pixels.
+        options = [OPTIONS[o] for o in sorted(self.config.options) if o != "clean-pixel-data"]
+        return [BASIC_PROFILE_CODE, *options]
+
+
+# -- reading and writing ---------------------------------------------------------------
+
+
+def read_instance(src: Path | str) -> Dataset:
+    """Read a Part 10 file (or a bare dataset) and check what de-identification relies on."""
+    try:
+        ds = dcmread(src, force=True)
+    except (InvalidDicomError, EOFError, ValueError, KeyError, OSError, NotImplementedError, OverflowError) as exc:
+        raise InstanceRefused(f"not readable as DICOM: {_safe_message(exc)}") from None
+    except Exception as exc:  # noqa: BLE001 - any parser failure is the input's fault
+        raise InstanceRefused(f"not readable as DICOM ({type(exc).__name__})") from None
+    validate(ds)
+    return ds
+
+
+def validate(ds: Dataset) -> None:
+    """Refuse what cannot be de-identified and written back faithfully."""
+    if not len(ds) or not any(tag >> 16 == 0x0008 for tag in ds.keys()):
+        raise InstanceRefused("not a DICOM dataset (no identifying group 0008 elements)")
+    # Not a composite instance without these. A malformed SOP Instance UID is tolerated:
+    # it is replaced by a keyed UID anyway (unless the site retains UIDs).
+    if not re.fullmatch(r"[0-9]+(\.[0-9]+)*", _text(ds, 0x00080016)):
+        raise InstanceRefused("missing or invalid SOP Class UID (0008,0016): not a composite instance")
+    if not _text(ds, 0x00080018):
+        raise InstanceRefused("missing SOP Instance UID (0008,0018): not a composite instance")
+    if 0x7FE00010 in ds:
+        check_pixel_data(ds)
+
+
+def check_pixel_data(ds: Dataset) -> None:
+    """Native pixel data must be as long as its description; encapsulated must be items."""
+    raw = ds.get_item(0x7FE00010)
+    data = raw.value if isinstance(raw, RawDataElement) else ds.PixelData
+    if data is None:
+        return
+    if is_encapsulated(ds):
+        if not data.startswith(b"\xfe\xff\x00\xe0"):
+            raise InstanceRefused("encapsulated pixel data is not a sequence of items")
+        return
+    sizes = {}
+    for tag, name in ((0x00280010, "Rows"), (0x00280011, "Columns"), (0x00280100, "Bits Allocated"),
+                      (0x00280002, "Samples per Pixel"), (0x00280008, "Number of Frames")):
+        text = _text(ds, tag)
+        if not text and name in ("Samples per Pixel", "Number of Frames"):
+            sizes[name] = 1
+            continue
+        try:
+            sizes[name] = int(ds[tag].value) if ds[tag].VR in ("US", "SS") else int(text)
+        except (KeyError, TypeError, ValueError):
+            raise InstanceRefused(f"invalid or missing {name} ({tag >> 16:04X},{tag & 0xFFFF:04X}) for pixel data") from None
+    bits = sizes["Rows"] * sizes["Columns"] * sizes["Samples per Pixel"] * sizes["Number of Frames"] * sizes["Bits Allocated"]
+    if _text(ds, 0x00280004).upper() in ("YBR_FULL_422", "YBR_PARTIAL_422"):
+        bits = bits * 2 // 3  # two chroma samples shared by each pair of pixels
+    expected = (bits + 7) // 8
+    if len(data) < expected:
+        raise InstanceRefused(f"pixel data truncated: {len(data)} of {expected} bytes")
+
+
+def is_encapsulated(ds: Dataset) -> bool:
+    """Is the pixel data encapsulated? Transfer syntaxes newer than pydicom count by shape."""
+    try:
+        return transfer_syntax_of(ds).is_encapsulated
+    except ValueError:
+        raw = ds.get_item(0x7FE00010)
+        return raw is not None and getattr(raw, "length", 0) == 0xFFFFFFFF
+
+
+def transfer_syntax_of(ds: Dataset) -> UID:
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and meta.get("TransferSyntaxUID"):
+        return UID(str(meta.TransferSyntaxUID).strip("\0 "))
+    implicit, little = getattr(ds, "original_encoding", (True, True))
+    if implicit:
+        return ImplicitVRLittleEndian
+    return ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+
+
+def write_instance(ds: Dataset, dst: Path) -> int:
+    """Write ds as a Part 10 file, atomically: a temporary file, fsync, rename."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    ts = ds.file_meta.TransferSyntaxUID
+    try:
+        with open(tmp, "wb") as out:
+            if ts.is_transfer_syntax:
+                ds.save_as(
+                    out,
+                    implicit_vr=ts == ImplicitVRLittleEndian,
+                    little_endian=ts != ExplicitVRBigEndian,
+                    enforce_file_format=True,
+                )
+            else:
+                _write_unknown_syntax(ds, out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return os.path.getsize(dst)
+
+
+def _write_unknown_syntax(ds: Dataset, out) -> None:
+    """Write a transfer syntax newer than pydicom (e.g. Deflated Image Frame Compression).
+
+    Every transfer syntax after the retired big endian one encodes the dataset as explicit
+    VR little endian (only the pixel data differs), so the header is written that way and
+    the pixel data bytes pass through unchanged.
+    """
+    out.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(out, ds.file_meta, enforce_standard=True)
+    fp = DicomFileLike(out)
+    fp.is_implicit_VR, fp.is_little_endian = False, True
+    write_dataset(fp, ds)
+
+
+# -- values ----------------------------------------------------------------------------
+
+
+def identifying_values(ds: Dataset) -> set[str]:
+    """Values of the instance's own identifying elements, to be cut out of kept text."""
+    values: set[str] = set()
+    for tag in (0x00100020, 0x00101000, 0x00080050, 0x00101090, 0x00102154, 0x00380010):
+        values.update(_strings(ds.get_item(tag)))  # IDs, accession, record locator, phone
+    for item in _items(ds, 0x00101002):  # Other Patient IDs Sequence
+        values.update(_strings(item.get_item(0x00100020)))
+    for tag in (0x00100010, 0x00101001, 0x00101005, 0x00101060, 0x00080090, 0x00081050, 0x00081070, 0x00321032):
+        for name in _decoded(ds, tag):
+            values.add(name)
+            values.update(re.split(r"[\^=,\s]+", name))  # components of every group
+    for birth_date in _strings(ds.get_item(0x00100030)):
+        values.update(date_spellings(birth_date))
+    return {v for v in values if v.strip("^= ")}
+
+
+def date_spellings(value: str) -> set[str]:
+    """A DA value as it may be written in free text: 19510829, 1951-08-29, 08/29/1951 ..."""
+    try:
+        d = dt.datetime.strptime(value.strip()[:8], "%Y%m%d").date()
+    except ValueError:
+        return {value} if value.strip() else set()
+    y, m, dd = f"{d.year:04d}", f"{d.month:02d}", f"{d.day:02d}"
+    spellings = {y + m + dd}
+    for sep in "-/.":
+        spellings |= {sep.join((y, m, dd)), sep.join((m, dd, y)), sep.join((dd, m, y))}
+    spellings |= {f"{d.month}/{d.day}/{y}", f"{d.day}.{d.month}.{y}", f"{d.day}/{d.month}/{y}"}
+    return spellings
+
+
+_DT = re.compile(r"(\d{4})(\d{2})?(\d{2})?(\d*(?:\.\d*)?)([+-]\d{4})?")
+
+
+def shift_date(value: str, vr: str, days: int) -> str | None:
+    """value minus days, at the value's own precision; None where it is not a date."""
+    text = value.strip()
+    if not text:
+        return text
+    if vr == "DA":
+        compact = text.replace(".", "") if re.fullmatch(r"\d{4}\.\d{2}\.\d{2}", text) else text
+        try:
+            d = dt.datetime.strptime(compact, "%Y%m%d").date()
+        except ValueError:
+            return None
+        return (d - dt.timedelta(days=days)).strftime("%Y%m%d")
+    m = _DT.fullmatch(text)
+    if not m:
+        return None
+    year, month, day, rest, zone = m.groups()
+    try:
+        d = dt.date(int(year), int(month or 1), int(day or 1)) - dt.timedelta(days=days)
+    except (ValueError, OverflowError):
+        return None
+    date = f"{d.year:04d}" + (f"{d.month:02d}" if month else "") + (f"{d.day:02d}" if day else "")
+    return date + (rest or "") + (zone or "")
+
+
+def _cut(text: str, pattern: re.Pattern[str]) -> str:
+    return re.sub(r"\s{2,}", " ", pattern.sub("", text)).strip()
+
+
+def _vr(raw, tag: int) -> str | None:
+    vr = raw.VR if raw is not None else None
+    if vr and vr != "UN":
+        return vr
+    try:
+        known = dictionary_VR(tag)
+    except KeyError:
+        return vr  # "UN" stays UN; None (implicit, unknown tag) stays None
+    return known.split(" or ")[0]
+
+
+def _strings(raw) -> list[str]:
+    """The values of a string element, decoded as ASCII-compatible text."""
+    if raw is None:
+        return []
+    value = raw.value
+    if value is None:
+        return []
+    if isinstance(value, bytes):
+        value = value.decode("latin-1").rstrip("\0 ").split("\\")
+    elif isinstance(value, str) or not isinstance(value, list):
+        value = [str(value)]
+    return [str(v).strip("\0 ") for v in value]
+
+
+def _decoded(ds: Dataset, tag: int) -> list[str]:
+    """The values of a text element, decoded with the dataset's character set."""
+    if tag not in ds:
+        return []
+    raw = ds.get_item(tag)
+    if isinstance(raw, RawDataElement) and isinstance(raw.value, bytes):
+        try:
+            encodings = ds._character_set
+            text = decode_bytes(raw.value, [encodings] if isinstance(encodings, str) else encodings, {0x5C, 0x5E, 0x3D})
+        except (LookupError, ValueError):
+            text = raw.value.decode("latin-1")
+        return [v.strip("\0 ") for v in text.split("\\") if v.strip("\0 ")]
+    return [v for v in _strings(ds[tag]) if v]
+
+
+def _text(ds: Dataset, tag: int) -> str:
+    values = _strings(ds.get_item(tag)) if tag in ds else []
+    return values[0] if values else ""
+
+
+def _items(ds: Dataset, tag: int) -> list[Dataset]:
+    if tag not in ds:
+        return []
+    try:
+        value = ds[tag].value
+    except Exception:  # noqa: BLE001 - an unreadable sequence has no usable items
+        return []
+    return list(value) if isinstance(value, Sequence) else []
+
+
+def _vm(values: list):
+    return values[0] if len(values) == 1 else (values or None)
+
+
+def _code(value: str, meaning: str) -> Dataset:
+    item = Dataset()
+    item.CodeValue = value
+    item.CodingSchemeDesignator = "DCM"
+    item.CodeMeaning = meaning
+    return item
+
+
+def _safe_message(exc: BaseException) -> str:
+    """An exception's message without quoted values (which may hold header text)."""
+    text = re.sub(r"(['\"]).*?\1", "'…'", str(exc))
+    text = re.sub(r"b'…'|\\x[0-9a-f]{2}", "…", text)
+    return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
+
+
+def _with_sizes(result: InstanceResult, bytes_in: int, bytes_out: int) -> InstanceResult:
+    return InstanceResult(**{**result.__dict__, "bytes_in": bytes_in, "bytes_out": bytes_out})

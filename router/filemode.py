@@ -1,0 +1,149 @@
+"""``deid-router deid SRC DST``: the same de-identification as the node, on files.
+
+Output files are named by pseudonyms only: DST/<patient>/<study>/<series>/<instance>.dcm
+with the new UIDs, so no PHI reaches a path. Input paths (which the operator chose and
+may name patients) appear only in the summary printed to the operator, never in logs.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from router import log
+from router.config import Config, resolve_secret
+from router.profile import Deidentifier, InstanceRefused, InstanceResult, read_instance, write_instance
+
+_deidentifier: Deidentifier | None = None
+_dst: Path | None = None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    src: Path
+    result: InstanceResult | None = None
+    reason: str | None = None
+    output: Path | None = None
+    seconds: float = 0.0
+
+
+def output_path(dst: Path, result: InstanceResult) -> Path:
+    return dst / result.patient_pseudonym / result.study_instance_uid / result.series_instance_uid / f"{result.sop_instance_uid}.dcm"
+
+
+def process(src: Path) -> Outcome:
+    """De-identify one file into the output tree (runs in a worker process)."""
+    assert _deidentifier is not None and _dst is not None
+    start = time.perf_counter()
+    try:
+        ds = read_instance(src)
+        result = _deidentifier.deidentify(ds)
+        out = output_path(_dst, result)
+        size = write_instance(ds, out)
+    except InstanceRefused as exc:
+        return Outcome(src, reason=exc.reason, seconds=time.perf_counter() - start)
+    except Exception as exc:  # noqa: BLE001 - one bad file must not stop the run
+        return Outcome(src, reason=f"internal error while de-identifying ({type(exc).__name__})",
+                       seconds=time.perf_counter() - start)
+    result = InstanceResult(**{**result.__dict__, "bytes_in": src.stat().st_size, "bytes_out": size})
+    return Outcome(src, result=result, output=out, seconds=time.perf_counter() - start)
+
+
+def _init(deidentifier: Deidentifier, dst: Path) -> None:
+    global _deidentifier, _dst
+    _deidentifier, _dst = deidentifier, dst
+
+
+def inputs(src: Path) -> list[Path]:
+    if src.is_dir():
+        return sorted(p for p in src.rglob("*") if p.is_file())
+    return [src]
+
+
+def run(src: Path, dst: Path, config: Config, workers: int | None = None) -> int:
+    logger = log.get_logger("deid")
+    if not src.exists():
+        print(f"deid-router: {src}: no such file or folder", file=sys.stderr)
+        return 2
+    secret, generated = resolve_secret(config)
+    if generated:
+        logger.warning("site_secret.generated", path=str(config.node.spool_dir / "site-secret"),
+                       note="pseudonyms depend on it: keep it, and give it to every node of this site")
+    paths = inputs(src)
+    dst.mkdir(parents=True, exist_ok=True)
+    deidentifier = Deidentifier(config.deid, secret)
+    workers = max(1, min(workers or os.cpu_count() or 1, len(paths) or 1))
+    progress = _Progress(len(paths)) if sys.stderr.isatty() else None
+    instance_level = "debug" if progress else "info"
+    written: dict[Path, Path] = {}
+    refused: list[Outcome] = []
+    duplicates = 0
+    started = time.perf_counter()
+    if workers == 1:
+        _init(deidentifier, dst)
+        outcomes = map(process, paths)
+    else:
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                                   initializer=_init, initargs=(deidentifier, dst))
+        outcomes = pool.map(process, paths, chunksize=8)
+    for outcome in outcomes:
+        if outcome.result is None:
+            refused.append(outcome)
+            logger.warning("instance.refused", input=deidentifier.keys.fingerprint(str(outcome.src)), reason=outcome.reason)
+        else:
+            r = outcome.result
+            if outcome.output in written:
+                duplicates += 1
+            written[outcome.output] = outcome.src
+            getattr(logger, instance_level)(
+                "instance.deidentified", sop_instance_uid=r.sop_instance_uid, patient=r.patient_pseudonym,
+                modality=r.modality, bytes_in=r.bytes_in, bytes_out=r.bytes_out, ms=round(outcome.seconds * 1000, 1))
+        if progress:
+            progress.update(len(written) + duplicates, len(refused))
+    if workers > 1:
+        pool.shutdown()
+    if progress:
+        progress.finish()
+    seconds = time.perf_counter() - started
+    print(f"read {len(paths)}, written {len(written)}"
+          + (f" ({duplicates} duplicate instances overwrote an earlier copy)" if duplicates else "")
+          + f", refused {len(refused)} in {seconds:.1f} s")
+    for outcome in refused:
+        print(f"  refused {_relative(outcome.src, src)}: {outcome.reason}")
+    logger.info("deid.summary", read=len(paths), written=len(written), duplicates=duplicates,
+                refused=len(refused), seconds=round(seconds, 2))
+    return 1 if refused else 0
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return str(path.relative_to(root)) if root.is_dir() else str(path)
+    except ValueError:
+        return str(path)
+
+
+class _Progress:
+    """A one-line progress bar on the terminal."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.last = 0.0
+
+    def update(self, done: int, refused: int) -> None:
+        now = time.monotonic()
+        count = done + refused
+        if now - self.last < 0.1 and count < self.total:
+            return
+        self.last = now
+        width = 30
+        filled = width * count // max(self.total, 1)
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {count}/{self.total}  refused {refused}")
+        sys.stderr.flush()
+
+    def finish(self) -> None:
+        sys.stderr.write("\n")

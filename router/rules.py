@@ -1,0 +1,114 @@
+"""The rule table: which action applies to which tag, for a given config.
+
+Reads the generated standard table (rules/ps3.15-e1-1.json), the product policy
+(rules/policy.toml), the safe private list (rules/safe-private.toml) and the site's
+overrides from the config, and resolves them to one action per tag:
+
+X remove, Z empty, D dummy, U new UID, K keep, C clean, and three the standard does not
+name: P keyed pseudonym, R replace with the site's value, V keep verbatim (a site's
+explicit "keep": not even free-text scrubbing applies).
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+
+from router.config import DeidConfig, SafePrivate, parse_tag
+
+#: Combined codes resolved without the IOD's attribute type. "conservative" keeps the
+#: attribute in its dummy or empty form, which is valid whether the IOD makes it Type 1,
+#: 2 or 3; "remove" deletes it whenever the standard allows that for some type.
+COMBINED = {
+    "conservative": {"X/Z": "Z", "X/D": "D", "Z/D": "D", "X/Z/D": "D", "X/Z/U*": "U"},
+    "remove": {"X/Z": "X", "X/D": "X", "Z/D": "Z", "X/Z/D": "X", "X/Z/U*": "X"},
+}
+SITE_ACTIONS = {"keep": "V", "remove": "X", "empty": "Z", "dummy": "D", "replace": "R", "pseudonym": "P", "uid": "U"}
+
+
+@dataclass(frozen=True)
+class Action:
+    code: str
+    value: str | None = None  # for R
+
+
+@cache
+def standard_table() -> dict:
+    return json.loads(resources.files("router.rule_tables").joinpath("ps3.15-e1-1.json").read_text(encoding="utf-8"))
+
+
+@cache
+def policy() -> dict:
+    return tomllib.loads(resources.files("router.rule_tables").joinpath("policy.toml").read_text(encoding="utf-8"))
+
+
+@cache
+def standard_safe_private() -> tuple[SafePrivate, ...]:
+    path = resources.files("router.rule_tables").joinpath("safe-private.toml")
+    if not path.is_file():
+        return ()
+    rows = tomllib.loads(path.read_text(encoding="utf-8")).get("safe", [])
+    return tuple(SafePrivate(row["creator"].strip(), row["group"], row["element"]) for row in rows)
+
+
+def resolve(code: str, options: frozenset[str], row_options: dict[str, str], combined: str) -> str:
+    """The standard's action for one row under the selected options.
+
+    Where several selected options name an action for the row, the more protective one
+    wins (C, clean, over K, keep).
+    """
+    chosen = [row_options[o] for o in sorted(options) if o in row_options]
+    if chosen:
+        code = "C" if "C" in chosen else "K"
+    return COMBINED[combined].get(code, code)
+
+
+class Profile:
+    """Actions by tag for one config; built once per process, then read-only."""
+
+    def __init__(self, config: DeidConfig):
+        self.options = config.options
+        self.exact: dict[int, Action] = {}
+        self.private_code = "X"
+        for row in standard_table()["rules"]:
+            code = resolve(row["basic"], config.options, row["options"], config.combined_codes)
+            tag = row["tag"]
+            if tag == "private":
+                self.private_code = code
+            elif "x" not in tag:  # (50xx,xxxx) and (60xx,...): see policy.toml [repeating_groups]
+                self.exact[int(tag, 16)] = Action(code)
+        pol = policy()
+        for name, action in pol.get("overrides", {}).items():
+            self.exact[parse_tag(name)] = Action(SITE_ACTIONS[action])
+        for tag, override in config.overrides.items():
+            self.exact[tag] = Action(SITE_ACTIONS[override.action], override.value)
+        #: High bytes of the repeating groups removed whole (0x50 curves, 0x60 overlays).
+        self.removed_group_bases = frozenset(int(p[:2], 16) for p in pol["repeating_groups"]["remove"])
+        self.dummy: dict[str, str] = pol["dummy"]
+        self.unlisted: dict[str, str] = {vr: SITE_ACTIONS[a] for vr, a in pol.get("unlisted", {}).items()}
+        self.scrub_min_length: int = pol["scrub"]["min_length"]
+        self.scrub_whole_word_max: int = pol["scrub"]["whole_word_max_length"]
+        self.keep_safe_private = self.private_code == "C"
+        self.safe_private = standard_safe_private() + config.safe_private
+
+    def action(self, tag: int) -> Action | None:
+        """The action for a public tag, or None where nothing is listed (keep)."""
+        return self.exact.get(tag)
+
+    def removes_group(self, group: int) -> bool:
+        """Is this one of the even repeating groups (50xx, 60xx) removed whole?"""
+        return not group & 1 and group & 0xFF <= 0x1E and group >> 8 in self.removed_group_bases
+
+    def is_safe_private(self, creator: str, group: int, element: int) -> bool:
+        """Is (group, xx element) of this private creator on the safe list?"""
+        if not self.keep_safe_private:
+            return False
+        return any(
+            entry.creator == creator
+            and (entry.group is None or entry.group == group)
+            and (entry.element is None or entry.element == element)
+            for entry in self.safe_private
+        )

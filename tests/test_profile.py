@@ -1,0 +1,356 @@
+"""The engine on instances built here: every action, option, pseudonym and PHI hiding place."""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from router.config import DeidConfig, Override, SafePrivate
+from router.profile import Deidentifier, InstanceRefused, read_instance, shift_date, write_instance
+
+SECRET = b"test-secret-0123456789"
+CT = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def instance(patient_id="MRN-4711", name="Smith^John^Q", birth="19510829", study="1.2.3.4.1", sop="1.2.3.4.1.1.1",
+             study_date="20240105", charset="ISO_IR 100") -> Dataset:
+    ds = Dataset()
+    ds.SpecificCharacterSet = charset
+    ds.SOPClassUID = CT
+    ds.SOPInstanceUID = sop
+    ds.StudyInstanceUID = study
+    ds.SeriesInstanceUID = study + ".1"
+    ds.FrameOfReferenceUID = study + ".9"
+    ds.Modality = "CT"
+    ds.PatientName = name
+    ds.PatientID = patient_id
+    ds.PatientBirthDate = birth
+    ds.PatientSex = "M"
+    ds.PatientAge = "072Y"
+    ds.PatientAddress = "12 Elm Street, Springfield"
+    ds.OtherPatientIDs = "OTHER-99812"
+    ds.AccessionNumber = "ACC-20240105-77"
+    ds.StudyDate = study_date
+    ds.SeriesDate = study_date
+    ds.StudyTime = "101530.25"
+    ds.AcquisitionDateTime = study_date + "101612.5+0100"
+    ds.InstitutionName = "Springfield General Hospital"
+    ds.StationName = "CT-ROOM-7"
+    ds.DeviceSerialNumber = "SN-00912"
+    ds.Manufacturer = "ACME"
+    ds.StudyDescription = "CT HEAD for Smith MRN-4711"
+    ds.ImageComments = "patient John Smith born 08/29/1951, acc ACC-20240105-77"
+    ds.ReferringPhysicianName = "House^Gregory"
+    ds.ClinicalTrialSponsorName = "Sponsor Inc"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.Rows, ds.Columns, ds.BitsAllocated, ds.BitsStored, ds.HighBit = 4, 4, 16, 12, 11
+    ds.SamplesPerPixel, ds.PixelRepresentation, ds.PhotometricInterpretation = 1, 0, "MONOCHROME2"
+    ds.PixelData = bytes(range(32))
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = CT
+    ds.file_meta.MediaStorageSOPInstanceUID = sop
+    ds.file_meta.SourceApplicationEntityTitle = "CT_SCANNER_7"
+    return ds
+
+
+def item(**values) -> Dataset:
+    d = Dataset()
+    for key, value in values.items():
+        setattr(d, key, value)
+    return d
+
+
+def roundtrip(ds: Dataset, deid: Deidentifier, tmp_path: Path) -> tuple[Dataset, bytes]:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    src, dst = tmp_path / "in.dcm", tmp_path / "out.dcm"
+    ds.save_as(src, enforce_file_format=True)
+    deid.process_file(src, dst)
+    return pydicom.dcmread(dst), dst.read_bytes()
+
+
+def engine(*options: str, **kwargs) -> Deidentifier:
+    return Deidentifier(DeidConfig(options=frozenset(options), **kwargs), SECRET)
+
+
+def test_basic_profile_actions_top_level(tmp_path):
+    out, data = roundtrip(instance(), engine(), tmp_path)
+    assert "PatientAddress" not in out and "OtherPatientIDs" not in out  # X
+    assert out.AccessionNumber in (None, "") and out.StudyDate in (None, "")  # Z
+    assert out.ClinicalTrialSponsorName == "ANONYMIZED"  # D
+    assert out.InstitutionName == "ANONYMIZED"  # X/Z/D, conservatively D
+    assert out.StudyInstanceUID.startswith("2.25.") and out.StudyInstanceUID != "1.2.3.4.1"  # U
+    assert out.Manufacturer == "ACME" and out.Modality == "CT"  # not listed: kept
+    assert out.SOPClassUID == CT
+    assert "StudyDescription" not in out  # X without clean-descriptors
+    assert out.PatientName == out.PatientID and str(out.PatientID).startswith("DEID-")
+    assert out.PixelData == bytes(range(32))
+    for phi in (b"Smith", b"MRN-4711", b"19510829", b"ACC-20240105", b"Springfield", b"CT_SCANNER_7", b"House"):
+        assert phi not in data, phi
+
+
+def test_actions_inside_nested_sequences(tmp_path):
+    ds = instance()
+    inner = item(PatientName="Smith^John", AccessionNumber="ACC-NESTED-1", ReferencedSOPInstanceUID="1.2.3.4.1.1.1",
+                 ReferencedSOPClassUID=CT, ClinicalTrialSponsorName="Nested Sponsor", Manufacturer="NestedCo")
+    inner.OtherPatientIDs = "NESTED-OTHER"
+    ds.ReferencedSeriesSequence = Sequence([item(ReferencedInstanceSequence=Sequence([inner]))])
+    out, data = roundtrip(ds, engine(), tmp_path)
+    got = out.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0]
+    assert "OtherPatientIDs" not in got  # X
+    assert got.AccessionNumber in (None, "")  # Z
+    assert got.ClinicalTrialSponsorName == "ANONYMIZED"  # D
+    assert got.ReferencedSOPInstanceUID == out.SOPInstanceUID  # U, consistent with the top level
+    assert got.Manufacturer == "NestedCo"  # kept
+    assert got.PatientName == out.PatientName  # pseudonym wherever it appears
+    assert b"NESTED-OTHER" not in data and b"ACC-NESTED-1" not in data
+
+
+def test_uids_are_keyed_consistent_and_follow_into_file_meta(tmp_path):
+    a, b = instance(sop="1.2.3.4.1.1.1"), instance(sop="1.2.3.4.1.1.2")
+    b.ReferencedImageSequence = Sequence([item(ReferencedSOPClassUID=CT, ReferencedSOPInstanceUID="1.2.3.4.1.1.1")])
+    deid = engine()
+    out_a, _ = roundtrip(a, deid, tmp_path / "a")
+    out_b, _ = roundtrip(b, deid, tmp_path / "b")
+    assert out_a.StudyInstanceUID == out_b.StudyInstanceUID
+    assert out_a.SeriesInstanceUID == out_b.SeriesInstanceUID
+    assert out_a.SOPInstanceUID != out_b.SOPInstanceUID
+    assert out_b.ReferencedImageSequence[0].ReferencedSOPInstanceUID == out_a.SOPInstanceUID
+    assert out_a.file_meta.MediaStorageSOPInstanceUID == out_a.SOPInstanceUID
+    assert len(out_a.SOPInstanceUID) <= 64 and pydicom.uid.UID(out_a.SOPInstanceUID).is_valid
+    # Another node with the same secret agrees; another secret does not.
+    again, _ = roundtrip(instance(), engine(), tmp_path / "c")
+    assert again.SOPInstanceUID == out_a.SOPInstanceUID
+    other, _ = roundtrip(instance(), Deidentifier(DeidConfig(), b"another-secret-xyz"), tmp_path / "d")
+    assert other.SOPInstanceUID != out_a.SOPInstanceUID and other.PatientID != out_a.PatientID
+
+
+def test_retain_uids_keeps_them(tmp_path):
+    out, _ = roundtrip(instance(), engine("retain-uids"), tmp_path)
+    assert out.StudyInstanceUID == "1.2.3.4.1" and out.SOPInstanceUID == "1.2.3.4.1.1.1"
+
+
+def test_modified_dates_keep_intervals_per_patient(tmp_path):
+    deid = engine("retain-longitudinal-modified-dates")
+    first, _ = roundtrip(instance(study_date="20240105"), deid, tmp_path / "1")
+    later, _ = roundtrip(instance(study_date="20240305", sop="1.2.3.4.2.1.1", study="1.2.3.4.2"), deid, tmp_path / "2")
+    other, _ = roundtrip(instance(patient_id="MRN-0002", study_date="20240105"), deid, tmp_path / "3")
+
+    def day(value: str) -> dt.date:
+        return dt.datetime.strptime(value, "%Y%m%d").date()
+
+    assert first.StudyDate != "20240105"
+    assert (day(later.StudyDate) - day(first.StudyDate)).days == 60
+    assert first.SeriesDate == first.StudyDate
+    assert first.StudyTime == "101530.25"  # times stay valid and unchanged
+    offset = (dt.date(2024, 1, 5) - day(first.StudyDate)).days
+    assert 365 <= offset <= 3650
+    assert first.AcquisitionDateTime == day(first.StudyDate).strftime("%Y%m%d") + "101612.5+0100"
+    assert other.StudyDate != first.StudyDate  # another patient, another offset
+    assert first.LongitudinalTemporalInformationModified == "MODIFIED"
+
+
+def test_full_dates_option_keeps_dates(tmp_path):
+    out, _ = roundtrip(instance(), engine("retain-longitudinal-full-dates"), tmp_path)
+    assert out.StudyDate == "20240105" and out.LongitudinalTemporalInformationModified == "UNMODIFIED"
+
+
+def test_shift_date_precision_and_formats():
+    assert shift_date("20240301", "DA", 1) == "20240229"
+    assert shift_date("2024.03.01", "DA", 1) == "20240229"
+    assert shift_date("2024", "DT", 1) == "2023"
+    assert shift_date("20240301120000.5-0500", "DT", 1) == "20240229120000.5-0500"
+    assert shift_date("garbage", "DA", 1) is None
+
+
+@pytest.mark.parametrize(
+    ("option", "tag", "without", "with_option"),
+    [
+        ("retain-patient-characteristics", "PatientSex", "", "M"),
+        ("retain-device-identity", "DeviceSerialNumber", "ANONYMIZED", "SN-00912"),
+        ("retain-institution-identity", "InstitutionName", "ANONYMIZED", "Springfield General Hospital"),
+    ],
+)
+def test_retain_options(tmp_path, option, tag, without, with_option):
+    plain, _ = roundtrip(instance(), engine(), tmp_path / "a")
+    kept, _ = roundtrip(instance(), engine(option), tmp_path / "b")
+    assert (plain.get(tag) or "") == without
+    assert kept.get(tag) == with_option
+
+
+def test_clean_descriptors_keeps_text_without_identifiers(tmp_path):
+    out, data = roundtrip(instance(), engine("clean-descriptors"), tmp_path)
+    assert out.StudyDescription == "CT HEAD for"
+    assert "Smith" not in out.ImageComments and "08/29/1951" not in out.ImageComments
+    assert "born" in out.ImageComments
+    assert b"MRN-4711" not in data
+
+
+def test_clean_structured_content_keeps_content_and_scrubs_it(tmp_path):
+    ds = instance()
+    ds.ContentSequence = Sequence([item(ValueType="TEXT", TextValue="Seen by John Smith, MRN-4711, stable.",
+                                        PersonName="Smith^John")])
+    plain, _ = roundtrip(ds, engine(), tmp_path / "a")
+    assert not plain.get("ContentSequence")  # X/Z: removed or emptied
+    cleaned, data = roundtrip(ds, engine("clean-structured-content"), tmp_path / "b")
+    text = cleaned.ContentSequence[0].TextValue
+    assert "stable" in text and "Smith" not in text and b"MRN-4711" not in data
+
+
+def test_private_tags_removed_and_safe_list_kept(tmp_path):
+    ds = instance()
+    block = ds.private_block(0x0009, "ACME 1.1", create=True)
+    block.add_new(0x10, "LO", "PRIVATE-PHI-Smith")
+    block.add_new(0x11, "DS", "2.5")
+    ds.add_new(0x00191010, "LO", "orphan without creator")
+    nested = item(Manufacturer="X")
+    nested.private_block(0x0029, "ACME 1.1", create=True).add_new(0x10, "LO", "NESTED-PRIVATE-PHI")
+    ds.ReferencedSeriesSequence = Sequence([nested])
+    out, data = roundtrip(ds, engine(), tmp_path / "a")
+    assert not [e for e in out.iterall() if e.tag.is_private]
+    assert b"PRIVATE-PHI" not in data and b"orphan" not in data
+    safe = [SafePrivate("ACME 1.1", 0x0009, 0x11)]
+    kept, data = roundtrip(ds, engine("retain-safe-private", safe_private=tuple(safe)), tmp_path / "b")
+    assert kept[0x00091011].value == "2.5" and kept[0x00090010].value == "ACME 1.1"
+    assert 0x00091010 not in kept and b"PRIVATE-PHI" not in data
+    # Without the option, the safe list keeps nothing.
+    none, _ = roundtrip(ds, engine(safe_private=tuple(safe)), tmp_path / "c")
+    assert 0x00091011 not in none
+
+
+def test_overlays_and_curves_removed(tmp_path):
+    ds = instance()
+    ds.add_new(0x60000010, "US", 4)
+    ds.add_new(0x60000011, "US", 4)
+    ds.add_new(0x60000022, "LO", "OVERLAY-PHI John Smith")
+    ds.add_new(0x60001500, "LO", "OVERLAY-LABEL-PHI")
+    ds.add_new(0x60003000, "OW", b"\xff" * 2)
+    ds.add_new(0x50000022, "LO", "CURVE-PHI")
+    out, data = roundtrip(ds, engine("clean-graphics"), tmp_path)
+    assert not [e for e in out if e.tag.group in (0x5000, 0x6000)]
+    assert b"OVERLAY" not in data and b"CURVE-PHI" not in data
+
+
+def test_free_text_not_listed_is_scrubbed_of_identifiers(tmp_path):
+    ds = instance()
+    # Window Center & Width Explanation is not in Table E.1-1, so the profile keeps it.
+    ds.WindowCenterWidthExplanation = "window for JOHN SMITH (MRN-4711) on 1951-08-29"
+    out, data = roundtrip(ds, engine(), tmp_path)
+    assert "smith" not in out.WindowCenterWidthExplanation.lower()
+    assert "window for" in out.WindowCenterWidthExplanation
+    assert b"1951-08-29" not in data and b"MRN-4711" not in data
+
+
+def test_unlisted_person_names_are_replaced(tmp_path):
+    ds = instance()
+    ds.add_new(0x00142006, "PN", "Evaluator^Eve")  # Evaluator Name: not in Table E.1-1
+    out, data = roundtrip(ds, engine(), tmp_path)
+    assert out[0x00142006].value == "ANONYMIZED" and b"Evaluator" not in data
+
+
+def test_element_stored_as_un(tmp_path):
+    ds = instance()
+    del ds.OtherPatientIDs
+    ds.add(DataElement(0x00101000, "UN", b"UN-OTHER-ID-7 "))  # Other Patient IDs, VR UN
+    ds.add(DataElement(0x00081030, "UN", b"UN desc Smith"))
+    out, data = roundtrip(ds, engine("clean-descriptors"), tmp_path)
+    assert 0x00101000 not in out
+    assert b"UN-OTHER-ID-7" not in data and b"Smith" not in data
+
+
+@pytest.mark.parametrize(
+    ("charset", "name", "description"),
+    [
+        ("ISO_IR 100", "Müller^Jürgen", "Tête à tête, grüße"),
+        ("ISO_IR 192", "Иванов^Иван", "Исследование головы 脳"),
+        ("\\ISO 2022 IR 87", "Yamada^Tarou=山田^太郎=やまだ^たろう", "頭部ＣＴ検査"),
+    ],
+)
+def test_character_sets_keep_text_intact(tmp_path, charset, name, description):
+    ds = instance(name=name, charset=charset)
+    ds.StudyDescription = description + " " + name.split("=")[0].split("^")[0]
+    ds.SeriesDescription = description
+    out, data = roundtrip(ds, engine("clean-descriptors"), tmp_path)
+    assert out.SeriesDescription == description
+    assert out.StudyDescription == description
+    assert out.SpecificCharacterSet == ds.SpecificCharacterSet
+    family = name.split("=")[0].split("^")[0]
+    codec = {"ISO_IR 100": "latin-1", "ISO_IR 192": "utf-8"}.get(charset, "ascii")
+    assert family.encode(codec) not in data
+
+
+def test_site_overrides(tmp_path):
+    overrides = {0x00081030: Override("keep"), 0x00080070: Override("remove"),
+                 0x00080080: Override("replace", "Research Site A"), 0x00080050: Override("pseudonym")}
+    out, _ = roundtrip(instance(), engine(overrides=overrides), tmp_path)
+    assert out.StudyDescription == "CT HEAD for Smith MRN-4711"  # a site's keep is verbatim
+    assert "Manufacturer" not in out
+    assert out.InstitutionName == "Research Site A"
+    assert out.AccessionNumber.startswith("DEID-") and out.AccessionNumber != "ACC-20240105-77"
+
+
+def test_combined_codes_remove_policy(tmp_path):
+    out, _ = roundtrip(instance(), engine(combined_codes="remove"), tmp_path)
+    assert "InstitutionName" not in out and "StationName" not in out and "SeriesDate" not in out
+
+
+def test_marks_what_was_done(tmp_path):
+    out, _ = roundtrip(instance(), engine("clean-descriptors", "retain-device-identity"), tmp_path)
+    assert out.PatientIdentityRemoved == "YES"
+    codes = [i.CodeValue for i in out.DeidentificationMethodCodeSequence]
+    assert codes == ["113100", "113105", "113109"]
+    assert all(i.CodingSchemeDesignator == "DCM" for i in out.DeidentificationMethodCodeSequence)
+    assert out.LongitudinalTemporalInformationModified == "REMOVED"
+    assert "SourceApplicationEntityTitle" not in out.file_meta
+
+
+def test_source_ae_title_is_reported_for_routing(tmp_path):
+    src, dst = tmp_path / "in.dcm", tmp_path / "out.dcm"
+    instance().save_as(src, enforce_file_format=True)
+    result = engine().process_file(src, dst)
+    assert result.source_ae_title == "CT_SCANNER_7"
+    assert result.modality == "CT" and result.patient_pseudonym.startswith("DEID-")
+    assert result.bytes_out == dst.stat().st_size
+
+
+def test_implicit_vr_input_stays_implicit(tmp_path):
+    ds = instance()
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    out, _ = roundtrip(ds, engine(), tmp_path)
+    assert out.file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
+
+
+def test_broken_inputs_are_refused_with_reasons(tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("patient list\n")
+    with pytest.raises(InstanceRefused, match="not a DICOM dataset|not readable"):
+        read_instance(text)
+    ds = instance()
+    ds.PixelData = bytes(10)
+    ds.save_as(tmp_path / "short.dcm", enforce_file_format=True)
+    with pytest.raises(InstanceRefused, match="truncated"):
+        read_instance(tmp_path / "short.dcm")
+    del ds.SOPClassUID
+    buffer = io.BytesIO()
+    ds.PixelData = bytes(32)
+    ds.save_as(buffer, enforce_file_format=True)
+    (tmp_path / "nosop.dcm").write_bytes(buffer.getvalue())
+    with pytest.raises(InstanceRefused, match="SOP Class UID") as refused:
+        read_instance(tmp_path / "nosop.dcm")
+    assert "Smith" not in refused.value.reason
+
+
+def test_write_is_atomic(tmp_path):
+    ds = instance()
+    engine().deidentify(ds)
+    dst = tmp_path / "a" / "out.dcm"
+    write_instance(ds, dst)
+    assert [p.name for p in dst.parent.iterdir()] == ["out.dcm"]
