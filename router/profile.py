@@ -442,7 +442,7 @@ def date_spellings(value: str) -> set[str]:
     try:
         d = dt.datetime.strptime(value.strip()[:8], "%Y%m%d").date()
     except ValueError:
-        return {value} if value.strip() else set()
+        return {value.strip()} if len(value.strip()) >= 6 else set()  # e.g. "0" is no date to look for
     y, m, dd = f"{d.year:04d}", f"{d.month:02d}", f"{d.day:02d}"
     spellings = {y + m + dd}
     for sep in "-/.":

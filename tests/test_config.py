@@ -1,0 +1,90 @@
+"""The TOML config: the documented keys work, and every mistake is named with key and line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from router.config import ConfigError, embedded_default, load, parse, resolve_secret
+
+DOCUMENTED = """
+[node]
+ae_title = "DEID_ROUTER"
+bind = "127.0.0.1"
+port = 11112
+spool_dir = "/var/lib/deid-router"
+
+[[destinations]]
+name = "research"
+ae_title = "RESEARCH"
+host = "127.0.0.1"
+port = 4242
+
+[deid]
+secret = "a-site-secret"        # or secret_file = "path"
+options = ["retain-longitudinal-modified-dates", "clean-pixel-data"]
+"""
+
+
+def test_the_documented_example_parses():
+    config = parse(DOCUMENTED)
+    assert config.node.ae_title == "DEID_ROUTER" and config.node.port == 11112
+    assert config.node.spool_dir == Path("/var/lib/deid-router")
+    assert config.destinations[0].name == "research" and config.destinations[0].port == 4242
+    assert config.destinations[0].calling_ae_title == "DEID_ROUTER"
+    assert config.deid.secret == b"a-site-secret"
+    assert config.deid.options == {"retain-longitudinal-modified-dates", "clean-pixel-data"}
+
+
+def test_every_mistake_is_reported_with_key_and_line():
+    text = DOCUMENTED.replace('port = 4242', 'port = "4242"').replace(
+        '"clean-pixel-data"]', '"clean-pixels"]\ncolour = "blue"').replace('bind = "127.0.0.1"', 'bind = "127.0.0.1"\nworkerz = 2')
+    with pytest.raises(ConfigError) as error:
+        parse(text, source=Path("router.toml"))
+    problems = error.value.problems
+    assert any("router.toml:5: node.workerz: unknown key" in p for p in problems), problems
+    assert any(":13: destinations.0.port: must be int" in p for p in problems), problems
+    assert any(":17: deid.options: unknown option 'clean-pixels'" in p for p in problems), problems
+    assert any(":18: deid.colour: unknown key" in p for p in problems), problems
+    assert len(problems) == 4
+
+
+def test_toml_syntax_error_names_the_line():
+    with pytest.raises(ConfigError, match="line 2"):
+        parse("[node]\nport = = 3\n")
+
+
+def test_secret_file_and_overrides(tmp_path):
+    (tmp_path / "secret").write_text("0123456789abcdef\n")
+    (tmp_path / "router.toml").write_text(
+        '[deid]\nsecret_file = "secret"\n[deid.overrides]\n"(0008,1030)" = "keep"\nInstitutionName = { action = "replace", value = "Site A" }\n'
+        '[[deid.safe_private]]\ncreator = "ACME 1.1"\ngroup = 0x0009\nelement = 0x10\n')
+    config = load(tmp_path / "router.toml")
+    assert config.deid.secret == b"0123456789abcdef"
+    assert config.deid.overrides[0x00081030].action == "keep"
+    assert config.deid.overrides[0x00080080].value == "Site A"
+    assert config.deid.safe_private[0].group == 9
+
+
+def test_generated_secret_is_kept_and_private(tmp_path):
+    config = embedded_default()
+    from dataclasses import replace
+
+    config = replace(config, node=replace(config.node, spool_dir=tmp_path / "spool"))
+    first, generated = resolve_secret(config)
+    again, generated_again = resolve_secret(config)
+    assert generated and not generated_again and first == again and len(first) >= 32
+    assert (tmp_path / "spool" / "site-secret").stat().st_mode & 0o077 == 0
+
+
+def test_check_config_command(tmp_path):
+    good, bad = tmp_path / "good.toml", tmp_path / "bad.toml"
+    good.write_text(DOCUMENTED)
+    bad.write_text(DOCUMENTED.replace("port = 11112", "port = 70000"))
+    ok = subprocess.run([sys.executable, "-m", "router", "check-config", str(good)], capture_output=True, text=True)
+    assert ok.returncode == 0 and "OK" in ok.stdout
+    fail = subprocess.run([sys.executable, "-m", "router", "check-config", str(bad)], capture_output=True, text=True)
+    assert fail.returncode == 2 and "bad.toml:5: node.port: must be 0..65535" in fail.stderr
