@@ -33,6 +33,21 @@ OPTIONS: dict[str, tuple[str, str]] = {
 }
 BASIC_PROFILE_CODE = ("113100", "Basic Application Confidentiality Profile")
 
+#: Options used when a config does not name any (``options = []`` selects the Basic
+#: Profile alone): the set public research archives such as TCIA apply, which keeps
+#: what research needs (intervals between dates, age/sex/size, scanner identity, safe
+#: private attributes, cleaned descriptions) and removes the rest.
+DEFAULT_OPTIONS = frozenset({
+    "retain-longitudinal-modified-dates",
+    "retain-patient-characteristics",
+    "retain-device-identity",
+    "retain-safe-private",
+    "clean-descriptors",
+    "clean-structured-content",
+    "clean-graphics",
+    "clean-pixel-data",
+})
+
 #: Actions a site override may name.
 OVERRIDE_ACTIONS = ("keep", "remove", "empty", "dummy", "replace", "pseudonym", "uid")
 
@@ -106,7 +121,7 @@ class SafePrivate:
 @dataclass(frozen=True)
 class DeidConfig:
     secret: bytes | None = None
-    options: frozenset[str] = frozenset()
+    options: frozenset[str] = DEFAULT_OPTIONS
     pseudonym_prefix: str = "DEID-"
     #: Combined codes (X/Z, X/D, ...): "conservative" keeps the attribute in its dummy
     #: or empty form (valid whatever the attribute's IOD type); "remove" deletes it.
@@ -336,7 +351,7 @@ class _Reader:
             else:
                 if len(secret) < 8:
                     self.problem(k("secret_file"), "the secret in it is shorter than 8 characters")
-        options = self.strings(t, k("options"))
+        options = self.strings(t, k("options")) if "options" in t else tuple(d.options)
         for option in options:
             if option not in OPTIONS:
                 self.problem(k("options"), f"unknown option {option!r} (known: {', '.join(OPTIONS)})")

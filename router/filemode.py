@@ -74,6 +74,9 @@ def run(src: Path, dst: Path, config: Config, workers: int | None = None) -> int
     if generated:
         logger.warning("site_secret.generated", path=str(config.node.spool_dir / "site-secret"),
                        note="pseudonyms depend on it: keep it, and give it to every node of this site")
+    if "clean-pixel-data" in config.deid.options:
+        logger.warning("pixel_cleaning.unavailable",
+                       note="clean-pixel-data is selected but burned-in text masking is not built yet: pixels pass unchanged")
     paths = inputs(src)
     dst.mkdir(parents=True, exist_ok=True)
     deidentifier = Deidentifier(config.deid, secret)

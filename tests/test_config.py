@@ -88,3 +88,8 @@ def test_check_config_command(tmp_path):
     assert ok.returncode == 0 and "OK" in ok.stdout
     fail = subprocess.run([sys.executable, "-m", "router", "check-config", str(bad)], capture_output=True, text=True)
     assert fail.returncode == 2 and "bad.toml:5: node.port: must be 0..65535" in fail.stderr
+
+
+def test_default_options_and_explicit_basic_profile():
+    assert "retain-longitudinal-modified-dates" in parse("").deid.options
+    assert parse("[deid]\noptions = []\n").deid.options == frozenset()

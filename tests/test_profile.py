@@ -129,7 +129,7 @@ def test_uids_are_keyed_consistent_and_follow_into_file_meta(tmp_path):
     # Another node with the same secret agrees; another secret does not.
     again, _ = roundtrip(instance(), engine(), tmp_path / "c")
     assert again.SOPInstanceUID == out_a.SOPInstanceUID
-    other, _ = roundtrip(instance(), Deidentifier(DeidConfig(), b"another-secret-xyz"), tmp_path / "d")
+    other, _ = roundtrip(instance(), Deidentifier(DeidConfig(options=frozenset()), b"another-secret-xyz"), tmp_path / "d")
     assert other.SOPInstanceUID != out_a.SOPInstanceUID and other.PatientID != out_a.PatientID
 
 
