@@ -354,3 +354,16 @@ def test_write_is_atomic(tmp_path):
     dst = tmp_path / "a" / "out.dcm"
     write_instance(ds, dst)
     assert [p.name for p in dst.parent.iterdir()] == ["out.dcm"]
+
+
+def test_keep_and_clean_inside_nested_sequences(tmp_path):
+    ds = instance()
+    inner = item(DeviceSerialNumber="SN-NESTED", StudyDate="20240105", StudyDescription="nested for Smith")
+    ds.ReferencedSeriesSequence = Sequence([item(ReferencedInstanceSequence=Sequence([inner]))])
+    deid = engine("retain-device-identity", "retain-longitudinal-modified-dates", "clean-descriptors")
+    out, data = roundtrip(ds, deid, tmp_path)
+    got = out.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0]
+    assert got.DeviceSerialNumber == "SN-NESTED"  # K
+    assert got.StudyDate == out.StudyDate != "20240105"  # C: shifted with the patient's offset
+    assert got.StudyDescription == "nested for"  # C: cleaned
+    assert b"Smith" not in data
