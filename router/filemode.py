@@ -17,7 +17,7 @@ from pathlib import Path
 
 from router import log
 from router.config import Config, resolve_secret
-from router.profile import Deidentifier, InstanceRefused, InstanceResult, read_instance, write_instance
+from router.profile import Deidentifier, InstanceRefused, InstanceResult
 
 _deidentifier: Deidentifier | None = None
 _dst: Path | None = None
@@ -41,17 +41,13 @@ def process(src: Path) -> Outcome:
     assert _deidentifier is not None and _dst is not None
     start = time.perf_counter()
     try:
-        ds = read_instance(src)
-        result = _deidentifier.deidentify(ds)
-        out = output_path(_dst, result)
-        size = write_instance(ds, out)
+        result = _deidentifier.process_file(src, lambda r: output_path(_dst, r))
     except InstanceRefused as exc:
         return Outcome(src, reason=exc.reason, seconds=time.perf_counter() - start)
     except Exception as exc:  # noqa: BLE001 - one bad file must not stop the run
         return Outcome(src, reason=f"internal error while de-identifying ({type(exc).__name__})",
                        seconds=time.perf_counter() - start)
-    result = InstanceResult(**{**result.__dict__, "bytes_in": src.stat().st_size, "bytes_out": size})
-    return Outcome(src, result=result, output=out, seconds=time.perf_counter() - start)
+    return Outcome(src, result=result, output=output_path(_dst, result), seconds=time.perf_counter() - start)
 
 
 def _init(deidentifier: Deidentifier, dst: Path) -> None:

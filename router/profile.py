@@ -11,6 +11,8 @@ from __future__ import annotations
 import datetime as dt
 import os
 import re
+import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,14 +102,23 @@ class Deidentifier:
 
     # -- files ---------------------------------------------------------------------------
 
-    def process_file(self, src: Path, dst: Path) -> InstanceResult:
+    def process_file(self, src: Path, dst: Path | Callable[[InstanceResult], Path]) -> InstanceResult:
         """Read the Part 10 (or raw dataset) file src, de-identify it, write Part 10 dst.
 
-        dst is written completely (and fsynced) or not at all. Raises InstanceRefused.
+        dst is a path, or a function naming the path from the (pseudonymous) result. It is
+        written completely (and fsynced) or not at all. Raises InstanceRefused for anything
+        in the input that cannot be read, de-identified or written back.
         """
         ds = read_instance(src)
-        result = self.deidentify(ds)
-        size = write_instance(ds, Path(dst))
+        try:
+            result = self.deidentify(ds)
+            size = write_instance(ds, Path(dst(result) if callable(dst) else dst))
+        except InstanceRefused:
+            raise
+        except (ValueError, TypeError, KeyError, NotImplementedError, OverflowError, EOFError, struct.error, OSError) as exc:
+            if isinstance(exc, OSError) and exc.errno is not None:
+                raise  # a real I/O failure (disk full...) is the node's problem, not the instance's
+            raise InstanceRefused(f"malformed element or value: {_safe_message(exc)}") from None
         return _with_sizes(result, os.path.getsize(src), size)
 
     # -- datasets ------------------------------------------------------------------------
@@ -309,11 +320,20 @@ def read_instance(src: Path | str) -> Dataset:
     """Read a Part 10 file (or a bare dataset) and check what de-identification relies on."""
     try:
         ds = dcmread(src, force=True)
-    except (InvalidDicomError, EOFError, ValueError, KeyError, OSError, NotImplementedError, OverflowError) as exc:
+    except OSError as exc:
+        if exc.errno is not None:
+            raise  # the file system's failure, not the instance's
+        raise InstanceRefused(f"not readable as DICOM: {_safe_message(exc)}") from None
+    except (InvalidDicomError, EOFError, ValueError, KeyError, NotImplementedError, OverflowError) as exc:
         raise InstanceRefused(f"not readable as DICOM: {_safe_message(exc)}") from None
     except Exception as exc:  # noqa: BLE001 - any parser failure is the input's fault
         raise InstanceRefused(f"not readable as DICOM ({type(exc).__name__})") from None
-    validate(ds)
+    try:
+        validate(ds)
+    except InstanceRefused:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a value that breaks pydicom breaks the instance
+        raise InstanceRefused(f"malformed element or value: {_safe_message(exc)}") from None
     return ds
 
 
@@ -327,6 +347,11 @@ def validate(ds: Dataset) -> None:
         raise InstanceRefused("missing or invalid SOP Class UID (0008,0016): not a composite instance")
     if not _text(ds, 0x00080018):
         raise InstanceRefused("missing SOP Instance UID (0008,0018): not a composite instance")
+    last = ds.get_item(max(ds.keys()))
+    if isinstance(last, RawDataElement) and isinstance(last.value, bytes) and last.length != 0xFFFFFFFF \
+            and len(last.value) < last.length:
+        raise InstanceRefused(f"file truncated: the last element ({last.tag.group:04X},{last.tag.element:04X}) "
+                              f"has {len(last.value)} of {last.length} bytes")
     if 0x7FE00010 in ds:
         check_pixel_data(ds)
 

@@ -367,3 +367,23 @@ def test_keep_and_clean_inside_nested_sequences(tmp_path):
     assert got.StudyDate == out.StudyDate != "20240105"  # C: shifted with the patient's offset
     assert got.StudyDescription == "nested for"  # C: cleaned
     assert b"Smith" not in data
+
+
+def test_truncated_header_is_refused(corpus_dir, tmp_path):
+    data = (corpus_dir / "pydicom__CT_small.dcm").read_bytes()
+    (tmp_path / "cut.dcm").write_bytes(data[:1001])
+    with pytest.raises(InstanceRefused, match="file truncated"):
+        read_instance(tmp_path / "cut.dcm")
+
+
+def test_values_that_break_pydicom_are_refused_not_raised(tmp_path):
+    src = tmp_path / "in.dcm"
+    instance().save_as(src, enforce_file_format=True)
+    data = bytearray(src.read_bytes())
+    at = data.index(b"LO", data.index(b"Springfield General") - 8)  # InstitutionName's VR
+    data[at:at + 2] = b"\x53\xec"  # not a VR
+    src.write_bytes(bytes(data))
+    with pytest.raises(InstanceRefused, match="malformed|not readable") as refused:
+        engine().process_file(src, tmp_path / "out.dcm")
+    assert "Springfield" not in refused.value.reason
+    assert not (tmp_path / "out.dcm").exists()
