@@ -41,7 +41,7 @@ def process(src: Path) -> Outcome:
     assert _deidentifier is not None and _dst is not None
     start = time.perf_counter()
     try:
-        result = _deidentifier.process_file(src, lambda r: output_path(_dst, r))
+        result = _deidentifier.process_file(src, lambda r: output_path(_dst, r), durable=False)  # a batch can be rerun
     except InstanceRefused as exc:
         return Outcome(src, reason=exc.reason, seconds=time.perf_counter() - start)
     except Exception as exc:  # noqa: BLE001 - one bad file must not stop the run

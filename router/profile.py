@@ -102,17 +102,17 @@ class Deidentifier:
 
     # -- files ---------------------------------------------------------------------------
 
-    def process_file(self, src: Path, dst: Path | Callable[[InstanceResult], Path]) -> InstanceResult:
+    def process_file(self, src: Path, dst: Path | Callable[[InstanceResult], Path], durable: bool = True) -> InstanceResult:
         """Read the Part 10 (or raw dataset) file src, de-identify it, write Part 10 dst.
 
         dst is a path, or a function naming the path from the (pseudonymous) result. It is
-        written completely (and fsynced) or not at all. Raises InstanceRefused for anything
+        written completely (and, if durable, fsynced) or not at all. Raises InstanceRefused for anything
         in the input that cannot be read, de-identified or written back.
         """
         ds = read_instance(src)
         try:
             result = self.deidentify(ds)
-            size = write_instance(ds, Path(dst(result) if callable(dst) else dst))
+            size = write_instance(ds, Path(dst(result) if callable(dst) else dst), durable)
         except InstanceRefused:
             raise
         except (ValueError, TypeError, KeyError, NotImplementedError, OverflowError, EOFError, struct.error, OSError) as exc:
@@ -404,8 +404,8 @@ def transfer_syntax_of(ds: Dataset) -> UID:
     return ExplicitVRLittleEndian if little else ExplicitVRBigEndian
 
 
-def write_instance(ds: Dataset, dst: Path) -> int:
-    """Write ds as a Part 10 file, atomically: a temporary file, fsync, rename."""
+def write_instance(ds: Dataset, dst: Path, durable: bool = True) -> int:
+    """Write ds as a Part 10 file, atomically: a temporary file, fsync if durable, rename."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
     ts = ds.file_meta.TransferSyntaxUID
@@ -421,7 +421,8 @@ def write_instance(ds: Dataset, dst: Path) -> int:
             else:
                 _write_unknown_syntax(ds, out)
             out.flush()
-            os.fsync(out.fileno())
+            if durable:
+                os.fsync(out.fileno())
         os.replace(tmp, dst)
     except BaseException:
         tmp.unlink(missing_ok=True)
