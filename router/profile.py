@@ -88,6 +88,19 @@ class _Patient:
     key: str
     shift_days: int | None  # None: dates are not shifted
     scrub: re.Pattern[str] | None  # identifying values to cut out of kept text
+    text_dates: str  # dates written in kept text: "keep", "shift" or "remove"
+
+    def needs_cleaning(self, text: str) -> bool:
+        return bool(self.scrub is not None and self.scrub.search(text)) or (
+            self.text_dates != "keep" and _TEXT_DATE.search(text) is not None)
+
+    def clean_text(self, text: str) -> str:
+        """Cut identifying values out of text; shift or remove the dates written in it."""
+        if self.scrub is not None:
+            text = self.scrub.sub("", text)
+        if self.text_dates != "keep":
+            text = _TEXT_DATE.sub(lambda m: _replace_text_date(m, self.shift_days), text)
+        return re.sub(r"\s{2,}", " ", text).strip()
 
 
 class Deidentifier:
@@ -156,7 +169,9 @@ class Deidentifier:
     def _patient(self, ds: Dataset) -> _Patient:
         key = _text(ds, 0x00100020) or _text(ds, 0x00100010) or _text(ds, 0x0020000D)
         shift = self.keys.date_offset_days(key) if self.shift_dates else None
-        return _Patient(key, shift, self._scrub_pattern(identifying_values(ds)))
+        text_dates = "keep" if "retain-longitudinal-full-dates" in self.config.options else (
+            "shift" if shift is not None else "remove")
+        return _Patient(key, shift, self._scrub_pattern(identifying_values(ds)), text_dates)
 
     def _scrub_pattern(self, values: set[str]) -> re.Pattern[str] | None:
         tokens = {v.strip() for v in values if len(v.strip()) >= self.profile.scrub_min_length}
@@ -240,19 +255,20 @@ class Deidentifier:
             values = _strings(ds.get_item(tag))
             shifted = [shift_date(v, vr, patient.shift_days) for v in values]
             ds[tag] = DataElement(tag, vr, _vm([v for v in shifted if v is not None]))
-        elif vr in TEXT_VRS and patient.scrub is not None:
-            self._scrub(ds, tag, vr, patient.scrub)
+        elif vr in TEXT_VRS:
+            self._clean_text(ds, tag, vr, patient)
 
-    def _scrub(self, ds: Dataset, tag: int, vr: str, pattern: re.Pattern[str]) -> None:
+    def _clean_text(self, ds: Dataset, tag: int, vr: str, patient: _Patient) -> None:
         raw = ds.get_item(tag)
         if isinstance(raw, RawDataElement):
             data = raw.value or b""
-            if data.isascii() and not pattern.search(data.decode("ascii")):
+            if data.isascii() and not patient.needs_cleaning(data.decode("ascii")):
                 return  # the common case: nothing to cut, and the raw bytes stay as they are
         elem = ds[tag]
         values = elem.value if isinstance(elem.value, list) else [elem.value]
-        cleaned = [_cut(str(v), pattern) if v is not None else v for v in values]
-        if cleaned != [str(v) if v is not None else v for v in values]:
+        before = [str(v) if v is not None else v for v in values]
+        cleaned = [patient.clean_text(v) if v is not None else v for v in before]
+        if cleaned != before:
             ds[tag] = DataElement(tag, vr, _vm(cleaned))
 
     def _recurse(self, ds: Dataset, tag: int, patient: _Patient) -> None:
@@ -454,7 +470,8 @@ def identifying_values(ds: Dataset) -> set[str]:
         values.update(_strings(ds.get_item(tag)))  # IDs, accession, record locator, phone
     for item in _items(ds, 0x00101002):  # Other Patient IDs Sequence
         values.update(_strings(item.get_item(0x00100020)))
-    for tag in (0x00100010, 0x00101001, 0x00101005, 0x00101060, 0x00080090, 0x00081050, 0x00081070, 0x00321032):
+    person_names = [tag for tag in ds.keys() if not tag >> 16 & 1 and _vr(ds.get_item(tag), tag) == "PN"]
+    for tag in person_names:  # the patient's names and every other person named in the header
         for name in _decoded(ds, tag):
             values.add(name)
             values.update(re.split(r"[\^=,\s]+", name))  # components of every group
@@ -504,8 +521,45 @@ def shift_date(value: str, vr: str, days: int) -> str | None:
     return date + (rest or "") + (zone or "")
 
 
-def _cut(text: str, pattern: re.Pattern[str]) -> str:
-    return re.sub(r"\s{2,}", " ", pattern.sub("", text)).strip()
+#: Dates as people write them in free text: 08/29/1951, 29.08.1951, 1951-08-29, 19510829,
+#: 8/29/51. Each match is checked to be a real date before it is touched.
+_TEXT_DATE = re.compile(
+    r"(?<![\d.])(?:(?P<y1>(?:19|20)\d\d)(?P<s1>[-/.])(?P<m1>\d{1,2})(?P=s1)(?P<d1>\d{1,2})"
+    r"|(?P<a2>\d{1,2})(?P<s2>[-/.])(?P<b2>\d{1,2})(?P=s2)(?P<y2>(?:19|20)\d\d)"
+    r"|(?P<a3>\d{1,2})/(?P<b3>\d{1,2})/(?P<y3>\d\d)"
+    r"|(?P<y4>(?:19|20)\d\d)(?P<m4>0[1-9]|1[0-2])(?P<d4>0[1-9]|[12]\d|3[01]))(?![\d.])"
+)
+
+
+def _replace_text_date(m: re.Match[str], shift_days: int | None) -> str:
+    """A date found in free text, shifted in its own spelling (or removed without a shift)."""
+    g = m.groupdict()
+    if g["y1"]:
+        order, year, parts, sep = "ymd", int(g["y1"]), (int(g["m1"]), int(g["d1"])), g["s1"]
+    elif g["y4"]:
+        order, year, parts, sep = "ymd", int(g["y4"]), (int(g["m4"]), int(g["d4"])), ""
+    else:
+        a, b = (int(g["a2"]), int(g["b2"])) if g["y2"] else (int(g["a3"]), int(g["b3"]))
+        year = int(g["y2"]) if g["y2"] else 2000 + int(g["y3"]) if int(g["y3"]) < 50 else 1900 + int(g["y3"])
+        sep = g["s2"] or "/"
+        order, parts = ("mdy", (a, b)) if a <= 12 and (b > 12 or sep == "/") else ("dmy", (b, a))
+    try:
+        original = dt.date(year, *parts)
+    except ValueError:
+        return m.group(0)  # not a date after all (a ratio, a version number ...)
+    if shift_days is None:
+        return ""
+    new = original - dt.timedelta(days=shift_days)
+    text = m.group(0)
+    width = lambda i: len(text.split(sep)[i]) if sep else 2  # noqa: E731
+    if g["y4"]:
+        return new.strftime("%Y%m%d")
+    year_text = f"{new.year:04d}" if not g["y3"] else f"{new.year % 100:02d}"
+    if order == "ymd":
+        return sep.join((year_text, f"{new.month:0{width(1)}d}", f"{new.day:0{width(2)}d}"))
+    if order == "mdy":
+        return sep.join((f"{new.month:0{width(0)}d}", f"{new.day:0{width(1)}d}", year_text))
+    return sep.join((f"{new.day:0{width(0)}d}", f"{new.month:0{width(1)}d}", year_text))
 
 
 def _vr(raw, tag: int) -> str | None:

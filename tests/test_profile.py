@@ -387,3 +387,17 @@ def test_values_that_break_pydicom_are_refused_not_raised(tmp_path):
         engine().process_file(src, tmp_path / "out.dcm")
     assert "Springfield" not in refused.value.reason
     assert not (tmp_path / "out.dcm").exists()
+
+
+def test_dates_written_in_kept_text_follow_the_date_option(tmp_path):
+    ds = instance(study_date="20240105")
+    ds.StudyDescription = "CT follow-up of 01/05/2024 (prior 2023-12-01), ratio 1/2/3"
+    shifted, data = roundtrip(ds, engine("clean-descriptors", "retain-longitudinal-modified-dates"), tmp_path / "a")
+    offset = (dt.date(2024, 1, 5) - dt.datetime.strptime(shifted.StudyDate, "%Y%m%d").date()).days
+    new = dt.date(2024, 1, 5) - dt.timedelta(days=offset)
+    prior = dt.date(2023, 12, 1) - dt.timedelta(days=offset)
+    assert shifted.StudyDescription == (f"CT follow-up of {new:%m/%d/%Y} (prior {prior:%Y-%m-%d}), ratio 1/2/3")
+    removed, data = roundtrip(ds, engine("clean-descriptors"), tmp_path / "b")
+    assert removed.StudyDescription == "CT follow-up of (prior ), ratio 1/2/3"
+    kept, _ = roundtrip(ds, engine("clean-descriptors", "retain-longitudinal-full-dates"), tmp_path / "c")
+    assert kept.StudyDescription == ds.StudyDescription

@@ -1,0 +1,512 @@
+"""The de-identify stage: worker processes move instances from incoming/ to outgoing/<dest>/.
+
+The main process owns the queue and hands one incoming file at a time to each worker
+process (``node.workers`` of them, started from a fork server; each builds one
+``profile.Deidentifier``). A worker de-identifies the file into tmp/, routes it
+(``Destination.from_ae_titles`` against the calling AE title kept in the file meta,
+``Destination.modalities`` against the instance's modality; an empty filter matches all),
+hard-links it into every routed outgoing/<dest>/, fsyncs those directories, and only then
+unlinks the incoming file. It reports back, and the main process hands the new outgoing
+files to the forwarders.
+
+An instance that cannot be de-identified (``InstanceRefused`` or any exception) goes to
+quarantine/deidentify/ with a PHI-free reason (the exception type and where it was raised,
+never its message: pydicom messages can quote header values). An instance no destination
+wants goes to quarantine/unrouted/. A worker that dies (a codec segfault, the OOM killer)
+or hangs does not lose its instance: the main process sees it, retries the instance once
+on a new worker, quarantines it if that dies too, and restarts the worker.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import heapq
+import multiprocessing
+import os
+import signal
+import socket
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import wait as wait_any
+from pathlib import Path
+
+from router.config import Config, Destination
+from router.log import get_logger
+from router.spool import DEIDENTIFY_QUARANTINE, SUFFIX, UNROUTED_QUARANTINE, Spool, safe_name
+
+log = get_logger("router.deidentify")
+
+#: A worker busy longer than this on one instance is considered hung and killed.
+INSTANCE_TIMEOUT_SECONDS = 600.0
+#: A worker that dies twice on the same instance gets it quarantined.
+MAX_CRASHES_PER_INSTANCE = 2
+#: Delay before retrying an instance whose processing failed for a transient reason.
+TRANSIENT_RETRY_SECONDS = 10.0
+
+
+@dataclass(frozen=True)
+class Routed:
+    """An outgoing file for one destination, with what the forwarders need to know."""
+
+    path: Path
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    transfer_syntax_uid: str
+    patient_pseudonym: str
+    bytes: int
+
+
+def routes_to(dest: Destination, source_ae_title: str, modality: str) -> bool:
+    if dest.from_ae_titles and (source_ae_title or "").strip() not in {t.strip() for t in dest.from_ae_titles}:
+        return False
+    if dest.modalities and (modality or "").strip().upper() not in {m.upper() for m in dest.modalities}:
+        return False
+    return True
+
+
+def describe_exception(exc: BaseException) -> str:
+    """Exception type and where it was raised: PHI-free (never the message)."""
+    kind = type(exc)
+    name = kind.__qualname__ if kind.__module__ in ("builtins", None) else f"{kind.__module__}.{kind.__qualname__}"
+    frames = traceback.extract_tb(exc.__traceback__) if exc.__traceback__ else []
+    where = ""
+    if frames:
+        last = frames[-1]
+        where = f" at {Path(last.filename).name}:{last.lineno} in {last.name}"
+        ours = [f for f in frames if f"{os.sep}router{os.sep}" in f.filename]
+        if ours and ours[-1] is not last:
+            where += f" (via {Path(ours[-1].filename).name}:{ours[-1].lineno} in {ours[-1].name})"
+    return f"{name}{where}"
+
+
+# ------------------------------------------------------------------------------ worker
+def worker_main(conn, config: Config, secret: bytes, spool_root: str, index: int) -> None:
+    """Entry point of a worker process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides when we stop
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    from router import log as log_module
+
+    log_module.configure(config.logging)
+    worker_log = get_logger("router.deidentify").bind(worker=index)
+    spool = Spool(spool_root, [d.name for d in config.destinations], config.node.keep_delivered)
+    try:
+        from router.profile import Deidentifier
+
+        deid = Deidentifier(config.deid, secret)
+    except Exception as exc:
+        worker_log.error("worker_init_failed", error=describe_exception(exc))
+        conn.send(("init_failed", describe_exception(exc)))
+        return
+    conn.send(("ready", os.getpid()))
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            return  # the main process is gone
+        if message is None:
+            return
+        spool_id, path = message
+        try:
+            reply = process_one(deid, spool, config, spool_id, Path(path), worker_log)
+        except Exception as exc:
+            # Quarantining or linking failed (e.g. the disk is full): not the instance's
+            # fault; it stays in incoming/ and is tried again later.
+            worker_log.error("deidentify_failed", spool_id=spool_id, error=describe_exception(exc))
+            reply = ("transient", spool_id, describe_exception(exc))
+        try:
+            conn.send(reply)
+        except (EOFError, OSError):
+            return
+
+
+def process_one(deid, spool: Spool, config: Config, spool_id: str, src: Path, worker_log) -> tuple:
+    from router.profile import InstanceRefused
+
+    started = time.perf_counter()
+    dst = spool.tmp / f"{spool_id}.deid{SUFFIX}"
+    try:
+        result = deid.process_file(src, dst)
+    except InstanceRefused as exc:
+        return _quarantine(spool, src, dst, spool_id, exc.reason, "InstanceRefused", worker_log)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT) or not src.exists():
+            _unlink(dst)
+            raise
+        return _quarantine(spool, src, dst, spool_id, "de-identification failed: " + describe_exception(exc),
+                           type(exc).__name__, worker_log)
+    except Exception as exc:
+        return _quarantine(spool, src, dst, spool_id, "de-identification failed: " + describe_exception(exc),
+                           type(exc).__name__, worker_log)
+    deid_ms = (time.perf_counter() - started) * 1000
+    name = safe_name(result.sop_instance_uid) + SUFFIX
+    routes = [d.name for d in config.destinations if routes_to(d, result.source_ae_title, result.modality)]
+    fields = dict(spool_id=spool_id, sop_instance_uid=result.sop_instance_uid, patient=result.patient_pseudonym,
+                  modality=result.modality, sop_class=result.sop_class_uid, transfer_syntax=result.transfer_syntax_uid,
+                  bytes_in=result.bytes_in, bytes_out=result.bytes_out)
+    if not routes:
+        reason = "no destination matches this instance (source AE title / modality filters)"
+        spool.quarantine(dst, UNROUTED_QUARANTINE, name, reason, stage="route", spool_id=spool_id,
+                         source_ae_title=result.source_ae_title, modality=result.modality,
+                         sop_instance_uid=result.sop_instance_uid)
+        _unlink(src)
+        worker_log.warning("quarantined", stage="route", where=UNROUTED_QUARANTINE, reason=reason,
+                           source_ae=result.source_ae_title, **fields)
+        return ("unrouted", spool_id, result.bytes_in)
+    for dest in routes:
+        spool.link_outgoing(dst, dest, name)
+    spool.sync_outgoing(routes)
+    _unlink(dst)
+    src.unlink()  # only now: every outgoing link is durable
+    ms = (time.perf_counter() - started) * 1000
+    worker_log.info("deidentified", destinations=routes, ms=round(ms, 2), deid_ms=round(deid_ms, 2), **fields)
+    info = dict(name=name, routes=routes, sop_class_uid=result.sop_class_uid,
+                sop_instance_uid=result.sop_instance_uid, study_instance_uid=result.study_instance_uid,
+                series_instance_uid=result.series_instance_uid, transfer_syntax_uid=result.transfer_syntax_uid,
+                patient_pseudonym=result.patient_pseudonym, bytes_in=result.bytes_in, bytes_out=result.bytes_out)
+    return ("ok", spool_id, info)
+
+
+def _quarantine(spool: Spool, src: Path, dst: Path, spool_id: str, reason: str, kind: str, worker_log) -> tuple:
+    _unlink(dst)
+    spool.quarantine(src, DEIDENTIFY_QUARANTINE, spool_id + SUFFIX, reason, stage="deidentify",
+                     spool_id=spool_id, exception=kind, attempts=1)
+    worker_log.warning("quarantined", stage="deidentify", where=DEIDENTIFY_QUARANTINE, spool_id=spool_id,
+                       reason=reason, exception=kind)
+    return ("quarantined", spool_id, reason)
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+# -------------------------------------------------------------------------- main side
+class StartError(RuntimeError):
+    pass
+
+
+class _Worker:
+    def __init__(self, index: int, process, conn):
+        self.index = index
+        self.process = process
+        self.conn = conn
+        self.ready = False
+        self.task: tuple[str, Path, float] | None = None  # spool_id, path, started
+        self.dead = False
+
+
+class DeidStage:
+    """Feeds incoming files to worker processes; calls ``on_routed(dest, Routed)``."""
+
+    def __init__(self, config: Config, secret: bytes, spool: Spool,
+                 on_routed: Callable[[str, Routed], None], workers: int | None = None):
+        self.config = config
+        self.secret = secret
+        self.spool = spool
+        self.on_routed = on_routed
+        self.count = workers or config.node.workers
+        self.ctx = multiprocessing.get_context("forkserver")
+        self.ctx.set_forkserver_preload(["router.deidentify", "router.profile"])
+        self._lock = threading.Lock()
+        self._queue: collections.deque[Path] = collections.deque()
+        self._known: set[Path] = set()
+        self._delayed: list[tuple[float, str, Path]] = []
+        self._crashes: dict[Path, int] = {}
+        self._workers: list[_Worker] = []
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._feeding = True
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._restart_after: dict[int, float] = {}
+        self._idle_deaths: dict[int, int] = {}
+        self.stats = collections.Counter()
+
+    # -------------------------------------------------------------- lifecycle
+    def start(self, timeout: float = 120.0) -> None:
+        """Start the workers and wait until each has built its Deidentifier."""
+        for index in range(self.count):
+            self._workers.append(self._spawn(index))
+        deadline = time.monotonic() + timeout
+        for worker in self._workers:
+            remaining = max(0.1, deadline - time.monotonic())
+            if not worker.conn.poll(remaining):
+                self._kill_all()
+                raise StartError(f"worker {worker.index} did not start within {timeout:.0f} s")
+            try:
+                message = worker.conn.recv()
+            except EOFError:
+                self._kill_all()
+                raise StartError(f"worker {worker.index} exited during start (exit code {worker.process.exitcode})")
+            if message[0] != "ready":
+                self._kill_all()
+                raise StartError(f"worker {worker.index} could not build the de-identifier: {message[1]}")
+            worker.ready = True
+        self._thread = threading.Thread(target=self._loop, name="deid-dispatch", daemon=True)
+        self._thread.start()
+        log.info("workers_started", workers=self.count, pids=[w.process.pid for w in self._workers])
+
+    def _spawn(self, index: int) -> _Worker:
+        parent, child = self.ctx.Pipe(duplex=True)
+        process = self.ctx.Process(
+            target=worker_main, name=f"deid-worker-{index}",
+            args=(child, self.config, self.secret, str(self.spool.root), index), daemon=True,
+        )
+        process.start()
+        child.close()
+        return _Worker(index, process, parent)
+
+    def submit(self, path: Path) -> None:
+        with self._lock:
+            if path in self._known:
+                return
+            self._known.add(path)
+            self._queue.append(path)
+        self._wake()
+
+    def resume(self, paths: list[Path]) -> int:
+        for path in paths:
+            self.submit(path)
+        return len(paths)
+
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._queue) + len(self._delayed) + sum(1 for w in self._workers if w.task)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """Stop feeding, let the workers finish what they hold (bounded), stop them.
+
+        Returns how many instances were left in incoming/ (resumed at the next start).
+        """
+        self._feeding = False
+        self._wake()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                busy = [w for w in self._workers if w.task and not w.dead]
+            if not busy:
+                break
+            time.sleep(0.02)
+        self._closed = True
+        self._wake()
+        if self._thread:
+            self._thread.join(timeout=5)
+        for worker in self._workers:
+            try:
+                worker.conn.send(None)
+            except (OSError, ValueError):
+                pass
+        for worker in self._workers:
+            worker.process.join(timeout=max(0.1, deadline - time.monotonic()))
+        self._kill_all()
+        with self._lock:
+            left = len(self._queue) + len(self._delayed) + sum(1 for w in self._workers if w.task)
+        return left
+
+    def _kill_all(self) -> None:
+        for worker in self._workers:
+            if worker.process.is_alive():
+                worker.process.kill()
+                worker.process.join(timeout=5)
+
+    # ----------------------------------------------------------- dispatching
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass
+
+    def _loop(self) -> None:
+        while not self._closed:
+            try:
+                self._step()
+            except Exception as exc:  # keep dispatching whatever happens
+                log.error("dispatch_error", error=describe_exception(exc))
+                time.sleep(0.5)
+
+    def _step(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            while self._delayed and self._delayed[0][0] <= now:
+                _due, _id, path = heapq.heappop(self._delayed)
+                self._queue.appendleft(path)
+        if self._feeding:
+            self._assign()
+        waitables = [self._wake_r]
+        for worker in self._workers:
+            if not worker.dead:
+                waitables += [worker.conn, worker.process.sentinel]
+        timeout = 1.0
+        if self._delayed:
+            timeout = min(timeout, max(0.0, self._delayed[0][0] - now))
+        if self._restart_after:
+            timeout = min(timeout, max(0.0, min(self._restart_after.values()) - now))
+        for ready in wait_any(waitables, timeout=timeout):
+            if ready is self._wake_r:
+                try:
+                    while self._wake_r.recv(4096):
+                        pass
+                except (BlockingIOError, OSError):
+                    pass
+                continue
+            for worker in self._workers:
+                if ready is worker.conn and not worker.dead:
+                    self._receive(worker)
+                elif ready == worker.process.sentinel and not worker.dead and not worker.conn.poll():
+                    self._died(worker)
+        now = time.monotonic()
+        for worker in self._workers:
+            if worker.task and not worker.dead and now - worker.task[2] > INSTANCE_TIMEOUT_SECONDS:
+                log.error("worker_hung", worker=worker.index, spool_id=worker.task[0],
+                          seconds=round(now - worker.task[2]))
+                worker.process.kill()
+                worker.process.join(timeout=5)
+                self._died(worker, hung=True)
+        for index, when in list(self._restart_after.items()):
+            if when <= now and not self._closed:
+                del self._restart_after[index]
+                self._restart(index)
+
+    def _assign(self) -> None:
+        for worker in self._workers:
+            if worker.dead or not worker.ready or worker.task is not None:
+                continue
+            with self._lock:
+                if not self._queue:
+                    return
+                path = self._queue.popleft()
+            spool_id = path.name[: -len(SUFFIX)] if path.name.endswith(SUFFIX) else path.stem
+            worker.task = (spool_id, path, time.monotonic())
+            try:
+                worker.conn.send((spool_id, str(path)))
+            except (OSError, ValueError):
+                self._died(worker)
+
+    def _receive(self, worker: _Worker) -> None:
+        try:
+            message = worker.conn.recv()
+        except (EOFError, OSError):
+            self._died(worker)
+            return
+        kind = message[0]
+        if kind == "ready":
+            worker.ready = True
+            self._idle_deaths.pop(worker.index, None)
+            log.info("worker_restarted", worker=worker.index, pid=message[1])
+            return
+        if kind == "init_failed":
+            log.error("worker_init_failed", worker=worker.index, error=message[1])
+            return  # it exits; _died schedules a delayed restart
+        task = worker.task
+        worker.task = None
+        if task is None:
+            return
+        spool_id, path, _started = task
+        with self._lock:
+            self._crashes.pop(path, None)
+        if kind == "ok":
+            info = message[2]
+            self.stats["deidentified"] += 1
+            self.spool.add_usage(info["bytes_out"] - info["bytes_in"])
+            for dest in info["routes"]:
+                routed = Routed(
+                    path=self.spool.outgoing(dest) / info["name"], sop_class_uid=info["sop_class_uid"],
+                    sop_instance_uid=info["sop_instance_uid"], study_instance_uid=info["study_instance_uid"],
+                    series_instance_uid=info["series_instance_uid"],
+                    transfer_syntax_uid=info["transfer_syntax_uid"],
+                    patient_pseudonym=info["patient_pseudonym"], bytes=info["bytes_out"],
+                )
+                try:
+                    self.on_routed(dest, routed)
+                except Exception as exc:
+                    log.error("notify_failed", destination=dest, error=describe_exception(exc))
+            self._forget(path)
+        elif kind in ("quarantined", "unrouted"):
+            self.stats[kind] += 1
+            self._forget(path)
+        elif kind == "transient":
+            self.stats["transient"] += 1
+            log.warning("deidentify_retry", spool_id=spool_id, error=message[2], retry_in_s=TRANSIENT_RETRY_SECONDS)
+            with self._lock:
+                heapq.heappush(self._delayed, (time.monotonic() + TRANSIENT_RETRY_SECONDS, spool_id, path))
+
+    def _forget(self, path: Path) -> None:
+        with self._lock:
+            self._known.discard(path)
+
+    def _died(self, worker: _Worker, hung: bool = False) -> None:
+        if worker.dead:
+            return
+        worker.dead = True
+        worker.process.join(timeout=5)
+        code = worker.process.exitcode
+        how = "hung (killed)" if hung else _exit_description(code)
+        try:
+            worker.conn.close()
+        except OSError:
+            pass
+        task = worker.task
+        worker.task = None
+        if task is not None:
+            spool_id, path, _started = task
+            with self._lock:
+                crashes = self._crashes.get(path, 0) + 1
+                self._crashes[path] = crashes
+            _unlink(self.spool.tmp / f"{spool_id}.deid{SUFFIX}")
+            if not path.exists():
+                self._forget(path)  # it had finished, only the report was lost
+            elif crashes >= MAX_CRASHES_PER_INSTANCE:
+                reason = f"the worker process {how} while de-identifying this instance ({crashes} times)"
+                try:
+                    self.spool.quarantine(path, DEIDENTIFY_QUARANTINE, spool_id + SUFFIX, reason,
+                                          stage="deidentify", spool_id=spool_id, attempts=crashes,
+                                          exception="WorkerDied")
+                    log.warning("quarantined", stage="deidentify", where=DEIDENTIFY_QUARANTINE,
+                                spool_id=spool_id, reason=reason, attempts=crashes)
+                    self.stats["quarantined"] += 1
+                except OSError as exc:
+                    log.error("quarantine_failed", spool_id=spool_id, error=describe_exception(exc))
+                with self._lock:
+                    self._crashes.pop(path, None)
+                self._forget(path)
+            else:
+                log.warning("worker_died", worker=worker.index, exit=how, spool_id=spool_id,
+                            action="retrying the instance on a new worker")
+                with self._lock:
+                    self._queue.appendleft(path)
+        else:
+            log.warning("worker_died", worker=worker.index, exit=how)
+        if self._closed or not self._feeding:
+            return
+        deaths = self._idle_deaths.get(worker.index, 0) + (0 if task else 1)
+        self._idle_deaths[worker.index] = deaths
+        delay = 0.0 if task else min(30.0, 0.5 * 2 ** min(deaths, 6))
+        self._restart_after[worker.index] = time.monotonic() + delay
+
+    def _restart(self, index: int) -> None:
+        old = self._workers[index]
+        if not old.dead:
+            return
+        new = self._spawn(index)
+        self._workers[index] = new
+        self.stats["worker_restarts"] += 1
+
+
+def _exit_description(code: int | None) -> str:
+    if code is None:
+        return "stopped responding"
+    if code < 0:
+        try:
+            return f"died of signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"died of signal {-code}"
+    return f"exited with code {code}"

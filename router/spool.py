@@ -1,0 +1,337 @@
+"""The durable on-disk spool: one directory per stage, every move an atomic rename.
+
+Layout under ``node.spool_dir`` (one file system, so renames and hard links are atomic)::
+
+    tmp/                      partial writes; never acknowledged; emptied at start
+    incoming/<id>.dcm         received and acknowledged, not yet de-identified
+    outgoing/<dest>/<uid>.dcm de-identified, waiting for delivery (a hard link per destination)
+    done/<dest>/<uid>.dcm     delivered (only with node.keep_delivered)
+    quarantine/<where>/<name>.dcm + <name>.reason.json
+                              instances that could not be de-identified ("deidentify"),
+                              routed nowhere ("unrouted") or delivered ("<dest>")
+
+``<id>`` is a random uuid4 hex, ``<uid>`` the NEW (pseudonymous) SOP Instance UID: no
+original identifier ever appears in a file name. A file is written completely and fsynced
+in ``tmp/`` and only then renamed into a stage, and the stage directory is fsynced, so a
+crash at any moment leaves every acknowledged instance in at least one stage. A crash
+between two renames can leave an instance in two stages (say incoming/ and outgoing/):
+de-identification is deterministic (keyed pseudonyms), so processing it again yields the
+same file under the same name, and the duplicate is harmless.
+
+Reason files hold a PHI-free reason (exception types, status codes, stage, attempts),
+never a header value.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Iterable
+from datetime import datetime, timezone
+from pathlib import Path
+
+TMP = "tmp"
+INCOMING = "incoming"
+OUTGOING = "outgoing"
+DONE = "done"
+QUARANTINE = "quarantine"
+
+#: Quarantine folders used by stages (destination names must not collide with them).
+DEIDENTIFY_QUARANTINE = "deidentify"
+UNROUTED_QUARANTINE = "unrouted"
+RESERVED_NAMES = frozenset({DEIDENTIFY_QUARANTINE, UNROUTED_QUARANTINE})
+
+SUFFIX = ".dcm"
+REASON_SUFFIX = ".reason.json"
+
+_SAFE_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
+
+
+def safe_name(uid: str) -> str:
+    """A file/directory name for a UID: the UID itself when it is a plain UID, else a hash.
+
+    With the retain-uids option the UIDs are the sender's: never let one be a path.
+    """
+    uid = (uid or "").strip().rstrip("\0")
+    if 0 < len(uid) <= 64 and _SAFE_UID.fullmatch(uid):
+        return uid
+    import hashlib
+
+    return "x" + hashlib.sha256(uid.encode("utf-8", "surrogateescape")).hexdigest()[:40]
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+class Spool:
+    """Paths and atomic moves of the spool. Thread-safe; may be used by several processes.
+
+    ``usage`` is an approximate byte count of what the spool holds (done/ excluded), kept
+    up to date by the process that owns the receive side and corrected by ``rescan()``.
+    """
+
+    def __init__(self, root: Path | str, destinations: Iterable[str] = (), keep_delivered: bool = False):
+        self.root = Path(root).absolute()
+        self.destinations = tuple(destinations)
+        self.keep_delivered = keep_delivered
+        self.tmp = self.root / TMP
+        self.incoming = self.root / INCOMING
+        self.outgoing_root = self.root / OUTGOING
+        self.done_root = self.root / DONE
+        self.quarantine_root = self.root / QUARANTINE
+        self._lock = threading.Lock()
+        self._usage = 0
+
+    # ----------------------------------------------------------------- layout
+    def outgoing(self, dest: str) -> Path:
+        return self.outgoing_root / dest
+
+    def done(self, dest: str) -> Path:
+        return self.done_root / dest
+
+    def quarantine_dir(self, where: str) -> Path:
+        return self.quarantine_root / where
+
+    def create(self) -> None:
+        """Make every stage directory (and make their creation durable)."""
+        dirs = [self.tmp, self.incoming, self.outgoing_root, self.quarantine_root,
+                self.quarantine_dir(DEIDENTIFY_QUARANTINE), self.quarantine_dir(UNROUTED_QUARANTINE)]
+        for dest in self.destinations:
+            dirs += [self.outgoing(dest), self.quarantine_dir(dest)]
+            if self.keep_delivered:
+                dirs.append(self.done(dest))
+        for path in dirs:
+            path.mkdir(parents=True, exist_ok=True)
+        for path in {p.parent for p in dirs} | set(dirs):
+            fsync_dir(path)
+
+    def clean_tmp(self) -> int:
+        """Delete leftovers of partial writes (never acknowledged). Returns how many."""
+        count = 0
+        for entry in os.scandir(self.tmp):
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                else:
+                    os.unlink(entry.path)
+                count += 1
+            except FileNotFoundError:
+                pass
+        return count
+
+    def sweep_tmp(self, older_than_seconds: float) -> int:
+        """Delete tmp files not touched for a while (left by aborted transfers)."""
+        limit = time.time() - older_than_seconds
+        count = 0
+        for entry in os.scandir(self.tmp):
+            try:
+                if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < limit:
+                    os.unlink(entry.path)
+                    count += 1
+            except FileNotFoundError:
+                pass
+        return count
+
+    def tmp_path(self, suffix: str = SUFFIX) -> Path:
+        return self.tmp / f"{new_id()}{suffix}"
+
+    # ------------------------------------------------------------- accounting
+    @property
+    def usage(self) -> int:
+        return self._usage
+
+    def add_usage(self, delta: int) -> None:
+        with self._lock:
+            self._usage = max(0, self._usage + delta)
+
+    def rescan(self) -> int:
+        """Recount the bytes the spool holds (hard links counted once; done/ excluded)."""
+        seen: set[tuple[int, int]] = set()
+        total = 0
+        for top in (self.tmp, self.incoming, self.outgoing_root, self.quarantine_root):
+            for dirpath, _dirs, files in os.walk(top):
+                for name in files:
+                    try:
+                        st = os.stat(os.path.join(dirpath, name), follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue
+                    key = (st.st_dev, st.st_ino)
+                    if key not in seen:
+                        seen.add(key)
+                        total += st.st_size
+        with self._lock:
+            self._usage = total
+        return total
+
+    def free_bytes(self) -> int:
+        st = os.statvfs(self.root)
+        return st.f_bavail * st.f_frsize
+
+    def capacity_problem(self, max_spool_bytes: int, min_free_bytes: int) -> str | None:
+        """Why the spool cannot take another instance now, or None."""
+        if max_spool_bytes and self._usage >= max_spool_bytes:
+            return f"spool holds {self._usage} bytes, limit {max_spool_bytes}"
+        if min_free_bytes:
+            free = self.free_bytes()
+            if free < min_free_bytes:
+                return f"file system has {free} bytes free, minimum {min_free_bytes}"
+        return None
+
+    # ----------------------------------------------------------------- stages
+    def commit_incoming(self, tmp_file: Path, spool_id: str) -> Path:
+        """Rename a complete, fsynced tmp file into incoming/ and make that durable."""
+        final = self.incoming / f"{spool_id}{SUFFIX}"
+        os.rename(tmp_file, final)
+        fsync_dir(self.incoming)
+        return final
+
+    def list_incoming(self) -> list[Path]:
+        return _oldest_first(self.incoming)
+
+    def list_outgoing(self, dest: str) -> list[Path]:
+        return _oldest_first(self.outgoing(dest))
+
+    def link_outgoing(self, src: Path, dest: str, name: str) -> Path:
+        """Hard-link a de-identified file into outgoing/<dest>/<name>, replacing a duplicate.
+
+        The caller fsyncs the outgoing directories (``sync_outgoing``) before it removes
+        the instance from the previous stage.
+        """
+        final = self.outgoing(dest) / name
+        try:
+            os.link(src, final)
+        except FileExistsError:
+            # The same instance again (a re-send, or a resume after a crash): identical
+            # content by construction; replace it atomically.
+            temp = self.tmp_path(".link")
+            os.link(src, temp)
+            os.rename(temp, final)
+        return final
+
+    def sync_outgoing(self, dests: Iterable[str]) -> None:
+        for dest in dests:
+            fsync_dir(self.outgoing(dest))
+
+    def delivered(self, path: Path, dest: str) -> int:
+        """An outgoing file reached its destination: delete it, or keep it in done/.
+
+        Returns the bytes freed from the accounted spool (0 while other links remain).
+        """
+        with self._lock:
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                return 0
+            if self.keep_delivered:
+                target_dir = self.done(dest)
+                target_dir.mkdir(parents=True, exist_ok=True)
+                os.replace(path, target_dir / path.name)
+            else:
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    return 0
+            freed = st.st_size if st.st_nlink <= 1 else 0
+            self._usage = max(0, self._usage - freed)
+            return freed
+
+    def quarantine(self, path: Path, where: str, name: str, reason: str, stage: str, **details) -> Path:
+        """Move ``path`` into quarantine/<where>/<name>.dcm next to a PHI-free reason file."""
+        qdir = self.quarantine_dir(where)
+        qdir.mkdir(parents=True, exist_ok=True)
+        base = name[: -len(SUFFIX)] if name.endswith(SUFFIX) else name
+        record = {"reason": reason, "stage": stage, "time": now_iso(), **details}
+        reason_tmp = self.tmp_path(".reason")
+        with open(reason_tmp, "w", encoding="utf-8") as out:
+            json.dump(record, out, indent=2, sort_keys=True)
+            out.write("\n")
+            out.flush()
+            os.fsync(out.fileno())
+        os.rename(reason_tmp, qdir / f"{base}{REASON_SUFFIX}")
+        final = qdir / f"{base}{SUFFIX}"
+        os.rename(path, final)
+        fsync_dir(qdir)
+        return final
+
+    def stage_counts(self) -> dict[str, int]:
+        """How many instances each stage holds (for start-up and shutdown logs)."""
+        counts = {INCOMING: _count(self.incoming)}
+        for dest in self.destinations:
+            counts[f"{OUTGOING}/{dest}"] = _count(self.outgoing(dest))
+        if self.quarantine_root.is_dir():
+            for entry in os.scandir(self.quarantine_root):
+                if entry.is_dir():
+                    counts[f"{QUARANTINE}/{entry.name}"] = _count(Path(entry.path))
+        return counts
+
+
+def _count(folder: Path) -> int:
+    try:
+        return sum(1 for e in os.scandir(folder) if e.name.endswith(SUFFIX) and e.is_file())
+    except FileNotFoundError:
+        return 0
+
+
+def _oldest_first(folder: Path) -> list[Path]:
+    entries = []
+    try:
+        it = os.scandir(folder)
+    except FileNotFoundError:
+        return []
+    with it:
+        for entry in it:
+            if not entry.name.endswith(SUFFIX):
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            entries.append((st.st_mtime_ns, entry.name, Path(entry.path)))
+    entries.sort()
+    return [path for _m, _n, path in entries]
+
+
+def write_durably(path: Path, chunks: Iterable[bytes]) -> int:
+    """Write bytes to a new file and fsync it; returns the size. Raises OSError."""
+    size = 0
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        for chunk in chunks:
+            view = memoryview(chunk)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+                size += n
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        raise
+    os.close(fd)
+    return size
+
+
+def is_out_of_space(exc: OSError) -> bool:
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
