@@ -308,7 +308,7 @@ class Deidentifier:
             return 0
         if vr in BINARY_VRS:
             return b"\x00\x00"
-        return self.profile.dummy.get(vr, "ANONYMIZED")
+        return self.profile.dummy.get(vr, "ANON")
 
     def _mark(self, ds: Dataset, patient: _Patient) -> None:
         """Record what was done: PS3.15 E.1.1 and the CID 7050 codes."""

@@ -85,8 +85,8 @@ def test_basic_profile_actions_top_level(tmp_path):
     out, data = roundtrip(instance(), engine(), tmp_path)
     assert "PatientAddress" not in out and "OtherPatientIDs" not in out  # X
     assert out.AccessionNumber in (None, "") and out.StudyDate in (None, "")  # Z
-    assert out.ClinicalTrialSponsorName == "ANONYMIZED"  # D
-    assert out.InstitutionName == "ANONYMIZED"  # X/Z/D, conservatively D
+    assert out.ClinicalTrialSponsorName == "ANON"  # D
+    assert out.InstitutionName == "ANON"  # X/Z/D, conservatively D
     assert out.StudyInstanceUID.startswith("2.25.") and out.StudyInstanceUID != "1.2.3.4.1"  # U
     assert out.Manufacturer == "ACME" and out.Modality == "CT"  # not listed: kept
     assert out.SOPClassUID == CT
@@ -107,7 +107,7 @@ def test_actions_inside_nested_sequences(tmp_path):
     got = out.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0]
     assert "OtherPatientIDs" not in got  # X
     assert got.AccessionNumber in (None, "")  # Z
-    assert got.ClinicalTrialSponsorName == "ANONYMIZED"  # D
+    assert got.ClinicalTrialSponsorName == "ANON"  # D
     assert got.ReferencedSOPInstanceUID == out.SOPInstanceUID  # U, consistent with the top level
     assert got.Manufacturer == "NestedCo"  # kept
     assert got.PatientName == out.PatientName  # pseudonym wherever it appears
@@ -175,8 +175,8 @@ def test_shift_date_precision_and_formats():
     ("option", "tag", "without", "with_option"),
     [
         ("retain-patient-characteristics", "PatientSex", "", "M"),
-        ("retain-device-identity", "DeviceSerialNumber", "ANONYMIZED", "SN-00912"),
-        ("retain-institution-identity", "InstitutionName", "ANONYMIZED", "Springfield General Hospital"),
+        ("retain-device-identity", "DeviceSerialNumber", "ANON", "SN-00912"),
+        ("retain-institution-identity", "InstitutionName", "ANON", "Springfield General Hospital"),
     ],
 )
 def test_retain_options(tmp_path, option, tag, without, with_option):
@@ -253,7 +253,7 @@ def test_unlisted_person_names_are_replaced(tmp_path):
     ds = instance()
     ds.add_new(0x00142006, "PN", "Evaluator^Eve")  # Evaluator Name: not in Table E.1-1
     out, data = roundtrip(ds, engine(), tmp_path)
-    assert out[0x00142006].value == "ANONYMIZED" and b"Evaluator" not in data
+    assert out[0x00142006].value == "ANON" and b"Evaluator" not in data
 
 
 def test_element_stored_as_un(tmp_path):

@@ -1,0 +1,675 @@
+"""The pixel stage: find text burned into the pixels and mask it, on every frame.
+
+``PixelCleaner.clean(ds, identifying)`` runs before the header is de-identified (it reads
+Modality, Manufacturer, the SOP class and the instance's identifying values). It decodes
+every frame of any transfer syntax pydicom can decode, renders each to 8 bits for the
+text detector (``router.ocr``), masks the text boxes with the value that renders black,
+clears overlay bits hidden in the unused high bits of native Pixel Data, and writes the
+pixels back losslessly (native stays native; encapsulated becomes RLE Lossless or
+explicit VR little endian), with the transfer syntax, Photometric Interpretation, Planar
+Configuration and Lossy Image Compression attributes made consistent. An instance whose
+pixels cannot be decoded or re-encoded is refused (``InstanceRefused``): pixels that
+needed cleaning are never returned uncleaned.
+
+What was masked, with the recognised text (the "crosswalk"), is returned in
+``PixelReport.regions``; it must never be logged or forwarded.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, NamedTuple
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.pixels import apply_color_lut, convert_color_space, get_decoder, pack_bits
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    RLELossless,
+)
+
+from router.ocr import Box, DetectorSettings, RapidOcrDetector, TextDetector, render_text
+from router.profile import InstanceRefused
+
+#: Transfer syntaxes that always lose information.
+LOSSY_SYNTAXES = {
+    "1.2.840.10008.1.2.4.50": "ISO_10918_1",  # JPEG Baseline
+    "1.2.840.10008.1.2.4.51": "ISO_10918_1",  # JPEG Extended
+}
+#: Transfer syntaxes that may or may not lose information (read from the codestream).
+MAYBE_LOSSY_SYNTAXES = {
+    "1.2.840.10008.1.2.4.81": "ISO_14495_1",  # JPEG-LS near-lossless
+    "1.2.840.10008.1.2.4.91": "ISO_15444_1",  # JPEG 2000
+    "1.2.840.10008.1.2.4.203": "ISO_15444_15",  # HTJ2K
+}
+NATIVE_SYNTAXES = (ImplicitVRLittleEndian, ExplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian)
+PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+
+class Region(NamedTuple):
+    """One masked rectangle: frame index (0-based), x0, y0, x1, y1 (exclusive) and its text."""
+
+    frame: int
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+    text: str
+
+
+@dataclass
+class PixelReport:
+    #: The pixels were examined and any text found was masked.
+    cleaned: bool
+    #: What was masked (the crosswalk: keep it local, never log it).
+    regions: list[Region] = field(default_factory=list)
+    #: Why the pixels were not examined (PHI-free), when they were not.
+    skipped_reason: str | None = None
+    #: Overlay bits in the unused high bits of Pixel Data were found and cleared.
+    overlay_bits_cleared: bool = False
+    #: Text read but kept (mode "phi"), for review: (frame, x0, y0, x1, y1, text).
+    kept: list[Region] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def load_policy() -> dict:
+    return tomllib.loads(resources.files("router.rule_tables").joinpath("pixels.toml").read_text(encoding="utf-8"))
+
+
+# -- the cleaner -------------------------------------------------------------------------
+
+
+class PixelCleaner:
+    """One per worker process: holds the OCR engine (not thread-safe)."""
+
+    def __init__(self, policy: dict | None = None, engine: TextDetector | None = None):
+        self.policy = _with_defaults(policy if policy is not None else load_policy())
+        det = self.policy["detect"]
+        self.mode = self.policy["mode"]
+        if self.mode not in ("all", "phi"):
+            raise ValueError(f'pixel policy: mode must be "all" or "phi", not {self.mode!r}')
+        if self.policy["output"]["encapsulated"] not in ("rle", "explicit-little-endian"):
+            raise ValueError('pixel policy: output.encapsulated must be "rle" or "explicit-little-endian"')
+        self.renderings = tuple(det["renderings"])
+        if not self.renderings or set(self.renderings) - {"minmax", "window"}:
+            raise ValueError('pixel policy: detect.renderings must name "minmax" and/or "window"')
+        self.patterns = [re.compile(p, re.IGNORECASE) for p in self.policy["phi"]["patterns"]]
+        self.recognize = self.mode == "phi" or bool(self.policy["mask"]["recognize"])
+        if engine is None:
+            settings = DetectorSettings(
+                min_side=int(det["min_side"]), max_side=int(det["max_side"]), thresh=float(det["thresh"]),
+                box_thresh=float(det["box_thresh"]), unclip_ratio=float(det["unclip_ratio"]),
+            )
+            try:
+                engine = RapidOcrDetector(settings)
+            except RuntimeError as exc:
+                raise RuntimeError(f"pixel stage: OCR engine unavailable: {exc}") from None
+        self.engine = engine
+        self.self_test()
+
+    # -- start-up check ----------------------------------------------------------------
+
+    def self_test(self) -> None:
+        """Render a known string into a 16-bit grey image; it must be found (and read)."""
+        known = "ID 0123456789"
+        image = np.zeros((120, 360), dtype=np.uint16)
+        yy, xx = np.mgrid[0:120, 0:360]
+        image[:] = (300 + 200 * np.sin(xx / 37.0) * np.cos(yy / 23.0)).astype(np.uint16)
+        bitmap = render_text(known, scale=2)
+        y, x = 40, 30
+        image[y:y + bitmap.shape[0], x:x + bitmap.shape[1]][bitmap] = 2000
+        try:
+            boxes = self._detect_frame([_minmax(image.astype(np.float32))], image.shape)
+        except Exception as exc:  # noqa: BLE001 - any failure of the engine fails the start-up
+            raise RuntimeError(f"pixel stage self-test failed: the OCR engine raised {type(exc).__name__}: {exc}") from None
+        covered = np.zeros(image.shape, dtype=bool)
+        for b in boxes:
+            covered[b.y0:b.y1, b.x0:b.x1] = True
+        text_pixels = np.zeros(image.shape, dtype=bool)
+        text_pixels[y:y + bitmap.shape[0], x:x + bitmap.shape[1]] = bitmap
+        coverage = covered[text_pixels].mean()
+        if coverage < 0.98:
+            raise RuntimeError(
+                f"pixel stage self-test failed: the OCR engine found {coverage:.0%} of a known rendered string "
+                "(expected all of it); refusing to start without working text detection"
+            )
+        if self.recognize:
+            texts = [self.engine.recognize(_as_rgb(_minmax(image.astype(np.float32))), b)[0] for b in boxes]
+            digits = re.sub(r"\D", "", "".join(texts))
+            if "0123456789" not in digits:
+                raise RuntimeError(
+                    "pixel stage self-test failed: the OCR engine did not read a known rendered string "
+                    "(text recognition is needed for mode \"phi\" and the crosswalk)"
+                )
+
+    # -- one instance --------------------------------------------------------------------
+
+    def clean(self, ds: Dataset, identifying: set[str]) -> PixelReport:
+        started = time.perf_counter()
+        report = self._clean(ds, identifying)
+        report.seconds = time.perf_counter() - started
+        return report
+
+    def _clean(self, ds: Dataset, identifying: set[str]) -> PixelReport:
+        keyword = next((k for k in PIXEL_KEYWORDS if k in ds), None)
+        if keyword is None or ds.get(keyword) is None or ds.get_item(keyword).value in (None, b""):
+            return PixelReport(False, skipped_reason="no pixel data")
+        if "Rows" not in ds or "Columns" not in ds:
+            raise InstanceRefused("pixel data without Rows/Columns: cannot be checked for burned-in text")
+        ts = _transfer_syntax(ds)
+        encapsulated = _is_encapsulated(ts, ds)
+        skip = self._skip_reason(ds)
+        if skip is not None and (encapsulated or keyword != "PixelData" or not _has_high_bits(ds, ts)):
+            return PixelReport(False, skipped_reason=skip)
+
+        arr, photometric, lossy = _decode(ds, ts)  # (frames, rows, cols, samples)
+        frames, rows, cols, samples = arr.shape
+        if rows != int(ds.Rows) or cols != int(ds.Columns):
+            raise InstanceRefused("decoded pixel data does not match Rows/Columns")
+        high_bits = keyword == "PixelData" and not encapsulated and _high_bits_set(ds, ts)
+        if skip is not None:  # only the overlay bits to clear
+            _write(ds, arr, photometric, ts, encapsulated, lossy, self.policy["output"]["encapsulated"], keyword)
+            return PixelReport(False, skipped_reason=skip, overlay_bits_cleared=True)
+
+        fill = _fill_value(ds, arr, photometric)
+        regions: list[Region] = []
+        kept: list[Region] = []
+        for rule_box in self._known_regions(ds, rows, cols):
+            for f in range(frames):
+                regions.append(Region(f, *rule_box, ""))
+        detection = self._renderer(ds, arr, photometric)
+        for f in range(frames):
+            images = detection(f)
+            if not images:
+                continue  # a constant frame holds no text
+            boxes = self._detect_frame(images, (rows, cols))
+            if not boxes:
+                continue
+            for box in boxes:
+                text, score = ("", 0.0)
+                if self.recognize:
+                    text, score = self._read(images, box)
+                if self.mode == "phi" and not self._is_phi(text, score, identifying):
+                    kept.append(Region(f, box.x0, box.y0, box.x1, box.y1, text))
+                    continue
+                regions.append(Region(f, box.x0, box.y0, box.x1, box.y1, text))
+        margin = int(self.policy["mask"]["margin"])
+        masked = [_clip_region(r, margin, rows, cols) for r in regions]
+        masked = [r for r in masked if r is not None]
+        if masked:
+            for r in masked:
+                arr[r.frame, r.y0:r.y1, r.x0:r.x1, :] = fill
+        if masked or high_bits:
+            _write(ds, arr, photometric, ts, encapsulated, lossy, self.policy["output"]["encapsulated"], keyword)
+        if high_bits:
+            _drop_embedded_overlays(ds)
+        ds.BurnedInAnnotation = "NO"
+        return PixelReport(True, regions=masked, overlay_bits_cleared=high_bits, kept=kept)
+
+    # -- selection -----------------------------------------------------------------------
+
+    def _skip_reason(self, ds: Dataset) -> str | None:
+        select = self.policy["select"]
+        modality = str(ds.get("Modality", "") or "").strip().upper()
+        sop_class = str(ds.get("SOPClassUID", "") or "").strip()
+        if modality and modality in {m.upper() for m in select["skip_modalities"]}:
+            return f"policy: modality {modality} not OCR'd"
+        if select["only_modalities"] and modality not in {m.upper() for m in select["only_modalities"]}:
+            return f"policy: modality {modality or '(none)'} not OCR'd"
+        if sop_class in set(select["skip_sop_classes"]):
+            return f"policy: SOP class {sop_class} not OCR'd"
+        if select["trust_burned_in_annotation_no"] and str(ds.get("BurnedInAnnotation", "")).strip().upper() == "NO":
+            return "policy: BurnedInAnnotation is NO"
+        return None
+
+    def _known_regions(self, ds: Dataset, rows: int, cols: int) -> list[tuple[int, int, int, int]]:
+        out = []
+        manufacturer = str(ds.get("Manufacturer", "") or "")
+        model = str(ds.get("ManufacturerModelName", "") or "")
+        modality = str(ds.get("Modality", "") or "").strip().upper()
+        for rule in self.policy.get("regions", []):
+            if "manufacturer" in rule and not re.search(rule["manufacturer"], manufacturer, re.IGNORECASE):
+                continue
+            if "model" in rule and not re.search(rule["model"], model, re.IGNORECASE):
+                continue
+            if "modality" in rule and rule["modality"].upper() != modality:
+                continue
+            if rule.get("rows", rows) != rows or rule.get("columns", cols) != cols:
+                continue
+            for x0, y0, x1, y1 in rule["boxes"]:
+                out.append((int(x0), int(y0), int(x1), int(y1)))
+        return out
+
+    # -- detection -----------------------------------------------------------------------
+
+    def _renderer(self, ds: Dataset, arr: np.ndarray, photometric: str):
+        """A function frame index -> list of 8-bit renderings of that frame for the detector."""
+        samples = arr.shape[3]
+        if photometric == "PALETTE COLOR":
+            def palette(f: int) -> list[np.ndarray]:
+                rgb = apply_color_lut(arr[f, :, :, 0], ds)
+                return [_to_uint8_rgb(rgb)] if rgb.min() != rgb.max() else []
+            return palette
+        if samples == 3:
+            def colour(f: int) -> list[np.ndarray]:
+                frame = arr[f]
+                if photometric.startswith("YBR"):
+                    frame = convert_color_space(frame, "YBR_FULL", "RGB") if frame.dtype == np.uint8 else frame
+                return [_to_uint8_rgb(frame)] if frame.min() != frame.max() else []
+            return colour
+        window = _header_window(ds) if "window" in self.renderings else None
+        invert = photometric == "MONOCHROME1"
+
+        def grey(f: int) -> list[np.ndarray]:
+            frame = arr[f, :, :, 0].astype(np.float32)
+            lo, hi = float(frame.min()), float(frame.max())
+            if lo == hi:
+                return []
+            images = []
+            if "minmax" in self.renderings:
+                images.append(_minmax(frame))
+            if window is not None:
+                low, high = window
+                # only when the window shows a clearly different part of the value range
+                if (min(high, hi) - max(low, lo)) < 0.9 * (hi - lo):
+                    images.append(_windowed(frame, low, high))
+            if invert:
+                images = [255 - im for im in images]
+            return images
+        return grey
+
+    def _detect_frame(self, images: list[np.ndarray], shape: tuple[int, int]) -> list[Box]:
+        rows, cols = shape[:2]
+        det = self.policy["detect"]
+        fraction, min_px = float(det["max_text_height_fraction"]), int(det["min_filtered_px"])
+        boxes: list[Box] = []
+        for image in images:
+            for b in self.engine.detect(image):
+                horizontal = b.width >= b.height
+                thickness = b.height if horizontal else b.width
+                extent = rows if horizontal else cols
+                if thickness > max(fraction * extent, min_px):
+                    continue  # not text: a box over a large smooth region
+                boxes.append(b)
+        pad = float(self.policy["mask"]["pad_along"])
+        padded = [_pad_along(b, pad, rows, cols) for b in boxes]
+        return _merge(padded)
+
+    def _read(self, images: list[np.ndarray], box: Box) -> tuple[str, float]:
+        best = ("", 0.0)
+        for image in images:  # the next rendering only when this one reads poorly
+            text, score = self.engine.recognize(_as_rgb(image), box)
+            if score > best[1]:
+                best = (text, score)
+            if best[1] >= float(self.policy["phi"]["min_confidence"]):
+                break
+        return best
+
+    def _is_phi(self, text: str, score: float, identifying: set[str]) -> bool:
+        phi = self.policy["phi"]
+        if not text.strip() or score < float(phi["min_confidence"]):
+            return True  # unread text is masked: it could say anything
+        for pattern in self.patterns:
+            if pattern.search(text):
+                return True
+        squeezed = _squeeze(text)
+        words = {_squeeze(w) for w in re.split(r"[^0-9A-Za-z]+", text) if w}
+        for value in identifying:
+            v = _squeeze(value)
+            if len(v) < int(phi["min_value_length"]):
+                continue
+            if len(v) <= int(phi["whole_word_max_length"]):
+                if v in words:
+                    return True
+            elif v in squeezed:
+                return True
+        return False
+
+
+# -- decoding ----------------------------------------------------------------------------
+
+
+def _transfer_syntax(ds: Dataset) -> UID:
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and meta.get("TransferSyntaxUID"):
+        return UID(str(meta.TransferSyntaxUID).strip("\0 "))
+    implicit, little = getattr(ds, "original_encoding", (True, True))
+    if implicit:
+        return ImplicitVRLittleEndian
+    return ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+
+
+def _is_encapsulated(ts: UID, ds: Dataset) -> bool:
+    if ts.is_transfer_syntax:
+        return ts.is_encapsulated
+    raw = ds.get_item(0x7FE00010)
+    return raw is not None and getattr(raw, "length", 0) == 0xFFFFFFFF
+
+
+def _decode(ds: Dataset, ts: UID) -> tuple[np.ndarray, str, bool]:
+    """Every frame as (frames, rows, cols, samples), the photometric interpretation of
+    that array, and whether the stored pixels are lossy-compressed."""
+    photometric_in = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
+    lossy = ts in LOSSY_SYNTAXES or (ts in MAYBE_LOSSY_SYNTAXES and _codestream_lossy(ds, ts)) \
+        or str(ds.get("LossyImageCompression", "")).strip() == "01"
+    # Lossy YCbCr (JPEG) becomes RGB, as any viewer shows it; lossless data stays in
+    # its colour space (no rounding through a colour conversion).
+    as_rgb = ts in LOSSY_SYNTAXES and photometric_in.startswith("YBR")
+    try:
+        decoder = get_decoder(ts)
+        if not decoder.is_available:
+            raise InstanceRefused(f"pixel data cannot be decoded: no decoder available for {ts.name}")
+        arr, meta = decoder.as_array(ds, raw=not as_rgb)
+    except InstanceRefused:
+        raise
+    except NotImplementedError:
+        raise InstanceRefused(f"pixel data cannot be decoded: transfer syntax {ts} is not supported") from None
+    except Exception as exc:  # noqa: BLE001 - any decoder failure means the pixels cannot be cleaned
+        raise InstanceRefused(f"pixel data cannot be decoded ({type(exc).__name__})") from None
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    frames = _frames(ds)
+    if arr.ndim == 2:
+        arr = arr[None, :, :, None]
+    elif arr.ndim == 3:
+        arr = arr[None] if (samples > 1 and frames == 1) else arr[..., None]
+    if arr.ndim != 4 or arr.shape[0] != frames:
+        raise InstanceRefused("decoded pixel data does not match Number of Frames / Samples per Pixel")
+    photometric = str(meta.get("photometric_interpretation", photometric_in) or photometric_in).upper()
+    if photometric in ("YBR_FULL_422", "YBR_PARTIAL_422", "YBR_PARTIAL_420") and not as_rgb:
+        photometric = "YBR_FULL"  # decoders return every chroma sample
+    if photometric in ("YBR_RCT", "YBR_ICT"):
+        photometric = "RGB"
+    return np.ascontiguousarray(arr), photometric, lossy
+
+
+def _frames(ds: Dataset) -> int:
+    try:
+        return max(1, int(ds.get("NumberOfFrames", 1) or 1))
+    except (TypeError, ValueError):
+        raise InstanceRefused("invalid Number of Frames (0028,0008)") from None
+
+
+def _codestream_lossy(ds: Dataset, ts: UID) -> bool:
+    """Does the first frame's codestream use a lossy mode (J2K 9-7 wavelet, JPEG-LS NEAR > 0)?"""
+    from pydicom.encaps import generate_fragmented_frames
+
+    try:
+        first = b"".join(next(generate_fragmented_frames(ds.PixelData, number_of_frames=_frames(ds))))
+    except Exception:  # noqa: BLE001 - unknown: treat as lossy, the conservative label
+        return True
+    if ts == "1.2.840.10008.1.2.4.81":
+        at = first.find(b"\xff\xda")  # SOS: Ls(2) Ns(1) Ns*(Cs, Tm) NEAR(1)
+        if at < 0 or at + 5 >= len(first):
+            return True
+        ns = first[at + 4]
+        near_at = at + 5 + 2 * ns
+        return near_at >= len(first) or first[near_at] != 0
+    at = first.find(b"\xff\x52")  # COD: Lcod(2) Scod(1) SGcod(4) SPcod: levels, cbw, cbh, style, transform
+    if at < 0 or at + 13 >= len(first):
+        return True
+    return first[at + 13] == 0  # 0: 9-7 irreversible
+
+
+def _has_high_bits(ds: Dataset, ts: UID) -> bool:
+    try:
+        return int(ds.BitsAllocated) > int(ds.BitsStored) and int(ds.BitsAllocated) in (16, 32) and not _is_encapsulated(ts, ds)
+    except (AttributeError, TypeError, ValueError):
+        return False
+
+
+def _high_bits_set(ds: Dataset, ts: UID) -> bool:
+    """Do the bits outside the stored range hold anything but the sign extension?"""
+    if not _has_high_bits(ds, ts):
+        return False
+    allocated, stored = int(ds.BitsAllocated), int(ds.BitsStored)
+    high_bit = int(ds.get("HighBit", stored - 1))
+    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+    dtype = np.dtype(f"{'>' if ts == ExplicitVRBigEndian else '<'}u{allocated // 8}")
+    data = ds.PixelData
+    n = len(data) // dtype.itemsize
+    raw = np.frombuffer(data, dtype=dtype, count=n).astype(np.uint64)
+    low = high_bit - stored + 1
+    values = (raw >> low) & ((1 << stored) - 1)
+    canonical = values << low
+    if signed and low == 0:  # bits above the sign bit carry its extension
+        extension = ((1 << allocated) - 1) ^ ((1 << stored) - 1)
+        canonical = np.where((values >> (stored - 1)) & 1, canonical | extension, canonical)
+    return bool(np.any(raw != canonical))
+
+
+def _drop_embedded_overlays(ds: Dataset) -> None:
+    """Overlay groups whose bitmap lived in the (now cleared) high bits of Pixel Data."""
+    for group in range(0x6000, 0x6020, 2):
+        if (group << 16 | 0x3000) in ds:
+            continue  # overlay data of its own: the profile decides
+        if (group << 16 | 0x0010) in ds:
+            for tag in [t for t in ds.keys() if t >> 16 == group]:
+                del ds[tag]
+
+
+# -- rendering for the detector ------------------------------------------------------------
+
+
+def _header_window(ds: Dataset) -> tuple[float, float] | None:
+    """The first header window as a range of stored values, or None."""
+    try:
+        center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
+        if center is None or width is None:
+            return None
+        center = float(center[0] if _is_multi(center) else center)
+        width = float(width[0] if _is_multi(width) else width)
+        slope = float(ds.get("RescaleSlope", 1) or 1)
+        intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if width <= 1 or slope == 0:
+        return None
+    low, high = (center - 0.5 - (width - 1) / 2 - intercept) / slope, (center - 0.5 + (width - 1) / 2 - intercept) / slope
+    return (min(low, high), max(low, high))
+
+
+def _is_multi(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue"
+
+
+def _minmax(frame: np.ndarray) -> np.ndarray:
+    lo, hi = float(frame.min()), float(frame.max())
+    if hi <= lo:
+        return np.zeros(frame.shape, dtype=np.uint8)
+    return np.clip((frame - lo) * (255.0 / (hi - lo)) + 0.5, 0, 255).astype(np.uint8)
+
+
+def _windowed(frame: np.ndarray, low: float, high: float) -> np.ndarray:
+    return np.clip((frame - low) * (255.0 / (high - low)) + 0.5, 0, 255).astype(np.uint8)
+
+
+def _to_uint8_rgb(rgb: np.ndarray) -> np.ndarray:
+    if rgb.dtype == np.uint8:
+        return np.ascontiguousarray(rgb)
+    return _minmax(rgb.astype(np.float32))
+
+
+def _as_rgb(image: np.ndarray) -> np.ndarray:
+    return np.repeat(image[:, :, None], 3, axis=2) if image.ndim == 2 else image
+
+
+# -- boxes -----------------------------------------------------------------------------------
+
+
+def _pad_along(b: Box, pad: float, rows: int, cols: int) -> Box:
+    if b.width >= b.height:
+        d = int(round(pad * b.height))
+        return Box(max(0, b.x0 - d), b.y0, min(cols, b.x1 + d), b.y1, b.score)
+    d = int(round(pad * b.width))
+    return Box(b.x0, max(0, b.y0 - d), b.x1, min(rows, b.y1 + d), b.score)
+
+
+def _merge(boxes: list[Box]) -> list[Box]:
+    """Merge boxes that overlap (after padding): neighbours on one line, and the boxes of
+    two renderings of one frame."""
+    boxes = sorted(boxes, key=lambda b: (b.y0, b.x0))
+    merged = True
+    while merged:
+        merged = False
+        out: list[Box] = []
+        for b in boxes:
+            for i, o in enumerate(out):
+                if _joinable(o, b):
+                    out[i] = Box(min(o.x0, b.x0), min(o.y0, b.y0), max(o.x1, b.x1), max(o.y1, b.y1), max(o.score, b.score))
+                    merged = True
+                    break
+            else:
+                out.append(b)
+        boxes = out
+    return boxes
+
+
+def _joinable(a: Box, b: Box) -> bool:
+    ix = min(a.x1, b.x1) - max(a.x0, b.x0)
+    iy = min(a.y1, b.y1) - max(a.y0, b.y0)
+    if ix < 0 or iy < 0:
+        return False
+    # same line (or same column) — or one box mostly inside the other
+    if iy >= 0.5 * min(a.height, b.height) and (a.width >= a.height) == (b.width >= b.height) and a.width >= a.height:
+        return True
+    if ix >= 0.5 * min(a.width, b.width) and a.width < a.height and b.width < b.height:
+        return True
+    inter = ix * iy
+    return inter >= 0.5 * min(a.width * a.height, b.width * b.height)
+
+
+def _clip_region(r: Region, margin: int, rows: int, cols: int) -> Region | None:
+    x0, y0 = max(0, r.x0 - margin), max(0, r.y0 - margin)
+    x1, y1 = min(cols, r.x1 + margin), min(rows, r.y1 + margin)
+    if x1 <= x0 or y1 <= y0:
+        return None
+    return Region(r.frame, x0, y0, x1, y1, r.text)
+
+
+def _squeeze(text: str) -> str:
+    return re.sub(r"[^0-9A-Z]", "", text.upper())
+
+
+# -- masking and writing ---------------------------------------------------------------------
+
+
+def _fill_value(ds: Dataset, arr: np.ndarray, photometric: str) -> np.ndarray:
+    """The value that renders black: per sample, for this image."""
+    samples = arr.shape[3]
+    if photometric == "PALETTE COLOR":
+        info = ds.get("RedPaletteColorLookupTableDescriptor")
+        entries, first = (int(info[0]) or 65536, int(info[1])) if info is not None else (256, 0)
+        candidates = np.arange(first, first + entries, dtype=np.int64)
+        info_dtype = arr.dtype
+        candidates = candidates[(candidates >= np.iinfo(info_dtype).min) & (candidates <= np.iinfo(info_dtype).max)]
+        try:
+            rgb = apply_color_lut(candidates.astype(info_dtype), ds).astype(np.float64)
+            luminance = rgb @ np.array([0.299, 0.587, 0.114])
+            return np.array([candidates[int(np.argmin(luminance))]], dtype=arr.dtype)
+        except Exception:  # noqa: BLE001 - no usable LUT: the smallest index
+            return np.array([arr.min()], dtype=arr.dtype)
+    if samples == 3 and photometric.startswith("YBR"):
+        mid = 128 if arr.dtype == np.uint8 else 1 << (int(ds.get("BitsStored", 16)) - 1)
+        return np.array([arr[..., 0].min(), mid, mid], dtype=arr.dtype)
+    if samples == 3:
+        return np.zeros(3, dtype=arr.dtype)
+    if photometric == "MONOCHROME1":
+        return np.array([arr.max()], dtype=arr.dtype)
+    return np.array([arr.min()], dtype=arr.dtype)
+
+
+def _write(ds: Dataset, arr: np.ndarray, photometric: str, ts: UID, encapsulated: bool, lossy: bool,
+           encapsulated_output: str, keyword: str) -> None:
+    """Write the (masked) frames back losslessly and make the attributes consistent."""
+    frames, rows, cols, samples = arr.shape
+    ts_in = ts
+    compressed_bytes = len(ds.get_item(keyword).value or b"") if encapsulated else 0
+    for tag in ("ExtendedOffsetTable", "ExtendedOffsetTableLengths"):
+        if tag in ds:
+            del ds[tag]
+    ds.PhotometricInterpretation = photometric
+    if samples > 1:
+        ds.PlanarConfiguration = 0
+    elif "PlanarConfiguration" in ds:
+        del ds["PlanarConfiguration"]
+    shaped = arr
+    if samples == 1:
+        shaped = shaped[..., 0]
+    if frames == 1:
+        shaped = shaped[0]
+    if not hasattr(ds, "file_meta") or ds.file_meta is None:
+        ds.file_meta = FileMetaDataset()
+    written = False
+    if encapsulated and encapsulated_output == "rle" and keyword == "PixelData":
+        try:
+            ds.compress(RLELossless, np.ascontiguousarray(shaped), generate_instance_uid=False)
+            if samples > 1:
+                ds.PlanarConfiguration = 1  # PS3.5 G.2: RLE segments are colour-by-plane
+            written = True
+        except Exception:  # noqa: BLE001 - RLE cannot take every layout: fall back to native
+            written = False
+    if not written:
+        allocated = int(ds.get("BitsAllocated", arr.dtype.itemsize * 8))
+        if allocated == 1:
+            data = pack_bits(np.ascontiguousarray(arr).ravel())
+        else:
+            data = np.ascontiguousarray(arr.astype(arr.dtype.newbyteorder("<"), copy=False)).tobytes()
+            expected = frames * rows * cols * samples * allocated // 8
+            if len(data) != expected:
+                raise InstanceRefused("masked pixel data cannot be re-encoded with the stated Bits Allocated")
+        if len(data) % 2:
+            data += b"\0"
+        setattr(ds, keyword, data)
+        elem = ds[keyword]
+        elem.is_undefined_length = False
+        if keyword == "PixelData":
+            elem.VR = "OB" if allocated <= 8 else "OW"
+        if encapsulated or ts_in == ExplicitVRBigEndian or not ts_in.is_transfer_syntax:
+            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        else:
+            ds.file_meta.TransferSyntaxUID = ts_in
+    ds._pixel_array = None
+    ds._pixel_id = {}
+    if lossy:
+        ds.LossyImageCompression = "01"
+        method = LOSSY_SYNTAXES.get(ts_in) or MAYBE_LOSSY_SYNTAXES.get(ts_in)
+        if "LossyImageCompressionMethod" not in ds and method:
+            ds.LossyImageCompressionMethod = method
+        if "LossyImageCompressionRatio" not in ds and compressed_bytes:
+            ratio = frames * rows * cols * samples * int(ds.get("BitsAllocated", 8)) / 8 / compressed_bytes
+            ds.LossyImageCompressionRatio = f"{ratio:.2f}"[:16]
+
+
+# -- policy defaults -------------------------------------------------------------------------
+
+_DEFAULTS: dict[str, Any] = {
+    "mode": "all",
+    "select": {"skip_modalities": [], "skip_sop_classes": [], "only_modalities": [], "trust_burned_in_annotation_no": False},
+    "detect": {"renderings": ["minmax", "window"], "min_side": 640, "max_side": 2400, "thresh": 0.3, "box_thresh": 0.3,
+               "unclip_ratio": 1.6, "max_text_height_fraction": 0.15, "min_filtered_px": 32},
+    "mask": {"margin": 2, "pad_along": 0.5, "recognize": True},
+    "phi": {"min_confidence": 0.6, "whole_word_max_length": 3, "min_value_length": 2, "patterns": []},
+    "output": {"encapsulated": "rle"},
+    "regions": [],
+}
+
+
+def _with_defaults(policy: dict) -> dict:
+    out: dict[str, Any] = {}
+    for key, default in _DEFAULTS.items():
+        value = policy.get(key, default)
+        if isinstance(default, dict):
+            value = {**default, **(value or {})}
+        out[key] = value
+    unknown = set(policy) - set(_DEFAULTS)
+    if unknown:
+        raise ValueError(f"pixel policy: unknown keys {sorted(unknown)}")
+    return out
