@@ -78,7 +78,8 @@ def run(src: Path, dst: Path, config: Config, workers: int | None = None) -> int
     deidentifier = Deidentifier(config.deid, secret)
     workers = max(1, min(workers or os.cpu_count() or 1, len(paths) or 1))
     progress = _Progress(len(paths)) if sys.stderr.isatty() else None
-    instance_level = "debug" if progress else "info"
+    # On a terminal the progress bar and the summary say it all; logs keep the detail.
+    instance_level, refused_level = ("debug", "debug") if progress else ("info", "warning")
     written: dict[Path, Path] = {}
     refused: list[Outcome] = []
     duplicates = 0
@@ -93,7 +94,7 @@ def run(src: Path, dst: Path, config: Config, workers: int | None = None) -> int
     for outcome in outcomes:
         if outcome.result is None:
             refused.append(outcome)
-            logger.warning("instance.refused", input=deidentifier.keys.fingerprint(str(outcome.src)), reason=outcome.reason)
+            getattr(logger, refused_level)("instance.refused", input=deidentifier.keys.fingerprint(str(outcome.src)), reason=outcome.reason)
         else:
             r = outcome.result
             if outcome.output in written:
@@ -114,7 +115,7 @@ def run(src: Path, dst: Path, config: Config, workers: int | None = None) -> int
           + f", refused {len(refused)} in {seconds:.1f} s")
     for outcome in refused:
         print(f"  refused {_relative(outcome.src, src)}: {outcome.reason}")
-    logger.info("deid.summary", read=len(paths), written=len(written), duplicates=duplicates,
+    getattr(logger, instance_level)("deid.summary", read=len(paths), written=len(written), duplicates=duplicates,
                 refused=len(refused), seconds=round(seconds, 2))
     return 1 if refused else 0
 
