@@ -92,7 +92,10 @@ class Profile:
         self.scrub_min_length: int = pol["scrub"]["min_length"]
         self.scrub_whole_word_max: int = pol["scrub"]["whole_word_max_length"]
         self.keep_safe_private = self.private_code == "C"
-        self.safe_private = standard_safe_private() + config.safe_private
+        #: creator -> the (group, element) pairs kept; None in either place matches any.
+        self.safe_private: dict[str, set[tuple[int | None, int | None]]] = {}
+        for entry in standard_safe_private() + config.safe_private:
+            self.safe_private.setdefault(entry.creator, set()).add((entry.group, entry.element))
 
     def action(self, tag: int) -> Action | None:
         """The action for a public tag, or None where nothing is listed (keep)."""
@@ -104,11 +107,7 @@ class Profile:
 
     def is_safe_private(self, creator: str, group: int, element: int) -> bool:
         """Is (group, xx element) of this private creator on the safe list?"""
-        if not self.keep_safe_private:
+        kept = self.safe_private.get(creator) if self.keep_safe_private else None
+        if not kept:
             return False
-        return any(
-            entry.creator == creator
-            and (entry.group is None or entry.group == group)
-            and (entry.element is None or entry.element == element)
-            for entry in self.safe_private
-        )
+        return bool({(group, element), (None, element), (group, None), (None, None)} & kept)
