@@ -88,16 +88,18 @@ class _Patient:
     key: str
     shift_days: int | None  # None: dates are not shifted
     scrub: re.Pattern[str] | None  # identifying values to cut out of kept text
+    patterns: re.Pattern[str] | None  # kinds of identifiers cut whatever the header holds
     text_dates: str  # dates written in kept text: "keep", "shift" or "remove"
 
     def needs_cleaning(self, text: str) -> bool:
-        return bool(self.scrub is not None and self.scrub.search(text)) or (
+        return any(p is not None and p.search(text) for p in (self.scrub, self.patterns)) or (
             self.text_dates != "keep" and _TEXT_DATE.search(text) is not None)
 
     def clean_text(self, text: str) -> str:
         """Cut identifying values out of text; shift or remove the dates written in it."""
-        if self.scrub is not None:
-            text = self.scrub.sub("", text)
+        for pattern in (self.patterns, self.scrub):  # "Dr. <name>" before the name goes
+            if pattern is not None:
+                text = pattern.sub("", text)
         if self.text_dates != "keep":
             text = _TEXT_DATE.sub(lambda m: _replace_text_date(m, self.shift_days), text)
         return re.sub(r"\s{2,}", " ", text).strip()
@@ -171,7 +173,7 @@ class Deidentifier:
         shift = self.keys.date_offset_days(key) if self.shift_dates else None
         text_dates = "keep" if "retain-longitudinal-full-dates" in self.config.options else (
             "shift" if shift is not None else "remove")
-        return _Patient(key, shift, self._scrub_pattern(identifying_values(ds)), text_dates)
+        return _Patient(key, shift, self._scrub_pattern(identifying_values(ds)), self.profile.scrub_patterns, text_dates)
 
     def _scrub_pattern(self, values: set[str]) -> re.Pattern[str] | None:
         tokens = {v.strip() for v in values if len(v.strip()) >= self.profile.scrub_min_length}

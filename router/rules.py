@@ -12,6 +12,7 @@ explicit "keep": not even free-text scrubbing applies).
 from __future__ import annotations
 
 import json
+import re
 import tomllib
 from dataclasses import dataclass
 from functools import cache
@@ -91,6 +92,9 @@ class Profile:
         self.unlisted: dict[str, str] = {vr: SITE_ACTIONS[a] for vr, a in pol.get("unlisted", {}).items()}
         self.scrub_min_length: int = pol["scrub"]["min_length"]
         self.scrub_whole_word_max: int = pol["scrub"]["whole_word_max_length"]
+        patterns = pol["scrub"].get("patterns", [])
+        #: Identifiers removed from kept text whatever the header holds (e-mail, phone ...).
+        self.scrub_patterns: re.Pattern[str] | None = re.compile("|".join(patterns)) if patterns else None
         self.keep_safe_private = self.private_code == "C"
         #: creator -> the (group, element) pairs kept; None in either place matches any.
         self.safe_private: dict[str, set[tuple[int | None, int | None]]] = {}

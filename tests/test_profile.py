@@ -401,3 +401,10 @@ def test_dates_written_in_kept_text_follow_the_date_option(tmp_path):
     assert removed.StudyDescription == "CT follow-up of (prior ), ratio 1/2/3"
     kept, _ = roundtrip(ds, engine("clean-descriptors", "retain-longitudinal-full-dates"), tmp_path / "c")
     assert kept.StudyDescription == ds.StudyDescription
+
+
+def test_identifier_patterns_are_cut_from_kept_text(tmp_path):
+    ds = instance()
+    ds.StudyDescription = "CT CHEST, call Dr. Gregory House (555) 123-4567, MRN 00012345678, 12.5 mGy"
+    out, _ = roundtrip(ds, engine("clean-descriptors"), tmp_path)
+    assert out.StudyDescription == "CT CHEST, call , MRN , 12.5 mGy"
