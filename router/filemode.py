@@ -53,6 +53,7 @@ def process(src: Path) -> Outcome:
 def _init(deidentifier: Deidentifier, dst: Path) -> None:
     global _deidentifier, _dst
     _deidentifier, _dst = deidentifier, dst
+    deidentifier.start()
 
 
 def inputs(src: Path) -> list[Path]:
@@ -70,12 +71,14 @@ def run(src: Path, dst: Path, config: Config, workers: int | None = None) -> int
     if generated:
         logger.warning("site_secret.generated", path=str(config.node.spool_dir / "site-secret"),
                        note="pseudonyms depend on it: keep it, and give it to every node of this site")
-    if "clean-pixel-data" in config.deid.options:
-        logger.warning("pixel_cleaning.unavailable",
-                       note="clean-pixel-data is selected but burned-in text masking is not built yet: pixels pass unchanged")
     paths = inputs(src)
     dst.mkdir(parents=True, exist_ok=True)
     deidentifier = Deidentifier(config.deid, secret)
+    try:
+        deidentifier.start()  # fail here, clearly, if the OCR models cannot run
+    except RuntimeError as exc:
+        print(f"deid-router: cannot start de-identification: {exc}", file=sys.stderr)
+        return 2
     workers = max(1, min(workers or os.cpu_count() or 1, len(paths) or 1))
     progress = _Progress(len(paths)) if sys.stderr.isatty() else None
     # On a terminal the progress bar and the summary say it all; logs keep the detail.

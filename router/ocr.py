@@ -71,6 +71,8 @@ class DetectorSettings:
     min_side: int = 736
     #: Images whose longer side is above this are downscaled to it (bounds time and memory).
     max_side: int = 2400
+    #: ... but never by more than this factor (tiny matrices upscaled 10x grow false text).
+    max_upscale: float = 4.0
     #: DB post-processing (PaddleOCR's names).
     thresh: float = 0.3
     box_thresh: float = 0.3
@@ -139,7 +141,7 @@ class RapidOcrDetector:
         ratio = 1.0
         s = self.settings
         if s.min_side and min(h, w) < s.min_side:
-            ratio = s.min_side / min(h, w)
+            ratio = min(s.min_side / min(h, w), max(1.0, s.max_upscale))
         if s.max_side and max(h, w) * ratio > s.max_side:
             ratio = s.max_side / max(h, w)
         rh = max(32, int(round(h * ratio / 32)) * 32)

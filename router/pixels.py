@@ -105,7 +105,8 @@ class PixelCleaner:
         self.recognize = self.mode == "phi" or bool(self.policy["mask"]["recognize"])
         if engine is None:
             settings = DetectorSettings(
-                min_side=int(det["min_side"]), max_side=int(det["max_side"]), thresh=float(det["thresh"]),
+                min_side=int(det["min_side"]), max_side=int(det["max_side"]), max_upscale=float(det["max_upscale"]),
+                thresh=float(det["thresh"]),
                 box_thresh=float(det["box_thresh"]), unclip_ratio=float(det["unclip_ratio"]),
             )
             try:
@@ -167,16 +168,19 @@ class PixelCleaner:
         ts = _transfer_syntax(ds)
         encapsulated = _is_encapsulated(ts, ds)
         skip = self._skip_reason(ds)
-        if skip is not None and (encapsulated or keyword != "PixelData" or not _has_high_bits(ds, ts)):
+        # overlay planes hidden in the unused high bits of native Pixel Data are cleared
+        # whatever the OCR policy says
+        high_bits = keyword == "PixelData" and not encapsulated and _high_bits_set(ds, ts)
+        if skip is not None and not high_bits:
             return PixelReport(False, skipped_reason=skip)
 
         arr, photometric, lossy = _decode(ds, ts)  # (frames, rows, cols, samples)
         frames, rows, cols, samples = arr.shape
         if rows != int(ds.Rows) or cols != int(ds.Columns):
             raise InstanceRefused("decoded pixel data does not match Rows/Columns")
-        high_bits = keyword == "PixelData" and not encapsulated and _high_bits_set(ds, ts)
         if skip is not None:  # only the overlay bits to clear
             _write(ds, arr, photometric, ts, encapsulated, lossy, self.policy["output"]["encapsulated"], keyword)
+            _drop_embedded_overlays(ds)
             return PixelReport(False, skipped_reason=skip, overlay_bits_cleared=True)
 
         fill = _fill_value(ds, arr, photometric)
@@ -288,20 +292,36 @@ class PixelCleaner:
 
     def _detect_frame(self, images: list[np.ndarray], shape: tuple[int, int]) -> list[Box]:
         rows, cols = shape[:2]
-        det = self.policy["detect"]
-        fraction, min_px = float(det["max_text_height_fraction"]), int(det["min_filtered_px"])
         boxes: list[Box] = []
         for image in images:
             for b in self.engine.detect(image):
-                horizontal = b.width >= b.height
-                thickness = b.height if horizontal else b.width
-                extent = rows if horizontal else cols
-                if thickness > max(fraction * extent, min_px):
-                    continue  # not text: a box over a large smooth region
-                boxes.append(b)
-        pad = float(self.policy["mask"]["pad_along"])
-        padded = [_pad_along(b, pad, rows, cols) for b in boxes]
+                if self._plausible(image, b, rows, cols):
+                    boxes.append(b)
+        pad, pad_max = float(self.policy["mask"]["pad_along"]), int(self.policy["mask"]["pad_along_max_px"])
+        padded = [_pad_along(b, pad, pad_max, rows, cols) for b in boxes]
         return _merge(padded)
+
+    def _plausible(self, image: np.ndarray, box: Box, rows: int, cols: int) -> bool:
+        """Is a detected box text? Detectors return boxes over large smooth regions (and
+        over anatomy on upscaled small matrices): a box thicker (across its text
+        direction) than ordinary text is kept only if it also reads as text, which large
+        lettering does and those regions do not. Thin boxes are always kept: small text
+        often reads poorly, and masking from detection is the safe side."""
+        det = self.policy["detect"]
+        horizontal = box.width >= box.height
+        thickness = box.height if horizontal else box.width
+        extent = rows if horizontal else cols
+        if thickness <= max(float(det["confirm_height_fraction"]) * extent, int(det["confirm_min_px"])):
+            return True
+        very_thick = thickness > max(float(det["max_text_height_fraction"]) * extent, int(det["min_filtered_px"]))
+        recognize = getattr(self.engine, "recognize", None)
+        if recognize is None:
+            return not very_thick
+        text, score = recognize(_as_rgb(image), box)
+        chars = len(_squeeze(text))
+        if very_thick:
+            return chars >= 2 and score >= 0.9
+        return chars >= 1 and score >= float(det["confirm_min_score"])
 
     def _read(self, images: list[np.ndarray], box: Box) -> tuple[str, float]:
         best = ("", 0.0)
@@ -439,9 +459,10 @@ def _high_bits_set(ds: Dataset, ts: UID) -> bool:
     low = high_bit - stored + 1
     values = (raw >> low) & ((1 << stored) - 1)
     canonical = values << low
-    if signed and low == 0:  # bits above the sign bit carry its extension
+    if signed and low == 0:  # bits above the sign bit may carry its extension, or nothing
         extension = ((1 << allocated) - 1) ^ ((1 << stored) - 1)
-        canonical = np.where((values >> (stored - 1)) & 1, canonical | extension, canonical)
+        extended = np.where((values >> (stored - 1)) & 1, canonical | extension, canonical)
+        return bool(np.any((raw != canonical) & (raw != extended)))
     return bool(np.any(raw != canonical))
 
 
@@ -504,11 +525,11 @@ def _as_rgb(image: np.ndarray) -> np.ndarray:
 # -- boxes -----------------------------------------------------------------------------------
 
 
-def _pad_along(b: Box, pad: float, rows: int, cols: int) -> Box:
+def _pad_along(b: Box, pad: float, pad_max: int, rows: int, cols: int) -> Box:
     if b.width >= b.height:
-        d = int(round(pad * b.height))
+        d = min(pad_max, int(round(pad * b.height)))
         return Box(max(0, b.x0 - d), b.y0, min(cols, b.x1 + d), b.y1, b.score)
-    d = int(round(pad * b.width))
+    d = min(pad_max, int(round(pad * b.width)))
     return Box(b.x0, max(0, b.y0 - d), b.x1, min(rows, b.y1 + d), b.score)
 
 
@@ -621,7 +642,10 @@ def _write(ds: Dataset, arr: np.ndarray, photometric: str, ts: UID, encapsulated
         if allocated == 1:
             data = pack_bits(np.ascontiguousarray(arr).ravel())
         else:
-            data = np.ascontiguousarray(arr.astype(arr.dtype.newbyteorder("<"), copy=False)).tobytes()
+            # big endian input stays big endian: pydicom writes a dataset read that way only
+            # in its own byte order, and Pixel Data bytes are written as they are
+            order = ">" if ts_in == ExplicitVRBigEndian and not encapsulated else "<"
+            data = np.ascontiguousarray(arr.astype(arr.dtype.newbyteorder(order), copy=False)).tobytes()
             expected = frames * rows * cols * samples * allocated // 8
             if len(data) != expected:
                 raise InstanceRefused("masked pixel data cannot be re-encoded with the stated Bits Allocated")
@@ -632,7 +656,7 @@ def _write(ds: Dataset, arr: np.ndarray, photometric: str, ts: UID, encapsulated
         elem.is_undefined_length = False
         if keyword == "PixelData":
             elem.VR = "OB" if allocated <= 8 else "OW"
-        if encapsulated or ts_in == ExplicitVRBigEndian or not ts_in.is_transfer_syntax:
+        if encapsulated or not ts_in.is_transfer_syntax:
             ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         else:
             ds.file_meta.TransferSyntaxUID = ts_in
@@ -653,9 +677,10 @@ def _write(ds: Dataset, arr: np.ndarray, photometric: str, ts: UID, encapsulated
 _DEFAULTS: dict[str, Any] = {
     "mode": "all",
     "select": {"skip_modalities": [], "skip_sop_classes": [], "only_modalities": [], "trust_burned_in_annotation_no": False},
-    "detect": {"renderings": ["minmax", "window"], "min_side": 640, "max_side": 2400, "thresh": 0.3, "box_thresh": 0.3,
-               "unclip_ratio": 1.6, "max_text_height_fraction": 0.15, "min_filtered_px": 32},
-    "mask": {"margin": 2, "pad_along": 0.5, "recognize": True},
+    "detect": {"renderings": ["minmax", "window"], "min_side": 512, "max_side": 2400, "thresh": 0.3, "box_thresh": 0.3,
+               "unclip_ratio": 1.6, "max_upscale": 4.0, "max_text_height_fraction": 0.15, "min_filtered_px": 32,
+               "confirm_height_fraction": 0.05, "confirm_min_px": 20, "confirm_min_score": 0.8},
+    "mask": {"margin": 2, "pad_along": 0.5, "pad_along_max_px": 16, "recognize": True},
     "phi": {"min_confidence": 0.6, "whole_word_max_length": 3, "min_value_length": 2, "patterns": []},
     "output": {"encapsulated": "rle"},
     "regions": [],

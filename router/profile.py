@@ -15,6 +15,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydicom import config as pydicom_config
 from pydicom import dcmread
@@ -38,6 +39,9 @@ from router import __version__
 from router.config import BASIC_PROFILE_CODE, OPTIONS, DeidConfig
 from router.pseudonyms import Pseudonymizer
 from router.rules import Action, Profile
+
+if TYPE_CHECKING:
+    from router.pixels import PixelCleaner
 
 #: Our implementation class UID (a fixed 2.25 UID) and version name, for the file meta.
 IMPLEMENTATION_CLASS_UID = UID("2.25.158783364585436617185016425961838233617")
@@ -77,6 +81,8 @@ class InstanceResult:
     transfer_syntax_uid: str
     #: The AE title that sent it (file meta SourceApplicationEntityTitle of the input), for routing.
     source_ae_title: str
+    #: Burned-in text regions the pixel stage masked (their text is never in a result).
+    pixel_regions_masked: int
     bytes_in: int
     bytes_out: int
 
@@ -113,7 +119,23 @@ class Deidentifier:
         self.profile = Profile(config)
         self.keys = Pseudonymizer(secret, config.pseudonym_prefix, config.date_shift_min_days, config.date_shift_max_days)
         self.shift_dates = "retain-longitudinal-modified-dates" in config.options
-        self.method_codes = self._method_codes()
+        self.clean_pixels = "clean-pixel-data" in config.options
+        self._pixels: tuple[int, PixelCleaner] | None = None  # (pid, cleaner): one per process
+
+    def start(self) -> None:
+        """Load what de-identification needs in this process (the OCR models, self-tested).
+
+        Call it once per worker at start-up, so a broken installation fails there with a
+        clear message rather than on the first instance. Raises RuntimeError.
+        """
+        self._pixel_cleaner()
+
+    def _pixel_cleaner(self) -> PixelCleaner:
+        if self._pixels is None or self._pixels[0] != os.getpid():
+            from router.pixels import PixelCleaner  # the OCR stack loads only when it is used
+
+            self._pixels = (os.getpid(), PixelCleaner())
+        return self._pixels[1]
 
     # -- files ---------------------------------------------------------------------------
 
@@ -142,10 +164,12 @@ class Deidentifier:
         """De-identify ds in place (header, sequences, private tags, file meta)."""
         meta = getattr(ds, "file_meta", None) or FileMetaDataset()
         source_ae = str(meta.get("SourceApplicationEntityTitle", "") or "").strip()
-        transfer_syntax = transfer_syntax_of(ds)
-        patient = self._patient(ds)
+        identifying = identifying_values(ds)
+        pixels = self._pixel_cleaner().clean(ds, identifying) if self.clean_pixels else None
+        transfer_syntax = transfer_syntax_of(ds)  # after the pixel stage, which may re-encode
+        patient = self._patient(ds, identifying)
         self._apply(ds, patient)
-        self._mark(ds, patient)
+        self._mark(ds, pixels_cleaned=bool(pixels and pixels.cleaned))
         sop_class = _text(ds, 0x00080016)
         sop_instance = _text(ds, 0x00080018)
         new_meta = FileMetaDataset()
@@ -164,16 +188,17 @@ class Deidentifier:
             modality=_text(ds, 0x00080060).upper(),
             transfer_syntax_uid=str(transfer_syntax),
             source_ae_title=source_ae,
+            pixel_regions_masked=len(pixels.regions) if pixels else 0,
             bytes_in=0,
             bytes_out=0,
         )
 
-    def _patient(self, ds: Dataset) -> _Patient:
+    def _patient(self, ds: Dataset, identifying: set[str]) -> _Patient:
         key = _text(ds, 0x00100020) or _text(ds, 0x00100010) or _text(ds, 0x0020000D)
         shift = self.keys.date_offset_days(key) if self.shift_dates else None
         text_dates = "keep" if "retain-longitudinal-full-dates" in self.config.options else (
             "shift" if shift is not None else "remove")
-        return _Patient(key, shift, self._scrub_pattern(identifying_values(ds)), self.profile.scrub_patterns, text_dates)
+        return _Patient(key, shift, self._scrub_pattern(identifying), self.profile.scrub_patterns, text_dates)
 
     def _scrub_pattern(self, values: set[str]) -> re.Pattern[str] | None:
         tokens = {v.strip() for v in values if len(v.strip()) >= self.profile.scrub_min_length}
@@ -312,23 +337,22 @@ class Deidentifier:
             return b"\x00\x00"
         return self.profile.dummy.get(vr, "ANON")
 
-    def _mark(self, ds: Dataset, patient: _Patient) -> None:
-        """Record what was done: PS3.15 E.1.1 and the CID 7050 codes."""
+    def _mark(self, ds: Dataset, pixels_cleaned: bool) -> None:
+        """Record what was done: PS3.15 E.1.1 and the CID 7050 codes.
+
+        Clean Pixel Data is claimed only for an instance whose pixels were cleaned.
+        """
+        options = sorted(o for o in self.config.options if o != "clean-pixel-data" or pixels_cleaned)
         ds.PatientIdentityRemoved = "YES"
-        options = sorted(o for o in self.config.options if o != "clean-pixel-data")
         ds.DeidentificationMethod = [f"deid-router {__version__}", "PS3.15 E.1 Basic Profile", *options][:16]
-        ds.DeidentificationMethodCodeSequence = Sequence([_code(v, m) for v, m in self.method_codes])
+        codes = [BASIC_PROFILE_CODE, *(OPTIONS[o] for o in options)]
+        ds.DeidentificationMethodCodeSequence = Sequence([_code(v, m) for v, m in codes])
         if self.shift_dates:
             ds.LongitudinalTemporalInformationModified = "MODIFIED"
         elif "retain-longitudinal-full-dates" in self.config.options:
             ds.LongitudinalTemporalInformationModified = "UNMODIFIED"
         else:
             ds.LongitudinalTemporalInformationModified = "REMOVED"
-
-    def _method_codes(self) -> list[tuple[str, str]]:
-        # Clean Pixel Data is claimed by the pixel stage only when it has cleaned the pixels.
-        options = [OPTIONS[o] for o in sorted(self.config.options) if o != "clean-pixel-data"]
-        return [BASIC_PROFILE_CODE, *options]
 
 
 # -- reading and writing ---------------------------------------------------------------

@@ -126,7 +126,7 @@ def test_cli_deid_single_file_success(corpus_dir, tmp_path):
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_cli_workers_give_the_same_output(corpus_dir, tmp_path, workers):
     config = tmp_path / "router.toml"
-    config.write_text('[deid]\nsecret = "same-secret-here"\n')
+    config.write_text('[deid]\nsecret = "same-secret-here"\noptions = ["retain-longitudinal-modified-dates"]\n')
     out = tmp_path / "out"
     subprocess.run([sys.executable, "-m", "router", "deid", str(corpus_dir), str(out), "--config", str(config),
                     "--workers", workers], capture_output=True, text=True, timeout=300)

@@ -408,3 +408,27 @@ def test_identifier_patterns_are_cut_from_kept_text(tmp_path):
     ds.StudyDescription = "CT CHEST, call Dr. Gregory House (555) 123-4567, MRN 00012345678, 12.5 mGy"
     out, _ = roundtrip(ds, engine("clean-descriptors"), tmp_path)
     assert out.StudyDescription == "CT CHEST, call , MRN , 12.5 mGy"
+
+
+def test_clean_pixel_data_through_the_engine(tmp_path):
+    from bench.synthetic import us_rgb_with_text
+
+    ds, boxes = us_rgb_with_text(["DOE JANE 19510829", "MRN 4711"], rows=300, columns=400)
+    src, dst = tmp_path / "us.dcm", tmp_path / "out.dcm"
+    ds.save_as(src, enforce_file_format=True)
+    deid = engine("clean-pixel-data")
+    deid.start()
+    result = deid.process_file(src, dst)
+    out = pydicom.dcmread(dst)
+    assert result.pixel_regions_masked >= 2
+    assert "113101" in [i.CodeValue for i in out.DeidentificationMethodCodeSequence]
+    assert out.BurnedInAnnotation == "NO"
+    pixels = out.pixel_array
+    for box in boxes:
+        assert pixels[box.top:box.bottom, box.left:box.right].max() < 255  # the white text is gone
+    # Without the option nothing is claimed and the pixels pass unchanged.
+    plain = engine()
+    plain.process_file(src, tmp_path / "plain.dcm")
+    kept = pydicom.dcmread(tmp_path / "plain.dcm")
+    assert "113101" not in [i.CodeValue for i in kept.DeidentificationMethodCodeSequence]
+    assert kept.PixelData == ds.PixelData
