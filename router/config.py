@@ -131,6 +131,8 @@ class DeidConfig:
     date_shift_max_days: int = 3650
     overrides: dict[int, Override] = field(default_factory=dict)
     safe_private: tuple[SafePrivate, ...] = ()
+    #: A site's pixel policy (TOML), layered table by table over rules/pixels.toml.
+    pixel_policy: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -333,7 +335,7 @@ class _Reader:
     def deid(self, value: Any) -> DeidConfig:
         d = DeidConfig()
         known = {"secret", "secret_file", "options", "pseudonym_prefix", "combined_codes",
-                 "date_shift_min_days", "date_shift_max_days", "overrides", "safe_private"}
+                 "date_shift_min_days", "date_shift_max_days", "overrides", "safe_private", "pixel_policy"}
         t = self.table(("deid",), value, known)
         k = lambda name: ("deid", name)  # noqa: E731
         secret = None
@@ -373,7 +375,19 @@ class _Reader:
             date_shift_max_days=high,
             overrides=self.overrides(t.get("overrides", {})),
             safe_private=self.safe_private(t.get("safe_private", [])),
+            pixel_policy=self.pixel_policy(self.get(t, k("pixel_policy"), str, None)),
         )
+
+    def pixel_policy(self, file: str | None) -> dict[str, Any] | None:
+        if file is None:
+            return None
+        try:
+            return tomllib.loads(self.path(file).read_text(encoding="utf-8"))
+        except OSError as exc:
+            self.problem(("deid", "pixel_policy"), f"cannot read: {exc.strerror}")
+        except tomllib.TOMLDecodeError as exc:
+            self.problem(("deid", "pixel_policy"), f"not valid TOML: {exc}")
+        return None
 
     def overrides(self, value: Any) -> dict[int, Override]:
         """``[deid.overrides]`` maps a tag or keyword to an action or {action, value}."""

@@ -134,7 +134,15 @@ class Deidentifier:
         if self._pixels is None or self._pixels[0] != os.getpid():
             from router.pixels import PixelCleaner  # the OCR stack loads only when it is used
 
-            self._pixels = (os.getpid(), PixelCleaner())
+            from router.pixels import load_policy
+
+            policy = load_policy()
+            for key, value in (self.config.pixel_policy or {}).items():  # a site's file, table by table
+                policy[key] = {**policy.get(key, {}), **value} if isinstance(value, dict) else value
+            try:
+                self._pixels = (os.getpid(), PixelCleaner(policy))
+            except ValueError as exc:
+                raise RuntimeError(str(exc)) from None
         return self._pixels[1]
 
     # -- files ---------------------------------------------------------------------------

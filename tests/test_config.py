@@ -93,3 +93,18 @@ def test_check_config_command(tmp_path):
 def test_default_options_and_explicit_basic_profile():
     assert "retain-longitudinal-modified-dates" in parse("").deid.options
     assert parse("[deid]\noptions = []\n").deid.options == frozenset()
+
+
+def test_site_pixel_policy_is_layered_over_the_product_one(tmp_path):
+    from router.profile import Deidentifier
+
+    (tmp_path / "pixels.toml").write_text('mode = "phi"\n[select]\nskip_modalities = ["CT"]\n')
+    (tmp_path / "router.toml").write_text('[deid]\nsecret = "0123456789"\npixel_policy = "pixels.toml"\n')
+    config = load(tmp_path / "router.toml")
+    cleaner = Deidentifier(config.deid, b"0123456789")._pixel_cleaner()
+    assert cleaner.mode == "phi"
+    assert cleaner.policy["select"]["skip_modalities"] == ["CT"]
+    assert cleaner.policy["mask"]["margin"] >= 1  # untouched tables keep the product's values
+    (tmp_path / "router.toml").write_text('[deid]\npixel_policy = "missing.toml"\n')
+    with pytest.raises(ConfigError, match="deid.pixel_policy: cannot read"):
+        load(tmp_path / "router.toml")
