@@ -96,13 +96,17 @@ class _Patient:
     scrub: re.Pattern[str] | None  # identifying values to cut out of kept text
     patterns: re.Pattern[str] | None  # kinds of identifiers cut whatever the header holds
     text_dates: str  # dates written in kept text: "keep", "shift" or "remove"
+    new_uid: Callable[[str], str] | None  # UIDs written in kept text are remapped (None: kept)
 
     def needs_cleaning(self, text: str) -> bool:
         return any(p is not None and p.search(text) for p in (self.scrub, self.patterns)) or (
-            self.text_dates != "keep" and _TEXT_DATE.search(text) is not None)
+            self.text_dates != "keep" and _TEXT_DATE.search(text) is not None) or (
+            self.new_uid is not None and _TEXT_UID.search(text) is not None)
 
     def clean_text(self, text: str) -> str:
-        """Cut identifying values out of text; shift or remove the dates written in it."""
+        """Cut identifying values out of text; shift or remove its dates, remap its UIDs."""
+        if self.new_uid is not None:  # first: a UID's digits must not be read as a date or ID
+            text = _TEXT_UID.sub(lambda m: self.new_uid(m.group(0)), text)
         for pattern in (self.patterns, self.scrub):  # "Dr. <name>" before the name goes
             if pattern is not None:
                 text = pattern.sub("", text)
@@ -206,7 +210,8 @@ class Deidentifier:
         shift = self.keys.date_offset_days(key) if self.shift_dates else None
         text_dates = "keep" if "retain-longitudinal-full-dates" in self.config.options else (
             "shift" if shift is not None else "remove")
-        return _Patient(key, shift, self._scrub_pattern(identifying), self.profile.scrub_patterns, text_dates)
+        new_uid = None if "retain-uids" in self.config.options else self.keys.uid
+        return _Patient(key, shift, self._scrub_pattern(identifying), self.profile.scrub_patterns, text_dates, new_uid)
 
     def _scrub_pattern(self, values: set[str]) -> re.Pattern[str] | None:
         tokens = {v.strip() for v in values if len(v.strip()) >= self.profile.scrub_min_length}
@@ -554,6 +559,9 @@ def shift_date(value: str, vr: str, days: int) -> str | None:
     date = f"{d.year:04d}" + (f"{d.month:02d}" if month else "") + (f"{d.day:02d}" if day else "")
     return date + (rest or "") + (zone or "")
 
+
+#: UIDs written in free text (at least five components, so versions such as 3.5.1 stay).
+_TEXT_UID = re.compile(r"(?<![\w.])[0-2](?:\.(?:0|[1-9]\d*)){4,}(?![\w.])")
 
 #: Dates as people write them in free text: 08/29/1951, 29.08.1951, 1951-08-29, 19510829,
 #: 8/29/51. Each match is checked to be a real date before it is touched.

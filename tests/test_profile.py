@@ -432,3 +432,11 @@ def test_clean_pixel_data_through_the_engine(tmp_path):
     kept = pydicom.dcmread(tmp_path / "plain.dcm")
     assert "113101" not in [i.CodeValue for i in kept.DeidentificationMethodCodeSequence]
     assert kept.PixelData == ds.PixelData
+
+
+def test_uids_written_in_kept_text_are_remapped_consistently(tmp_path):
+    ds = instance()
+    ds.StudyDescription = "see study 1.2.3.4.1 in v3.5.1"
+    out, data = roundtrip(ds, engine("clean-descriptors"), tmp_path)
+    assert out.StudyDescription == f"see study {out.StudyInstanceUID} in v3.5.1"
+    assert b"1.2.3.4.1" not in data
