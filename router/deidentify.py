@@ -5,9 +5,12 @@ process (``node.workers`` of them, started from a fork server; each builds one
 ``profile.Deidentifier``). A worker de-identifies the file into tmp/, routes it
 (``Destination.from_ae_titles`` against the calling AE title kept in the file meta,
 ``Destination.modalities`` against the instance's modality; an empty filter matches all),
-hard-links it into every routed outgoing/<dest>/, fsyncs those directories, and only then
-unlinks the incoming file. It reports back, and the main process hands the new outgoing
-files to the forwarders.
+hard-links it (the file already fsynced) into every routed outgoing/<dest>/ and reports
+back. The main process hands the new outgoing files to the forwarders at once, and every
+~200 ms fsyncs the outgoing directories that got new links and only then unlinks the
+incoming files of that batch (group commit: one directory fsync per batch instead of one
+per instance; a crash before it leaves the instance in incoming/, and doing it again
+yields the same file under the same name).
 
 An instance that cannot be de-identified (``InstanceRefused`` or any exception) goes to
 quarantine/deidentify/ with a PHI-free reason (the exception type and where it was raised,
@@ -20,7 +23,6 @@ on a new worker, quarantines it if that dies too, and restarts the worker.
 from __future__ import annotations
 
 import collections
-import errno
 import heapq
 import multiprocessing
 import os
@@ -40,12 +42,20 @@ from router.spool import DEIDENTIFY_QUARANTINE, SUFFIX, UNROUTED_QUARANTINE, Spo
 
 log = get_logger("router.deidentify")
 
-#: A worker busy longer than this on one instance is considered hung and killed.
+#: A worker busy longer than this on one instance (plus SECONDS_PER_MB of its size: the
+#: pixel stage OCRs every frame, ~1 s per 640x480 frame on one core) is considered hung
+#: and killed.
 INSTANCE_TIMEOUT_SECONDS = 600.0
+SECONDS_PER_MB = 4.0
 #: A worker that dies twice on the same instance gets it quarantined.
 MAX_CRASHES_PER_INSTANCE = 2
-#: Delay before retrying an instance whose processing failed for a transient reason.
+#: Delay before retrying an instance whose processing failed for a transient reason
+#: (an I/O error), and how many such failures quarantine it.
 TRANSIENT_RETRY_SECONDS = 10.0
+MAX_TRANSIENT_FAILURES = 5
+#: Group commit of the outgoing links: at most this long, or this many instances.
+RETIRE_SECONDS = 0.2
+RETIRE_BATCH = 64
 
 
 @dataclass(frozen=True)
@@ -85,14 +95,81 @@ def describe_exception(exc: BaseException) -> str:
     return f"{name}{where}"
 
 
+class LineStream:
+    """stderr for structured logs from several processes: one write(2) per whole line.
+
+    ``sys.stderr`` is write-through, so ``print(line)`` makes two system calls (the line,
+    then the newline) and lines from the node's processes interleave. Here each line goes
+    out in one call (atomic on a pipe up to PIPE_BUF bytes, and on an O_APPEND file).
+    """
+
+    def __init__(self, fd: int = 2):
+        self._fd = fd
+        self._parts: list[str] = []
+        self._lock = threading.Lock()
+        try:
+            self._tty = os.isatty(fd)
+        except OSError:
+            self._tty = False
+
+    def isatty(self) -> bool:
+        return self._tty
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            self._parts.append(text)
+            if "\n" in text:
+                self._flush_locked()
+        return len(text)
+
+    def flush(self) -> None:
+        with self._lock:
+            self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        if not self._parts:
+            return
+        data = memoryview("".join(self._parts).encode("utf-8", "replace"))
+        self._parts.clear()
+        try:
+            while data:
+                data = data[os.write(self._fd, data):]
+        except OSError:
+            pass
+
+
+def configure_logging(config: Config) -> None:
+    """The node's logging set-up, in the main process and in every worker."""
+    from router import log as log_module
+
+    log_module.configure(config.logging, stream=LineStream())
+    quiet_libraries()
+
+
+def quiet_libraries() -> None:
+    """Keep header values out of the node's output.
+
+    pydicom reports invalid values by quoting them, as a Python warning and on its
+    logger (e.g. "Invalid value for VR UI: '<an original UID>'"): silence both in every
+    node process, and never validate values we only pass through.
+    """
+    import logging
+    import warnings
+
+    from pydicom import config as pydicom_config
+
+    pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+    pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
+    warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
+    logging.getLogger("pydicom").setLevel(logging.CRITICAL + 1)
+
+
 # ------------------------------------------------------------------------------ worker
 def worker_main(conn, config: Config, secret: bytes, spool_root: str, index: int) -> None:
     """Entry point of a worker process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides when we stop
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    from router import log as log_module
-
-    log_module.configure(config.logging)
+    configure_logging(config)
     worker_log = get_logger("router.deidentify").bind(worker=index)
     spool = Spool(spool_root, [d.name for d in config.destinations], config.node.keep_delivered)
     try:
@@ -134,12 +211,11 @@ def process_one(deid, spool: Spool, config: Config, spool_id: str, src: Path, wo
         result = deid.process_file(src, dst)
     except InstanceRefused as exc:
         return _quarantine(spool, src, dst, spool_id, exc.reason, "InstanceRefused", worker_log)
-    except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT) or not src.exists():
-            _unlink(dst)
-            raise
-        return _quarantine(spool, src, dst, spool_id, "de-identification failed: " + describe_exception(exc),
-                           type(exc).__name__, worker_log)
+    except OSError:
+        # A real I/O failure (disk full, EIO) is the node's problem, not the instance's:
+        # the main process retries it later (and quarantines it if that keeps failing).
+        _unlink(dst)
+        raise
     except Exception as exc:
         return _quarantine(spool, src, dst, spool_id, "de-identification failed: " + describe_exception(exc),
                            type(exc).__name__, worker_log)
@@ -160,9 +236,10 @@ def process_one(deid, spool: Spool, config: Config, spool_id: str, src: Path, wo
         return ("unrouted", spool_id, result.bytes_in)
     for dest in routes:
         spool.link_outgoing(dst, dest, name)
-    spool.sync_outgoing(routes)
     _unlink(dst)
-    src.unlink()  # only now: every outgoing link is durable
+    # The incoming file stays until the main process has made the new outgoing links
+    # durable (one fsync per outgoing directory for a batch of instances): a crash before
+    # that finds it in incoming/ and de-identifies it again, to the same file.
     ms = (time.perf_counter() - started) * 1000
     worker_log.info("deidentified", destinations=routes, ms=round(ms, 2), deid_ms=round(deid_ms, 2), **fields)
     info = dict(name=name, routes=routes, sop_class_uid=result.sop_class_uid,
@@ -200,6 +277,7 @@ class _Worker:
         self.conn = conn
         self.ready = False
         self.task: tuple[str, Path, float] | None = None  # spool_id, path, started
+        self.deadline = 0.0
         self.dead = False
 
 
@@ -220,6 +298,7 @@ class DeidStage:
         self._known: set[Path] = set()
         self._delayed: list[tuple[float, str, Path]] = []
         self._crashes: dict[Path, int] = {}
+        self._transient: dict[Path, int] = {}
         self._workers: list[_Worker] = []
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -228,6 +307,8 @@ class DeidStage:
         self._closed = False
         self._thread: threading.Thread | None = None
         self._restart_after: dict[int, float] = {}
+        self._retire: list[tuple[Path, list[str]]] = []
+        self._retire_since = 0.0
         self._idle_deaths: dict[int, int] = {}
         self.stats = collections.Counter()
 
@@ -300,6 +381,8 @@ class DeidStage:
         self._wake()
         if self._thread:
             self._thread.join(timeout=5)
+        if self._retire:
+            self._retire_batch()
         for worker in self._workers:
             try:
                 worker.conn.send(None)
@@ -350,6 +433,8 @@ class DeidStage:
             timeout = min(timeout, max(0.0, self._delayed[0][0] - now))
         if self._restart_after:
             timeout = min(timeout, max(0.0, min(self._restart_after.values()) - now))
+        if self._retire:
+            timeout = min(timeout, max(0.0, self._retire_since + RETIRE_SECONDS - now))
         for ready in wait_any(waitables, timeout=timeout):
             if ready is self._wake_r:
                 try:
@@ -365,7 +450,7 @@ class DeidStage:
                     self._died(worker)
         now = time.monotonic()
         for worker in self._workers:
-            if worker.task and not worker.dead and now - worker.task[2] > INSTANCE_TIMEOUT_SECONDS:
+            if worker.task and not worker.dead and now > worker.deadline:
                 log.error("worker_hung", worker=worker.index, spool_id=worker.task[0],
                           seconds=round(now - worker.task[2]))
                 worker.process.kill()
@@ -375,6 +460,22 @@ class DeidStage:
             if when <= now and not self._closed:
                 del self._restart_after[index]
                 self._restart(index)
+        if self._retire and (len(self._retire) >= RETIRE_BATCH or now - self._retire_since >= RETIRE_SECONDS):
+            self._retire_batch()
+
+    def _retire_batch(self) -> None:
+        """Make a batch's outgoing links durable, then remove their incoming files."""
+        batch, self._retire = self._retire, []
+        try:
+            self.spool.sync_outgoing(sorted({dest for _path, routes in batch for dest in routes}))
+        except OSError as exc:
+            log.error("sync_failed", error=describe_exception(exc), action="incoming files kept")
+            self._retire = batch + self._retire
+            self._retire_since = time.monotonic()
+            return
+        for path, _routes in batch:
+            _unlink(path)
+            self._forget(path)
 
     def _assign(self) -> None:
         for worker in self._workers:
@@ -386,6 +487,11 @@ class DeidStage:
                 path = self._queue.popleft()
             spool_id = path.name[: -len(SUFFIX)] if path.name.endswith(SUFFIX) else path.stem
             worker.task = (spool_id, path, time.monotonic())
+            try:
+                size_mb = path.stat().st_size / 1e6
+            except OSError:
+                size_mb = 0.0
+            worker.deadline = worker.task[2] + INSTANCE_TIMEOUT_SECONDS + SECONDS_PER_MB * size_mb
             try:
                 worker.conn.send((spool_id, str(path)))
             except (OSError, ValueError):
@@ -413,6 +519,8 @@ class DeidStage:
         spool_id, path, _started = task
         with self._lock:
             self._crashes.pop(path, None)
+            if kind != "transient":
+                self._transient.pop(path, None)
         if kind == "ok":
             info = message[2]
             self.stats["deidentified"] += 1
@@ -429,15 +537,28 @@ class DeidStage:
                     self.on_routed(dest, routed)
                 except Exception as exc:
                     log.error("notify_failed", destination=dest, error=describe_exception(exc))
-            self._forget(path)
+            if not self._retire:
+                self._retire_since = time.monotonic()
+            self._retire.append((path, info["routes"]))
         elif kind in ("quarantined", "unrouted"):
             self.stats[kind] += 1
             self._forget(path)
         elif kind == "transient":
             self.stats["transient"] += 1
-            log.warning("deidentify_retry", spool_id=spool_id, error=message[2], retry_in_s=TRANSIENT_RETRY_SECONDS)
             with self._lock:
-                heapq.heappush(self._delayed, (time.monotonic() + TRANSIENT_RETRY_SECONDS, spool_id, path))
+                failures = self._transient.get(path, 0) + 1
+                self._transient[path] = failures
+            if failures >= MAX_TRANSIENT_FAILURES and path.exists():
+                reason = f"de-identification failed {failures} times with an I/O error: {message[2]}"
+                self._quarantine_here(path, spool_id, reason, failures, "OSError")
+                with self._lock:
+                    self._transient.pop(path, None)
+                self._forget(path)
+            else:
+                log.warning("deidentify_retry", spool_id=spool_id, error=message[2], attempt=failures,
+                            retry_in_s=TRANSIENT_RETRY_SECONDS)
+                with self._lock:
+                    heapq.heappush(self._delayed, (time.monotonic() + TRANSIENT_RETRY_SECONDS, spool_id, path))
 
     def _forget(self, path: Path) -> None:
         with self._lock:
@@ -466,15 +587,7 @@ class DeidStage:
                 self._forget(path)  # it had finished, only the report was lost
             elif crashes >= MAX_CRASHES_PER_INSTANCE:
                 reason = f"the worker process {how} while de-identifying this instance ({crashes} times)"
-                try:
-                    self.spool.quarantine(path, DEIDENTIFY_QUARANTINE, spool_id + SUFFIX, reason,
-                                          stage="deidentify", spool_id=spool_id, attempts=crashes,
-                                          exception="WorkerDied")
-                    log.warning("quarantined", stage="deidentify", where=DEIDENTIFY_QUARANTINE,
-                                spool_id=spool_id, reason=reason, attempts=crashes)
-                    self.stats["quarantined"] += 1
-                except OSError as exc:
-                    log.error("quarantine_failed", spool_id=spool_id, error=describe_exception(exc))
+                self._quarantine_here(path, spool_id, reason, crashes, "WorkerDied")
                 with self._lock:
                     self._crashes.pop(path, None)
                 self._forget(path)
@@ -491,6 +604,17 @@ class DeidStage:
         self._idle_deaths[worker.index] = deaths
         delay = 0.0 if task else min(30.0, 0.5 * 2 ** min(deaths, 6))
         self._restart_after[worker.index] = time.monotonic() + delay
+
+    def _quarantine_here(self, path: Path, spool_id: str, reason: str, attempts: int, kind: str) -> None:
+        try:
+            self.spool.quarantine(path, DEIDENTIFY_QUARANTINE, spool_id + SUFFIX, reason, stage="deidentify",
+                                  spool_id=spool_id, attempts=attempts, exception=kind)
+        except OSError as exc:
+            log.error("quarantine_failed", spool_id=spool_id, error=describe_exception(exc))
+            return
+        self.stats["quarantined"] += 1
+        log.warning("quarantined", stage="deidentify", where=DEIDENTIFY_QUARANTINE, spool_id=spool_id,
+                    reason=reason, attempts=attempts, exception=kind)
 
     def _restart(self, index: int) -> None:
         old = self._workers[index]

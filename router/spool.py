@@ -82,6 +82,41 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
+class DirSyncer:
+    """fsync of one directory, shared by concurrent callers (group commit).
+
+    A caller that has just renamed a file into the directory calls ``sync()``; it returns
+    once an fsync of the directory that *started* after the call has completed. Callers
+    arriving while an fsync runs share the next one instead of queueing one each.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._cond = threading.Condition()
+        self._requested = 0
+        self._done = 0
+        self._running = False
+
+    def sync(self) -> None:
+        with self._cond:
+            self._requested += 1
+            ticket = self._requested
+            while self._done < ticket:
+                if self._running:
+                    self._cond.wait()
+                    continue
+                self._running = True
+                target = self._requested
+                self._cond.release()
+                try:
+                    fsync_dir(self.path)
+                finally:
+                    self._cond.acquire()
+                    self._running = False
+                    self._cond.notify_all()
+                self._done = max(self._done, target)
+
+
 class Spool:
     """Paths and atomic moves of the spool. Thread-safe; may be used by several processes.
 
@@ -100,6 +135,7 @@ class Spool:
         self.quarantine_root = self.root / QUARANTINE
         self._lock = threading.Lock()
         self._usage = 0
+        self._incoming_sync = DirSyncer(self.incoming)
 
     # ----------------------------------------------------------------- layout
     def outgoing(self, dest: str) -> Path:
@@ -201,7 +237,7 @@ class Spool:
         """Rename a complete, fsynced tmp file into incoming/ and make that durable."""
         final = self.incoming / f"{spool_id}{SUFFIX}"
         os.rename(tmp_file, final)
-        fsync_dir(self.incoming)
+        self._incoming_sync.sync()
         return final
 
     def list_incoming(self) -> list[Path]:

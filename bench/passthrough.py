@@ -1,0 +1,95 @@
+"""A bare pynetdicom pass-through forwarder: the baseline for ``python -m bench.network``.
+
+Receives C-STOREs and forwards them unchanged to one destination: no spool (no fsync), no
+de-identification, no routing, no retries. The handler streams each dataset to a temp
+file (pynetdicom's ``STORE_RECV_CHUNKED_DATASET``), acknowledges it, and one thread sends
+the files on a kept-open association, streamed from the file
+(``STORE_SEND_CHUNKED_DATASET``). TCP_NODELAY, 128 KiB PDUs and the router's fix for
+pynetdicom's send race on both sides, as in the router, so that the comparison is about
+what the router adds (durable spool, de-identification, routing, retries). A send that
+gets no response is resent on a new association.
+
+    python -m bench.passthrough PORT DEST_HOST DEST_PORT DEST_AET
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import socket
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+from pynetdicom import AE, _config, build_context, evt
+from pynetdicom.sop_class import Verification
+
+from router.forward import install_checkpoint
+
+
+def nodelay(event) -> None:
+    event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def main(argv: list[str]) -> int:
+    port, dest_host, dest_port, dest_aet = int(argv[0]), argv[1], int(argv[2]), argv[3]
+    work = Path(tempfile.mkdtemp(prefix="passthrough-"))
+    tempfile.tempdir = str(work)
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    _config.UNRESTRICTED_STORAGE_SERVICE = True
+    todo: queue.Queue = queue.Queue()
+
+    def on_store(event) -> int:
+        # pynetdicom deletes its temp file after the handler: keep it under another name.
+        kept = work / f"{event.request.MessageID}-{threading.get_ident()}-{os.urandom(4).hex()}.dcm"
+        os.link(event.dataset_path, kept)
+        todo.put((str(event.request.AffectedSOPClassUID), str(event.context.transfer_syntax), kept))
+        return 0x0000
+
+    def forward() -> None:
+        ae = AE(ae_title="PASSTHROUGH")
+        ae.maximum_pdu_size = 131072
+        assoc, proposed = None, set()
+        while True:
+            item = todo.get()
+            if item is None:
+                break
+            sop_class, syntax, path = item
+            if assoc is None or not assoc.is_established or (sop_class, syntax) not in proposed:
+                if assoc is not None and assoc.is_established:
+                    assoc.release()
+                proposed |= {(sop_class, syntax)}
+                contexts = [build_context(s, [t]) for s, t in sorted(proposed)][:128]
+                assoc = ae.associate(dest_host, dest_port, contexts=contexts, ae_title=dest_aet,
+                                     max_pdu=131072, evt_handlers=[(evt.EVT_CONN_OPEN, nodelay)])
+                install_checkpoint(assoc)
+            status = assoc.send_c_store(path)
+            if not status:  # no response (timeout or abort): reconnect and resend
+                todo.put(item)
+                continue
+            path.unlink()
+        if assoc is not None and assoc.is_established:
+            assoc.release()
+
+    sender = threading.Thread(target=forward, daemon=True)
+    sender.start()
+    ae = AE(ae_title="PASSTHROUGH")
+    ae.maximum_pdu_size = 131072
+    ae.add_supported_context(Verification)
+    ae.start_server(("127.0.0.1", port), block=False,
+                    evt_handlers=[(evt.EVT_CONN_OPEN, nodelay), (evt.EVT_C_STORE, on_store)])
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop.wait()
+    ae.shutdown()
+    todo.put(None)
+    sender.join(10)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

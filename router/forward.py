@@ -1,0 +1,685 @@
+"""The export stage: one forwarder per destination, working through outgoing/<dest>/.
+
+DICOM destinations: a pynetdicom SCU (our calling AE title toward it:
+``Destination.calling_ae_title``) keeps one association open across instances and releases
+it after ``idle_timeout_seconds`` without work. Its presentation contexts are built from
+what is waiting to be sent (SOP class x {the file's transfer syntax, Explicit VR LE,
+Implicit VR LE}, at most 128); a new SOP class or transfer syntax means a new association.
+An instance goes in its own transfer syntax, streamed from the spool file without decoding
+it; if the destination accepts its SOP class only uncompressed, it is decompressed
+losslessly and sent Explicit (or Implicit) VR Little Endian.
+
+Success (0x0000) and warning (0x0001, 0xBxxx) statuses complete an instance: its outgoing
+link is deleted (or moved to done/<dest>/). A failure status, an abort or a time-out while
+sending it, or a SOP class the destination does not accept count as an attempt: the
+instance waits ``retry_initial_seconds`` doubling up to ``retry_max_seconds`` while the
+others go on, and after ``max_attempts`` it goes to quarantine/<dest>/ with a reason file.
+When the destination cannot be reached at all (connection refused, association rejected),
+no instance is charged: the whole destination backs off the same way and everything stays
+queued in outgoing/<dest>/ until it is back (an outage must not empty the queue into the
+quarantine).
+
+Folder destinations: ``<path>/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm`` (new UIDs),
+written atomically (tmp + fsync + rename).
+"""
+
+from __future__ import annotations
+
+import collections
+import heapq
+import itertools
+import os
+import shutil
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.filereader import read_file_meta_info
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, _config, build_context, evt
+from pynetdicom.sop_class import Verification
+
+from router.config import Destination, NodeConfig
+from router.deidentify import Routed, describe_exception
+from router.log import get_logger
+from router.receive import on_conn_open_nodelay
+from router.spool import SUFFIX, Spool, fsync_dir, safe_name
+
+log = get_logger("router.forward")
+
+MAX_CONTEXTS = 128
+MAX_PDU = 131072
+#: How far ahead in the queue the forwarder looks when it plans an association's contexts.
+LOOKAHEAD = 256
+#: Look for outgoing files nobody told us about (a lost notification) this often when idle.
+RESCAN_SECONDS = 60.0
+UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+
+
+# --------------------------------------------------------------------------- statuses
+def status_category(status: int) -> str:
+    if status == 0x0000:
+        return "success"
+    if status == 0x0001 or 0xB000 <= status <= 0xBFFF:
+        return "warning"
+    return "failure"
+
+
+def status_text(status: int) -> str:
+    try:
+        from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS, GENERAL_STATUS
+
+        for table in (STORAGE_SERVICE_CLASS_STATUS, GENERAL_STATUS):
+            if status in table:
+                return f"0x{status:04X} ({table[status][0]}: {table[status][1]})"
+        if 0xA700 <= status <= 0xA7FF:
+            return f"0x{status:04X} (Failure: Refused: Out of Resources)"
+        if 0xA900 <= status <= 0xA9FF:
+            return f"0x{status:04X} (Failure: Data Set does not match SOP Class)"
+        if 0xC000 <= status <= 0xCFFF:
+            return f"0x{status:04X} (Failure: Cannot Understand)"
+    except ImportError:
+        pass
+    return f"0x{status:04X}"
+
+
+# ------------------------------------------------------------- pynetdicom send race fix
+class _Checkpoint:
+    """A drop-in for ``Association._reactor_checkpoint`` that really parks the reactor.
+
+    pynetdicom 3.0.4 pauses its reactor before a send by clearing an Event and polling
+    ``_is_paused``; but ``_is_paused`` is set *before* the reactor waits on the Event, so
+    the sender can see it set while the reactor is already past the wait, and the reactor
+    then takes the C-STORE response off the queue ("Received unexpected C-STORE service
+    message"): the send waits out the DIMSE timeout and the association aborts. Here
+    ``clear()`` returns only once the reactor is blocked inside ``wait()``.
+    """
+
+    def __init__(self, assoc):
+        self._assoc = assoc
+        self._cond = threading.Condition()
+        self._open = True
+        self._parked = False
+
+    def is_set(self) -> bool:
+        return self._open
+
+    def set(self) -> None:
+        with self._cond:
+            self._open = True
+            self._cond.notify_all()
+
+    def clear(self) -> None:
+        with self._cond:
+            self._open = False
+            if threading.current_thread() is self._assoc:
+                return  # the reactor itself: nothing to wait for
+            deadline = time.monotonic() + 5.0
+            while not self._parked and time.monotonic() < deadline:
+                if not self._assoc.is_alive() or getattr(self._assoc, "_kill", False):
+                    return
+                self._cond.wait(0.05)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        with self._cond:
+            if self._open:
+                return True
+            self._parked = True
+            self._cond.notify_all()
+            try:
+                self._cond.wait_for(lambda: self._open, timeout)
+            finally:
+                self._parked = False
+            return self._open
+
+
+def install_checkpoint(assoc) -> None:
+    assoc._reactor_checkpoint = _Checkpoint(assoc)
+
+
+# ------------------------------------------------------------------------------- echo
+def echo(host: str, port: int, called_ae: str = "ANY-SCP", calling_ae: str = "DEID_ROUTER",
+         timeout: float = 10.0) -> bool:
+    """C-ECHO a peer; print and log the outcome. True on status 0x0000."""
+    ae = AE(ae_title=calling_ae)
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
+    started = time.perf_counter()
+    ok, detail = False, ""
+    try:
+        assoc = ae.associate(host, port, ae_title=called_ae, evt_handlers=[(evt.EVT_CONN_OPEN, on_conn_open_nodelay)])
+        if assoc.is_established:
+            status = assoc.send_c_echo()
+            code = status.get("Status") if status else None
+            ok = code == 0x0000
+            detail = status_text(code) if code is not None else "no response"
+            assoc.release()
+        else:
+            detail = _association_failure(assoc)
+    except (OSError, RuntimeError, ValueError) as exc:
+        detail = f"{type(exc).__name__}: {exc}"
+    ms = round((time.perf_counter() - started) * 1000, 1)
+    event = log.info if ok else log.error
+    event("echo", host=host, port=port, called_ae=called_ae, calling_ae=calling_ae, ok=ok, detail=detail, ms=ms)
+    print(f"C-ECHO {called_ae}@{host}:{port}: {'success' if ok else 'FAILED'} ({detail}, {ms} ms)")
+    return ok
+
+
+def _association_failure(assoc) -> str:
+    if assoc.is_rejected:
+        primitive = assoc.acceptor.primitive
+        try:
+            return (f"association rejected (result {primitive.result_str}, source {primitive.source_str}, "
+                    f"reason {primitive.reason_str})")
+        except Exception:
+            return "association rejected"
+    if assoc.is_aborted:
+        return "association aborted (connection refused, closed or timed out)"
+    return "association failed"
+
+
+# ------------------------------------------------------------------------------ items
+@dataclass
+class Item:
+    path: Path
+    info: Routed | None = None
+    attempts: int = 0
+    free_retries: int = 0
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+def read_info(path: Path) -> Routed:
+    ds = dcmread(path, stop_before_pixels=True,
+                 specific_tags=["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"])
+    meta = ds.file_meta
+    return Routed(
+        path=path,
+        sop_class_uid=str(meta.get("MediaStorageSOPClassUID", "") or ds.get("SOPClassUID", "")),
+        sop_instance_uid=str(ds.get("SOPInstanceUID", "") or meta.get("MediaStorageSOPInstanceUID", "")),
+        study_instance_uid=str(ds.get("StudyInstanceUID", "")),
+        series_instance_uid=str(ds.get("SeriesInstanceUID", "")),
+        transfer_syntax_uid=str(meta.get("TransferSyntaxUID", "")),
+        patient_pseudonym="",
+        bytes=path.stat().st_size,
+    )
+
+
+@dataclass
+class Outcome:
+    kind: str  # "delivered", "failed" (charged to the instance), "unavailable" (destination), "retry" (free)
+    detail: str = ""
+    status: int | None = None
+    mode: str = ""
+
+
+# -------------------------------------------------------------------------- senders
+class DicomSender:
+    """One kept-open association toward a DICOM destination."""
+
+    def __init__(self, dest: Destination, node: NodeConfig):
+        self.dest = dest
+        self.ae = AE(ae_title=dest.calling_ae_title or node.ae_title)
+        self.ae.maximum_pdu_size = MAX_PDU
+        t = dest.timeout_seconds
+        self.ae.acse_timeout = self.ae.dimse_timeout = self.ae.network_timeout = t
+        self.ae.connection_timeout = t
+        self.assoc = None
+        self.covered: set[tuple[str, str]] = set()
+        self.accepted: dict[str, set[str]] = {}
+        self.last_used = 0.0
+        self.sent_on_assoc = 0
+        #: Pairs sent lately, most recent last: proposed again so that a retry of one
+        #: kind does not force a new association for the others.
+        self.recent: dict[tuple[str, str], None] = {}
+
+    @property
+    def connected(self) -> bool:
+        return self.assoc is not None and self.assoc.is_established
+
+    def close(self, reason: str = "idle") -> None:
+        assoc, self.assoc = self.assoc, None
+        self.covered, self.accepted = set(), {}
+        if assoc is None:
+            return
+        try:
+            if assoc.is_established:
+                assoc.release()
+                log.info("association_released", destination=self.dest.name, reason=reason,
+                         instances=self.sent_on_assoc)
+            else:
+                assoc.abort()
+        except Exception as exc:
+            log.warning("association_close_failed", destination=self.dest.name, error=describe_exception(exc))
+
+    def plan(self, pairs: list[tuple[str, str]]):
+        """Presentation contexts for pairs (head first), at most 128, and the pairs covered."""
+        by_class: dict[str, list[str]] = {}
+        for sop, ts in pairs:
+            by_class.setdefault(sop, [])
+            if ts not in by_class[sop]:
+                by_class[sop].append(ts)
+        contexts, covered = [], set()
+        for sop, syntaxes in by_class.items():
+            wanted = [ts for ts in syntaxes if ts not in UNCOMPRESSED] + list(UNCOMPRESSED)
+            if len(contexts) + len(wanted) > MAX_CONTEXTS:
+                if contexts:
+                    continue
+                wanted = wanted[:MAX_CONTEXTS]
+            contexts += [build_context(sop, [ts]) for ts in wanted]
+            covered.update((sop, ts) for ts in syntaxes)
+        return contexts, covered
+
+    def connect(self, pairs: list[tuple[str, str]]) -> str | None:
+        """(Re)associate for these pairs; returns a problem or None."""
+        self.close(reason="new presentation contexts")
+        contexts, covered = self.plan(pairs)
+        try:
+            assoc = self.ae.associate(self.dest.host, self.dest.port, contexts=contexts, ae_title=self.dest.ae_title,
+                                      max_pdu=MAX_PDU, evt_handlers=[(evt.EVT_CONN_OPEN, on_conn_open_nodelay)])
+        except (OSError, RuntimeError, ValueError) as exc:
+            return f"cannot associate: {type(exc).__name__}"
+        if not assoc.is_established:
+            return _association_failure(assoc)
+        install_checkpoint(assoc)
+        self.assoc = assoc
+        self.covered = covered
+        self.accepted = {}
+        for cx in assoc.accepted_contexts:
+            self.accepted.setdefault(str(cx.abstract_syntax), set()).add(str(cx.transfer_syntax[0]))
+        self.sent_on_assoc = 0
+        self.last_used = time.monotonic()
+        log.info("association_opened", destination=self.dest.name, proposed=len(contexts),
+                 accepted=len(assoc.accepted_contexts))
+        return None
+
+    def send(self, item: Item, lookahead) -> Outcome:
+        info = item.info
+        pair = (info.sop_class_uid, info.transfer_syntax_uid)
+        if not self.connected or pair not in self.covered:
+            wanted = dict.fromkeys([pair, *lookahead(), *reversed(self.recent)])
+            problem = self.connect(list(wanted))
+            if problem:
+                return Outcome("unavailable", problem)
+        self.recent.pop(pair, None)
+        self.recent[pair] = None
+        while len(self.recent) > MAX_CONTEXTS:
+            del self.recent[next(iter(self.recent))]
+        accepted = self.accepted.get(info.sop_class_uid, set())
+        if info.transfer_syntax_uid in accepted:
+            mode = "as-is"
+        elif accepted & set(UNCOMPRESSED):
+            mode = "decompressed" if _is_compressed(info.transfer_syntax_uid) else "re-encoded"
+        else:
+            return Outcome("failed", "the destination accepted no presentation context for this SOP class "
+                                     f"({info.sop_class_uid}) in {info.transfer_syntax_uid} or uncompressed")
+        try:
+            if mode == "as-is":
+                payload = item.path
+            else:
+                payload = load_uncompressed(item.path)
+        except FileNotFoundError:
+            raise
+        except Exception as exc:
+            return Outcome("failed", f"the destination takes SOP class {info.sop_class_uid} only uncompressed and "
+                                     f"converting from {info.transfer_syntax_uid} failed: {describe_exception(exc)}")
+        assoc = self.assoc
+        try:
+            status = assoc.send_c_store(payload)
+        except RuntimeError:
+            # The association ended just before the send (e.g. the peer's idle time-out).
+            self.close(reason="lost")
+            return Outcome("retry", "association lost before the send")
+        except FileNotFoundError:
+            raise
+        except (OSError, ValueError, AttributeError) as exc:
+            self.close(reason="send error")
+            return Outcome("failed", f"send failed: {describe_exception(exc)}", mode=mode)
+        self.last_used = time.monotonic()
+        code = status.get("Status") if status is not None else None
+        if code is None:
+            # DIMSE time-out, abort or connection lost: the association is gone.
+            self.close(reason="no response")
+            return Outcome("failed", "no response (association aborted or timed out)", mode=mode)
+        code = int(code)
+        self.sent_on_assoc += 1
+        if status_category(code) in ("success", "warning"):
+            return Outcome("delivered", status=code, mode=mode)
+        return Outcome("failed", f"destination answered {status_text(code)}", status=code, mode=mode)
+
+
+def _is_compressed(syntax: str) -> bool:
+    try:
+        return UID(syntax).is_compressed
+    except ValueError:
+        return True  # a syntax pydicom does not know: nothing to do but decode its pixel data
+
+
+def load_uncompressed(path: Path):
+    """The instance as a dataset in an uncompressed little endian syntax (lossless)."""
+    ds = dcmread(path)
+    ts = UID(ds.file_meta.TransferSyntaxUID)
+    if _is_compressed(ts):
+        ds.decompress(generate_instance_uid=False)
+    elif not ts.is_little_endian:
+        _big_to_little(ds)
+    elif ts.is_deflated:
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return ds
+
+
+def _big_to_little(ds) -> None:
+    """Re-encode a big endian dataset's values as little endian (retired syntax)."""
+    import numpy as np
+
+    widths = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
+    for elem in ds.iterall():  # also converts every raw element from big endian
+        width = widths.get(elem.VR)
+        if width and isinstance(elem.value, (bytes, bytearray)) and len(elem.value) % width == 0:
+            dtype = np.dtype(f">u{width}")
+            elem.value = np.frombuffer(elem.value, dtype=dtype).astype(dtype.newbyteorder("<")).tobytes()
+    ds.set_original_encoding(False, True, ds.original_character_set)
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+
+
+class FolderSender:
+    """<path>/<Study>/<Series>/<SOPInstance>.dcm, written atomically."""
+
+    def __init__(self, dest: Destination):
+        self.dest = dest
+        self.root = Path(dest.path).absolute()
+        self.connected = False
+
+    def close(self, reason: str = "") -> None:
+        pass
+
+    def send(self, item: Item, lookahead) -> Outcome:
+        info = item.info
+        folder = self.root / safe_name(info.study_instance_uid) / safe_name(info.series_instance_uid)
+        final = folder / f"{safe_name(info.sop_instance_uid)}{SUFFIX}"
+        try:
+            created = _makedirs(folder)
+            temp = folder / f".{final.name}.{uuid.uuid4().hex}.tmp"
+            try:
+                with open(item.path, "rb") as src, open(temp, "xb") as out:
+                    shutil.copyfileobj(src, out, 1 << 20)
+                    out.flush()
+                    os.fsync(out.fileno())
+                os.rename(temp, final)
+            except BaseException:
+                try:
+                    temp.unlink()
+                except OSError:
+                    pass
+                raise
+            fsync_dir(folder)
+            for parent in created:
+                fsync_dir(parent.parent)
+        except FileNotFoundError:
+            if not item.path.exists():
+                raise
+            return Outcome("failed", "cannot write to the folder: FileNotFoundError")
+        except OSError as exc:
+            return Outcome("failed", f"cannot write to the folder: {exc.strerror or type(exc).__name__}")
+        return Outcome("delivered", status=0, mode="file")
+
+
+def _makedirs(folder: Path) -> list[Path]:
+    created = []
+    missing = []
+    p = folder
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    for path in reversed(missing):
+        try:
+            path.mkdir()
+            created.append(path)
+        except FileExistsError:
+            pass
+    return created
+
+
+# ------------------------------------------------------------------------ forwarder
+class Forwarder:
+    """Works through outgoing/<dest>/ oldest first, in a thread of its own."""
+
+    def __init__(self, dest: Destination, spool: Spool, node: NodeConfig):
+        self.dest = dest
+        self.spool = spool
+        self.sender = FolderSender(dest) if dest.type == "folder" else DicomSender(dest, node)
+        self._cond = threading.Condition()
+        self._ready: collections.deque[Item] = collections.deque()
+        self._delayed: list[tuple[float, int, Item]] = []
+        self._seq = itertools.count()
+        self._known: set[Path] = set()
+        self._stopping = False
+        self._unavailable_until = 0.0
+        self._outage_backoff = 0.0
+        self._outage_started: float | None = None
+        self._last_rescan = time.monotonic()
+        self._busy = False
+        self._thread = threading.Thread(target=self._run, name=f"forward-{dest.name}", daemon=True)
+        self.stats = collections.Counter()
+
+    # -------------------------------------------------------------- interface
+    def start(self) -> None:
+        self._thread.start()
+
+    def enqueue(self, routed: Routed) -> None:
+        self._add(Item(routed.path, routed))
+
+    def resume(self) -> int:
+        paths = self.spool.list_outgoing(self.dest.name)
+        for path in paths:
+            self._add(Item(path))
+        return len(paths)
+
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._ready) + len(self._delayed) + (1 if self._busy else 0)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+
+    def _add(self, item: Item) -> None:
+        with self._cond:
+            if item.path in self._known:
+                return
+            self._known.add(item.path)
+            self._ready.append(item)
+            self._cond.notify()
+
+    def _forget(self, item: Item) -> None:
+        with self._cond:
+            self._known.discard(item.path)
+
+    def _lookahead(self) -> list[tuple[str, str]]:
+        with self._cond:
+            items = list(itertools.islice(self._ready, LOOKAHEAD))
+        pairs = []
+        for item in items:
+            if item.info is None:
+                try:
+                    item.info = read_info(item.path)
+                except Exception:
+                    continue
+            pairs.append((item.info.sop_class_uid, item.info.transfer_syntax_uid))
+        return pairs
+
+    # -------------------------------------------------------------------- loop
+    def _run(self) -> None:
+        while True:
+            item = None
+            with self._cond:
+                if self._stopping:
+                    break
+                now = time.monotonic()
+                while self._delayed and self._delayed[0][0] <= now:
+                    _due, _seq, due_item = heapq.heappop(self._delayed)
+                    self._ready.appendleft(due_item)
+                if now < self._unavailable_until:
+                    self._cond.wait(self._unavailable_until - now)
+                    continue
+                if self._ready:
+                    item = self._ready.popleft()
+                    self._busy = True
+                else:
+                    waits = [RESCAN_SECONDS - (now - self._last_rescan)]
+                    if self._delayed:
+                        waits.append(self._delayed[0][0] - now)
+                    if self.sender.connected:
+                        waits.append(self.sender.last_used + self.dest.idle_timeout_seconds - now)
+                    self._cond.wait(max(0.01, min(waits)))
+            if item is None:
+                self._idle_chores()
+                continue
+            try:
+                self._handle(item)
+            except Exception as exc:
+                log.error("forward_error", destination=self.dest.name, error=describe_exception(exc))
+                self._schedule_retry(item, f"internal error: {describe_exception(exc)}", None, "error")
+            finally:
+                with self._cond:
+                    self._busy = False
+        self.sender.close(reason="stopping")
+
+    def _idle_chores(self) -> None:
+        now = time.monotonic()
+        if self.sender.connected and now - self.sender.last_used >= self.dest.idle_timeout_seconds:
+            self.sender.close(reason="idle")
+        if now - self._last_rescan >= RESCAN_SECONDS:
+            self._last_rescan = now
+            found = 0
+            for path in self.spool.list_outgoing(self.dest.name):
+                with self._cond:
+                    known = path in self._known
+                if not known:
+                    self._add(Item(path))
+                    found += 1
+            if found:
+                log.warning("outgoing_found", destination=self.dest.name, count=found)
+
+    def _handle(self, item: Item) -> None:
+        if item.info is None:
+            try:
+                item.info = read_info(item.path)
+            except FileNotFoundError:
+                self._forget(item)
+                return
+            except Exception as exc:
+                self._quarantine(item, f"outgoing file unreadable: {describe_exception(exc)}", None)
+                return
+        else:
+            # The file may have been replaced since it was queued (another instance with
+            # the same SOP Instance UID): send what the file is, not what it was.
+            try:
+                meta = read_file_meta_info(item.path)
+            except FileNotFoundError:
+                self._forget(item)
+                return
+            except Exception as exc:
+                self._quarantine(item, f"outgoing file unreadable: {describe_exception(exc)}", None)
+                return
+            sop_class = str(meta.get("MediaStorageSOPClassUID", "") or item.info.sop_class_uid)
+            syntax = str(meta.get("TransferSyntaxUID", "") or item.info.transfer_syntax_uid)
+            if (sop_class, syntax) != (item.info.sop_class_uid, item.info.transfer_syntax_uid):
+                item.info = replace(item.info, sop_class_uid=sop_class, transfer_syntax_uid=syntax)
+        started = time.perf_counter()
+        try:
+            outcome = self.sender.send(item, self._lookahead)
+        except FileNotFoundError:
+            self._forget(item)  # a duplicate of an instance already delivered
+            return
+        ms = round((time.perf_counter() - started) * 1000, 2)
+        info = item.info
+        if outcome.kind == "delivered":
+            item.attempts += 1
+            self._recovered()
+            self.spool.delivered(item.path, self.dest.name)
+            self._forget(item)
+            self.stats["forwarded"] += 1
+            log.info("forwarded", destination=self.dest.name, sop_instance_uid=info.sop_instance_uid,
+                     patient=info.patient_pseudonym or None, bytes=info.bytes, ms=ms,
+                     status=f"0x{outcome.status:04X}", attempts=item.attempts, mode=outcome.mode)
+            if outcome.status:
+                log.warning("forwarded_with_warning", destination=self.dest.name,
+                            sop_instance_uid=info.sop_instance_uid, status=status_text(outcome.status))
+        elif outcome.kind == "unavailable":
+            self._unavailable(item, outcome.detail)
+        elif outcome.kind == "retry" and item.free_retries < 2:
+            item.free_retries += 1
+            with self._cond:
+                self._ready.appendleft(item)
+        else:
+            item.attempts += 1
+            self._recovered()
+            self._schedule_retry(item, outcome.detail, outcome.status, outcome.mode)
+
+    def _schedule_retry(self, item: Item, detail: str, status: int | None, mode: str) -> None:
+        info = item.info
+        uid = info.sop_instance_uid if info else None
+        if item.attempts >= self.dest.max_attempts:
+            self._quarantine(item, detail, status)
+            return
+        delay = min(self.dest.retry_max_seconds, self.dest.retry_initial_seconds * 2 ** max(0, item.attempts - 1))
+        self.stats["retried"] += 1
+        log.warning("retried", destination=self.dest.name, sop_instance_uid=uid, attempt=item.attempts,
+                    max_attempts=self.dest.max_attempts, reason=detail,
+                    status=f"0x{status:04X}" if status is not None else None, retry_in_s=round(delay, 3))
+        with self._cond:
+            heapq.heappush(self._delayed, (time.monotonic() + delay, next(self._seq), item))
+
+    def _quarantine(self, item: Item, detail: str, status: int | None) -> None:
+        info = item.info
+        uid = info.sop_instance_uid if info else None
+        reason = f"not delivered after {item.attempts} attempt(s): {detail}"
+        try:
+            self.spool.quarantine(item.path, self.dest.name, item.path.name, reason, stage="forward",
+                                  destination=self.dest.name, attempts=item.attempts,
+                                  status=f"0x{status:04X}" if status is not None else None,
+                                  sop_instance_uid=uid)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.error("quarantine_failed", destination=self.dest.name, sop_instance_uid=uid,
+                      error=describe_exception(exc))
+            with self._cond:
+                heapq.heappush(self._delayed, (time.monotonic() + self.dest.retry_max_seconds, next(self._seq), item))
+            return
+        self._forget(item)
+        self.stats["quarantined"] += 1
+        log.warning("quarantined", stage="forward", destination=self.dest.name, sop_instance_uid=uid,
+                    reason=reason, attempts=item.attempts,
+                    status=f"0x{status:04X}" if status is not None else None)
+
+    def _unavailable(self, item: Item, detail: str) -> None:
+        now = time.monotonic()
+        if self._outage_started is None:
+            self._outage_started = now
+        self._outage_backoff = min(self.dest.retry_max_seconds,
+                                   max(self.dest.retry_initial_seconds, self._outage_backoff * 2))
+        with self._cond:
+            self._ready.appendleft(item)
+            self._unavailable_until = now + self._outage_backoff
+            queued = len(self._ready) + len(self._delayed)
+        self.stats["unavailable"] += 1
+        log.warning("destination_unavailable", destination=self.dest.name, reason=detail, queued=queued,
+                    retry_in_s=round(self._outage_backoff, 3), down_for_s=round(now - self._outage_started, 1))
+
+    def _recovered(self) -> None:
+        if self._outage_started is not None:
+            log.info("destination_available", destination=self.dest.name,
+                     down_for_s=round(time.monotonic() - self._outage_started, 1))
+        self._outage_started = None
+        self._outage_backoff = 0.0
+
+
+def configure_sending() -> None:
+    """Stream spool files to the network without decoding them (exact context match)."""
+    _config.STORE_SEND_CHUNKED_DATASET = True

@@ -1,0 +1,141 @@
+"""The DICOM node: wires receive -> spool -> de-identify -> forward, and its lifecycle.
+
+``run(config) -> int`` (``deid-router serve``):
+
+1. resolve the site secret (generated and kept in the spool directory on first start:
+   said once, at warning level, never its value);
+2. create the spool, delete leftovers of partial writes in tmp/;
+3. start the de-identification worker processes (and fail fast, exit 1, if the
+   de-identifier cannot be built from the config);
+4. start one forwarder per destination and hand it what outgoing/<dest>/ already holds;
+5. queue what incoming/ already holds, then start the SCP (exit 1 if the port is taken).
+
+On SIGTERM or SIGINT: stop accepting associations, let in-flight C-STOREs finish (then
+abort the associations still open: their senders retry what was not acknowledged), stop
+feeding the workers and wait for their current instances (bounded), stop the forwarders
+(the current send finishes), log what each stage still holds, and return 0. Whatever is
+left stays in the spool and is resumed at the next start.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+from router import config as config_module
+from router.config import Config
+from router.deidentify import DeidStage, StartError, configure_logging
+from router.forward import Forwarder, configure_sending
+from router.log import get_logger
+from router.receive import Receiver
+from router.spool import RESERVED_NAMES, Spool
+
+log = get_logger("router.node")
+
+#: How often the node recounts the spool's bytes and sweeps stale tmp files.
+HOUSEKEEPING_SECONDS = 60.0
+#: tmp files untouched this long belong to aborted transfers.
+STALE_TMP_SECONDS = 3600.0
+
+
+def run(config: Config) -> int:
+    stop = threading.Event()
+    received_signal: list[str] = []
+
+    def on_signal(signum, _frame):
+        received_signal.append(signal.Signals(signum).name)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return _run(config, stop, received_signal)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _run(config: Config, stop: threading.Event, received_signal: list[str]) -> int:
+    node = config.node
+    configure_logging(config)
+    clash = sorted(RESERVED_NAMES & {d.name for d in config.destinations})
+    if clash:
+        log.error("invalid_config", reason=f"destination name(s) {clash} are reserved for quarantine folders")
+        return 2
+    if not config.destinations:
+        log.warning("no_destinations", note="every instance will end in quarantine/unrouted")
+
+    secret, generated = config_module.resolve_secret(config)
+    if generated:
+        log.warning("site_secret_generated", path=str((node.spool_dir / config_module.SECRET_FILE_NAME).absolute()),
+                    note="a new site secret was generated; keep this file (and a backup): the same secret "
+                         "gives the same pseudonyms, a lost one cannot be recovered")
+
+    spool = Spool(node.spool_dir, [d.name for d in config.destinations], node.keep_delivered)
+    spool.create()
+    removed = spool.clean_tmp()
+    spool.rescan()
+    log.info("spool_opened", path=str(spool.root), bytes=spool.usage, removed_partial=removed,
+             stages=spool.stage_counts())
+
+    configure_sending()
+    forwarders = {d.name: Forwarder(d, spool, node) for d in config.destinations}
+
+    def on_routed(dest, routed):
+        forwarders[dest].enqueue(routed)
+
+    stage = DeidStage(config, secret, spool, on_routed)
+    try:
+        stage.start()
+    except StartError as exc:
+        log.error("workers_failed", reason=str(exc))
+        return 1
+
+    for forwarder in forwarders.values():
+        queued = forwarder.resume()
+        if queued:
+            log.info("resumed", stage="forward", destination=forwarder.dest.name, instances=queued)
+        forwarder.start()
+
+    resumed = stage.resume(spool.list_incoming())
+    if resumed:
+        log.info("resumed", stage="deidentify", instances=resumed)
+
+    receiver = Receiver(node, spool, stage.submit)
+    try:
+        receiver.start()
+    except OSError as exc:
+        log.error("listen_failed", bind=node.bind, port=node.port, error=exc.strerror or type(exc).__name__)
+        _stop_pipeline(stage, forwarders)
+        return 1
+
+    log.info("node_started", ae_title=node.ae_title, port=receiver.port, workers=stage.count,
+             destinations=[d.name for d in config.destinations])
+    next_housekeeping = time.monotonic() + HOUSEKEEPING_SECONDS
+    while not stop.wait(1.0):
+        if time.monotonic() >= next_housekeeping:
+            next_housekeeping = time.monotonic() + HOUSEKEEPING_SECONDS
+            try:
+                swept = spool.sweep_tmp(STALE_TMP_SECONDS)
+                spool.rescan()
+                if swept:
+                    log.info("tmp_swept", files=swept)
+            except OSError as exc:
+                log.error("housekeeping_failed", error=exc.strerror or type(exc).__name__)
+
+    log.info("stopping", signal=received_signal[0] if received_signal else None)
+    started = time.monotonic()
+    receiver.stop_accepting()
+    aborted = receiver.drain()
+    _stop_pipeline(stage, forwarders)
+    log.info("stopped", seconds=round(time.monotonic() - started, 2), aborted_associations=aborted,
+             received=receiver.received, refused=receiver.refused, stages=spool.stage_counts())
+    return 0
+
+
+def _stop_pipeline(stage: DeidStage, forwarders: dict[str, Forwarder]) -> None:
+    left = stage.stop(timeout=30.0)
+    if left:
+        log.info("parked", stage="deidentify", instances=left, note="left in incoming/, resumed at next start")
+    for forwarder in forwarders.values():
+        forwarder.stop(timeout=30.0)
