@@ -37,7 +37,7 @@ from pydicom.uid import (
 )
 
 from router.ocr import Box, DetectorSettings, RapidOcrDetector, TextDetector, render_text
-from router.profile import InstanceRefused
+from router.profile import InstanceRefused, transfer_syntax_of
 
 #: Transfer syntaxes that always lose information.
 LOSSY_SYNTAXES = {
@@ -165,7 +165,7 @@ class PixelCleaner:
             return PixelReport(False, skipped_reason="no pixel data")
         if "Rows" not in ds or "Columns" not in ds:
             raise InstanceRefused("pixel data without Rows/Columns: cannot be checked for burned-in text")
-        ts = _transfer_syntax(ds)
+        ts = transfer_syntax_of(ds)
         encapsulated = _is_encapsulated(ts, ds)
         skip = self._skip_reason(ds)
         # overlay planes hidden in the unused high bits of native Pixel Data are cleared
@@ -355,16 +355,6 @@ class PixelCleaner:
 
 
 # -- decoding ----------------------------------------------------------------------------
-
-
-def _transfer_syntax(ds: Dataset) -> UID:
-    meta = getattr(ds, "file_meta", None)
-    if meta is not None and meta.get("TransferSyntaxUID"):
-        return UID(str(meta.TransferSyntaxUID).strip("\0 "))
-    implicit, little = getattr(ds, "original_encoding", (True, True))
-    if implicit:
-        return ImplicitVRLittleEndian
-    return ExplicitVRLittleEndian if little else ExplicitVRBigEndian
 
 
 def _is_encapsulated(ts: UID, ds: Dataset) -> bool:
