@@ -1,4 +1,4 @@
-"""The ``deid-router`` command: serve, deid, check-config, echo."""
+"""The ``deid-router`` command: serve, deid, scan, check-config, echo."""
 
 from __future__ import annotations
 
@@ -23,6 +23,10 @@ def main(argv: list[str] | None = None) -> int:
     deid.add_argument("--config", type=Path, help="TOML config (its [deid] table is used)")
     deid.add_argument("--workers", type=int, default=None, help="worker processes (default: cores)")
 
+    scan = commands.add_parser("scan", help="report the burned-in text the pixel stage would mask (no output images)")
+    scan.add_argument("src", type=Path, help="a DICOM file or a folder (walked recursively)")
+    scan.add_argument("--config", type=Path, help="TOML config (its [deid] pixel_policy is used)")
+
     check = commands.add_parser("check-config", help="validate a config file")
     check.add_argument("file", type=Path)
 
@@ -46,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
         from router import filemode
 
         return filemode.run(args.src, args.dst, config, workers=args.workers)
+    if args.command == "scan":
+        from router import scan
+
+        return scan.run(args.src, config)
     if args.command == "serve":
         from router import node
 

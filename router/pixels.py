@@ -80,8 +80,12 @@ class PixelReport:
     seconds: float = 0.0
 
 
-def load_policy() -> dict:
-    return tomllib.loads(resources.files("router.rule_tables").joinpath("pixels.toml").read_text(encoding="utf-8"))
+def load_policy(site: dict | None = None) -> dict:
+    """rules/pixels.toml, with a site's policy (``[deid] pixel_policy``) laid over it table by table."""
+    policy = tomllib.loads(resources.files("router.rule_tables").joinpath("pixels.toml").read_text(encoding="utf-8"))
+    for key, value in (site or {}).items():
+        policy[key] = {**policy.get(key, {}), **value} if isinstance(value, dict) else value
+    return policy
 
 
 # -- the cleaner -------------------------------------------------------------------------

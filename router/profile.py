@@ -139,11 +139,8 @@ class Deidentifier:
 
             from router.pixels import load_policy
 
-            policy = load_policy()
-            for key, value in (self.config.pixel_policy or {}).items():  # a site's file, table by table
-                policy[key] = {**policy.get(key, {}), **value} if isinstance(value, dict) else value
             try:
-                self._pixels = (os.getpid(), PixelCleaner(policy))
+                self._pixels = (os.getpid(), PixelCleaner(load_policy(self.config.pixel_policy)))
             except ValueError as exc:
                 raise RuntimeError(str(exc)) from None
         return self._pixels[1]
