@@ -133,6 +133,8 @@ class DeidConfig:
     safe_private: tuple[SafePrivate, ...] = ()
     #: A site's pixel policy (TOML), layered table by table over rules/pixels.toml.
     pixel_policy: dict[str, Any] | None = None
+    #: CSV where the text read off every masked pixel region is kept for review (PHI!).
+    text_crosswalk: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -335,7 +337,8 @@ class _Reader:
     def deid(self, value: Any) -> DeidConfig:
         d = DeidConfig()
         known = {"secret", "secret_file", "options", "pseudonym_prefix", "combined_codes",
-                 "date_shift_min_days", "date_shift_max_days", "overrides", "safe_private", "pixel_policy"}
+                 "date_shift_min_days", "date_shift_max_days", "overrides", "safe_private", "pixel_policy",
+                 "text_crosswalk"}
         t = self.table(("deid",), value, known)
         k = lambda name: ("deid", name)  # noqa: E731
         secret = None
@@ -376,6 +379,7 @@ class _Reader:
             overrides=self.overrides(t.get("overrides", {})),
             safe_private=self.safe_private(t.get("safe_private", [])),
             pixel_policy=self.pixel_policy(self.get(t, k("pixel_policy"), str, None)),
+            text_crosswalk=self.path(crosswalk) if (crosswalk := self.get(t, k("text_crosswalk"), str, None)) else None,
         )
 
     def pixel_policy(self, file: str | None) -> dict[str, Any] | None:

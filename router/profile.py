@@ -8,7 +8,9 @@ back byte for byte (whatever their character set) and the pixel data is never de
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
+import io
 import os
 import re
 import struct
@@ -180,6 +182,8 @@ class Deidentifier:
         self._mark(ds, pixels_cleaned=bool(pixels and pixels.cleaned))
         sop_class = _text(ds, 0x00080016)
         sop_instance = _text(ds, 0x00080018)
+        if pixels and pixels.regions and self.config.text_crosswalk:
+            record_text_crosswalk(self.config.text_crosswalk, sop_instance, pixels.regions)
         new_meta = FileMetaDataset()
         new_meta.MediaStorageSOPClassUID = sop_class
         new_meta.MediaStorageSOPInstanceUID = sop_instance
@@ -362,6 +366,26 @@ class Deidentifier:
             ds.LongitudinalTemporalInformationModified = "UNMODIFIED"
         else:
             ds.LongitudinalTemporalInformationModified = "REMOVED"
+
+
+def record_text_crosswalk(path: Path, sop_instance_uid: str, regions) -> None:
+    """Append the text read off masked regions to the site's review CSV (owner-only).
+
+    One write per instance with O_APPEND, so worker processes do not interleave rows.
+    """
+    out = io.StringIO()
+    writer = csv.writer(out)
+    now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    for r in regions:
+        writer.writerow([now, sop_instance_uid, r.frame, r.x0, r.y0, r.x1, r.y1, r.text])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        if os.fstat(fd).st_size == 0:
+            os.write(fd, b"time,sop_instance_uid,frame,x0,y0,x1,y1,text\r\n")
+        os.write(fd, out.getvalue().encode("utf-8"))
+    finally:
+        os.close(fd)
 
 
 # -- reading and writing ---------------------------------------------------------------

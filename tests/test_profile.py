@@ -416,13 +416,18 @@ def test_clean_pixel_data_through_the_engine(tmp_path):
     ds, boxes = us_rgb_with_text(["DOE JANE 19510829", "MRN 4711"], rows=300, columns=400)
     src, dst = tmp_path / "us.dcm", tmp_path / "out.dcm"
     ds.save_as(src, enforce_file_format=True)
-    deid = engine("clean-pixel-data")
+    deid = engine("clean-pixel-data", text_crosswalk=tmp_path / "audit" / "text.csv")
     deid.start()
     result = deid.process_file(src, dst)
     out = pydicom.dcmread(dst)
     assert result.pixel_regions_masked >= 2
     assert "113101" in [i.CodeValue for i in out.DeidentificationMethodCodeSequence]
     assert out.BurnedInAnnotation == "NO"
+    audit = (tmp_path / "audit" / "text.csv")
+    rows = audit.read_text().splitlines()
+    assert rows[0].startswith("time,sop_instance_uid") and len(rows) == 1 + result.pixel_regions_masked
+    assert all(out.SOPInstanceUID in row for row in rows[1:])
+    assert "MRN" in audit.read_text() and audit.stat().st_mode & 0o077 == 0
     pixels = out.pixel_array
     for box in boxes:
         assert pixels[box.top:box.bottom, box.left:box.right].max() < 255  # the white text is gone
