@@ -21,6 +21,7 @@ import socket
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 from pynetdicom import AE, _config, build_context, evt
@@ -66,8 +67,15 @@ def main(argv: list[str]) -> int:
                 assoc = ae.associate(dest_host, dest_port, contexts=contexts, ae_title=dest_aet,
                                      max_pdu=131072, evt_handlers=[(evt.EVT_CONN_OPEN, nodelay)])
                 install_checkpoint(assoc)
-            status = assoc.send_c_store(path)
-            if not status:  # no response (timeout or abort): reconnect and resend
+            try:
+                status = assoc.send_c_store(path) if assoc.is_established else None
+            except (RuntimeError, ValueError, OSError) as exc:
+                print(f"send failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+                status = None
+            if not status:  # no association, no response (timeout or abort): reconnect and resend
+                print("no response: resending on a new association", file=sys.stderr, flush=True)
+                assoc = None
+                time.sleep(0.2)
                 todo.put(item)
                 continue
             path.unlink()
