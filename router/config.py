@@ -454,6 +454,8 @@ class _Reader:
                 self.problem(k("name"), "needs a name of letters, digits, '_', '.', '-'")
             elif name in names:
                 self.problem(k("name"), f"duplicate destination name {name!r}")
+            elif name in ("deidentify", "unrouted"):
+                self.problem(k("name"), f"{name!r} is reserved for a quarantine folder of the spool")
             names.add(name)
             kind = self.get(t, k("type"), str, d.type)
             path = None

@@ -108,3 +108,8 @@ def test_site_pixel_policy_is_layered_over_the_product_one(tmp_path):
     (tmp_path / "router.toml").write_text('[deid]\npixel_policy = "missing.toml"\n')
     with pytest.raises(ConfigError, match="deid.pixel_policy: cannot read"):
         load(tmp_path / "router.toml")
+
+
+def test_reserved_destination_names():
+    with pytest.raises(ConfigError, match="reserved"):
+        parse('[[destinations]]\nname = "unrouted"\ntype = "folder"\npath = "x"\n')
