@@ -74,7 +74,8 @@ def status_text(status: int) -> str:
 
         for table in (STORAGE_SERVICE_CLASS_STATUS, GENERAL_STATUS):
             if status in table:
-                return f"0x{status:04X} ({table[status][0]}: {table[status][1]})"
+                category, description = table[status]
+                return f"0x{status:04X} ({category}: {description})" if description else f"0x{status:04X} ({category})"
         if 0xA700 <= status <= 0xA7FF:
             return f"0x{status:04X} (Failure: Refused: Out of Resources)"
         if 0xA900 <= status <= 0xA9FF:

@@ -249,6 +249,10 @@ def test_embedded_default_needs_no_config(tmp_path: Path, corpus_dir: Path) -> N
             [listening] = events("listening")[run:]
             assert listening["bind"] == "0.0.0.0"
             if run == 0:
+                echo = subprocess.run([sys.executable, "-m", "router", "echo", "127.0.0.1", "11112", "--aec",
+                                       "DEID_ROUTER"], capture_output=True, text=True, timeout=60,
+                                      env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+                assert echo.returncode == 0 and "success" in echo.stdout, echo.stdout + echo.stderr
                 assert storescu("127.0.0.1", 11112, [good], called_ae="DEID_ROUTER").returncode == 0
                 uid = new_uid_for(tmp_path, original_ids(good)["SOPInstanceUID"])
                 wait_until(lambda: list((tmp_path / "deid-router-out").rglob(f"{uid}.dcm")), timeout=30,
