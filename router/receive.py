@@ -29,7 +29,7 @@ from pydicom.filewriter import write_file_meta_info
 from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import Verification
 
-from router import __version__
+from router.profile import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
 from router.config import NodeConfig
 from router.log import get_logger
 from router.spool import Spool, is_out_of_space, new_id, write_durably
@@ -37,8 +37,6 @@ from router.spool import Spool, is_out_of_space, new_id, write_durably
 log = get_logger("router.receive")
 
 #: Our Implementation Class UID (a fixed UUID-derived 2.25 UID) and version name.
-IMPLEMENTATION_CLASS_UID = "2.25.196463374410284307394935011848357262718"
-IMPLEMENTATION_VERSION_NAME = ("DEID_ROUTER_" + __version__.replace(".", ""))[:16]
 
 #: Stream received datasets to a file instead of holding them in memory. Measured with
 #: 200 CT slices (storescu -> the node, workers paused, two fsyncs per instance, 2 cores):
@@ -79,7 +77,7 @@ def file_meta_bytes(sop_class: str, sop_instance: str, transfer_syntax: str, sou
     meta.MediaStorageSOPInstanceUID = sop_instance
     meta.TransferSyntaxUID = transfer_syntax
     meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
-    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION
     if source_ae:
         meta.SourceApplicationEntityTitle = source_ae
     buffer = DicomBytesIO()

@@ -220,6 +220,7 @@ def test_spool_left_by_a_crash_is_resumed(tmp_path: Path, corpus_dir: Path) -> N
 def test_embedded_default_needs_no_config(tmp_path: Path, corpus_dir: Path) -> None:
     """No config file: 0.0.0.0:11112 as DEID_ROUTER, ./deid-router-spool, ./deid-router-out/."""
     with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the node's server does: TIME_WAIT is no conflict
         try:
             probe.bind(("0.0.0.0", 11112))
         except OSError:
