@@ -448,16 +448,15 @@ def _high_bits_set(ds: Dataset, ts: UID) -> bool:
     signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
     dtype = np.dtype(f"{'>' if ts == ExplicitVRBigEndian else '<'}u{allocated // 8}")
     data = ds.PixelData
-    n = len(data) // dtype.itemsize
-    raw = np.frombuffer(data, dtype=dtype, count=n).astype(np.uint64)
+    raw = np.frombuffer(data, dtype=dtype, count=len(data) // dtype.itemsize)
     low = high_bit - stored + 1
-    values = (raw >> low) & ((1 << stored) - 1)
-    canonical = values << low
-    if signed and low == 0:  # bits above the sign bit may carry its extension, or nothing
-        extension = ((1 << allocated) - 1) ^ ((1 << stored) - 1)
-        extended = np.where((values >> (stored - 1)) & 1, canonical | extension, canonical)
-        return bool(np.any((raw != canonical) & (raw != extended)))
-    return bool(np.any(raw != canonical))
+    if signed and low == 0:
+        # Above the sign bit: nothing, or the sign's extension (all ones with the sign set).
+        top = raw >> (stored - 1)
+        full = (1 << (allocated - stored + 1)) - 1
+        return bool(np.any((top > 1) & (top != full)))
+    outside = ((1 << allocated) - 1) ^ (((1 << stored) - 1) << low)
+    return bool(np.any(raw & raw.dtype.type(outside)))
 
 
 def _drop_embedded_overlays(ds: Dataset) -> None:

@@ -26,8 +26,6 @@ from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
-from pydicom.filebase import DicomFileLike
-from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.sequence import Sequence
 from pydicom.uid import (
     UID,
@@ -38,6 +36,7 @@ from pydicom.uid import (
 
 from router import __version__
 from router.config import BASIC_PROFILE_CODE, OPTIONS, DeidConfig
+from router.encode import ConstantElement, fast_syntax, part10_bytes
 from router.pseudonyms import Pseudonymizer
 from router.rules import Action, Profile
 
@@ -126,6 +125,7 @@ class Deidentifier:
         self.shift_dates = "retain-longitudinal-modified-dates" in config.options
         self.clean_pixels = "clean-pixel-data" in config.options
         self._pixels: tuple[int, PixelCleaner] | None = None  # (pid, cleaner): one per process
+        self._marks: dict[bool, tuple[ConstantElement, ...]] = {}
 
     def start(self) -> None:
         """Load what de-identification needs in this process (the OCR models, self-tested).
@@ -355,17 +355,27 @@ class Deidentifier:
 
         Clean Pixel Data is claimed only for an instance whose pixels were cleaned.
         """
+        marks = self._marks.get(pixels_cleaned)
+        if marks is None:
+            marks = self._marks[pixels_cleaned] = self._build_marks(pixels_cleaned)
+        for elem in marks:
+            ds[elem.tag] = elem
+
+    def _build_marks(self, pixels_cleaned: bool) -> tuple[ConstantElement, ...]:
         options = sorted(o for o in self.config.options if o != "clean-pixel-data" or pixels_cleaned)
-        ds.PatientIdentityRemoved = "YES"
-        ds.DeidentificationMethod = [f"deid-router {__version__}", "PS3.15 E.1 Basic Profile", *options][:16]
         codes = [BASIC_PROFILE_CODE, *(OPTIONS[o] for o in options)]
-        ds.DeidentificationMethodCodeSequence = Sequence([_code(v, m) for v, m in codes])
         if self.shift_dates:
-            ds.LongitudinalTemporalInformationModified = "MODIFIED"
+            temporal = "MODIFIED"
         elif "retain-longitudinal-full-dates" in self.config.options:
-            ds.LongitudinalTemporalInformationModified = "UNMODIFIED"
+            temporal = "UNMODIFIED"
         else:
-            ds.LongitudinalTemporalInformationModified = "REMOVED"
+            temporal = "REMOVED"
+        return (
+            ConstantElement(0x00120062, "CS", "YES"),  # Patient Identity Removed
+            ConstantElement(0x00120063, "LO", [f"deid-router {__version__}", "PS3.15 E.1 Basic Profile", *options][:16]),
+            ConstantElement(0x00120064, "SQ", Sequence([_code(v, m) for v, m in codes])),
+            ConstantElement(0x00280303, "CS", temporal),  # Longitudinal Temporal Information Modified
+        )
 
 
 def record_text_crosswalk(path: Path, sop_instance_uid: str, regions) -> None:
@@ -484,17 +494,13 @@ def write_instance(ds: Dataset, dst: Path, durable: bool = True) -> int:
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
     ts = ds.file_meta.TransferSyntaxUID
+    implicit = fast_syntax(ts)
     try:
         with open(tmp, "wb") as out:
-            if ts.is_transfer_syntax:
-                ds.save_as(
-                    out,
-                    implicit_vr=ts == ImplicitVRLittleEndian,
-                    little_endian=ts != ExplicitVRBigEndian,
-                    enforce_file_format=True,
-                )
+            if implicit is not None:
+                out.writelines(part10_bytes(ds, implicit))
             else:
-                _write_unknown_syntax(ds, out)
+                ds.save_as(out, implicit_vr=False, little_endian=ts != ExplicitVRBigEndian, enforce_file_format=True)
             out.flush()
             if durable:
                 os.fsync(out.fileno())
@@ -503,20 +509,6 @@ def write_instance(ds: Dataset, dst: Path, durable: bool = True) -> int:
         tmp.unlink(missing_ok=True)
         raise
     return os.path.getsize(dst)
-
-
-def _write_unknown_syntax(ds: Dataset, out) -> None:
-    """Write a transfer syntax newer than pydicom (e.g. Deflated Image Frame Compression).
-
-    Every transfer syntax after the retired big endian one encodes the dataset as explicit
-    VR little endian (only the pixel data differs), so the header is written that way and
-    the pixel data bytes pass through unchanged.
-    """
-    out.write(b"\0" * 128 + b"DICM")
-    write_file_meta_info(out, ds.file_meta, enforce_standard=True)
-    fp = DicomFileLike(out)
-    fp.is_implicit_VR, fp.is_little_endian = False, True
-    write_dataset(fp, ds)
 
 
 # -- values ----------------------------------------------------------------------------
