@@ -176,6 +176,7 @@ def worker_main(conn, config: Config, secret: bytes, spool_root: str, index: int
         from router.profile import Deidentifier
 
         deid = Deidentifier(config.deid, secret)
+        deid.start()  # loads and self-tests the OCR models: fail here, not on the first instance
     except Exception as exc:
         worker_log.error("worker_init_failed", error=describe_exception(exc))
         conn.send(("init_failed", describe_exception(exc)))
@@ -234,6 +235,10 @@ def process_one(deid, spool: Spool, config: Config, spool_id: str, src: Path, wo
         worker_log.warning("quarantined", stage="route", where=UNROUTED_QUARANTINE, reason=reason,
                            source_ae=result.source_ae_title, **fields)
         return ("unrouted", spool_id, result.bytes_in)
+    # The outgoing file carries the receive time as its mtime: the forwarder measures
+    # latency from it, and sends oldest first after a restart.
+    received = os.stat(src)
+    os.utime(dst, ns=(received.st_atime_ns, received.st_mtime_ns))
     for dest in routes:
         spool.link_outgoing(dst, dest, name)
     _unlink(dst)

@@ -28,11 +28,14 @@ from __future__ import annotations
 import collections
 import heapq
 import itertools
+import multiprocessing
 import os
 import shutil
+import signal
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -42,8 +45,8 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config, build_context, evt
 from pynetdicom.sop_class import Verification
 
-from router.config import Destination, NodeConfig
-from router.deidentify import Routed, describe_exception
+from router.config import Config, Destination, NodeConfig
+from router.deidentify import Routed, StartError, configure_logging, describe_exception
 from router.log import get_logger
 from router.receive import on_conn_open_nodelay
 from router.spool import SUFFIX, Spool, fsync_dir, safe_name
@@ -447,9 +450,11 @@ def _makedirs(folder: Path) -> list[Path]:
 class Forwarder:
     """Works through outgoing/<dest>/ oldest first, in a thread of its own."""
 
-    def __init__(self, dest: Destination, spool: Spool, node: NodeConfig):
+    def __init__(self, dest: Destination, spool: Spool, node: NodeConfig,
+                 on_event: Callable[..., None] = lambda *event: None):
         self.dest = dest
         self.spool = spool
+        self.on_event = on_event  # ("delivered", freed bytes, send s, latency s) | ("retried",) | ...
         self.sender = FolderSender(dest) if dest.type == "folder" else DicomSender(dest, node)
         self._cond = threading.Condition()
         self._ready: collections.deque[Item] = collections.deque()
@@ -591,23 +596,31 @@ class Forwarder:
             syntax = str(meta.get("TransferSyntaxUID", "") or item.info.transfer_syntax_uid)
             if (sop_class, syntax) != (item.info.sop_class_uid, item.info.transfer_syntax_uid):
                 item.info = replace(item.info, sop_class_uid=sop_class, transfer_syntax_uid=syntax)
+        try:
+            acknowledged = os.stat(item.path).st_mtime  # set to the receive time by the de-identify stage
+        except FileNotFoundError:
+            self._forget(item)
+            return
         started = time.perf_counter()
         try:
             outcome = self.sender.send(item, self._lookahead)
         except FileNotFoundError:
             self._forget(item)  # a duplicate of an instance already delivered
             return
-        ms = round((time.perf_counter() - started) * 1000, 2)
+        seconds = time.perf_counter() - started
         info = item.info
         if outcome.kind == "delivered":
             item.attempts += 1
             self._recovered()
-            self.spool.delivered(item.path, self.dest.name)
+            freed = self.spool.delivered(item.path, self.dest.name)
             self._forget(item)
             self.stats["forwarded"] += 1
+            latency = max(0.0, time.time() - acknowledged)
+            self.on_event("delivered", freed, seconds, latency)
             log.info("forwarded", destination=self.dest.name, sop_instance_uid=info.sop_instance_uid,
-                     patient=info.patient_pseudonym or None, bytes=info.bytes, ms=ms,
-                     status=f"0x{outcome.status:04X}", attempts=item.attempts, mode=outcome.mode)
+                     patient=info.patient_pseudonym or None, bytes=info.bytes, ms=round(seconds * 1000, 2),
+                     latency_ms=round(latency * 1000, 1), status=f"0x{outcome.status:04X}",
+                     attempts=item.attempts, mode=outcome.mode)
             if outcome.status:
                 log.warning("forwarded_with_warning", destination=self.dest.name,
                             sop_instance_uid=info.sop_instance_uid, status=status_text(outcome.status))
@@ -630,6 +643,7 @@ class Forwarder:
             return
         delay = min(self.dest.retry_max_seconds, self.dest.retry_initial_seconds * 2 ** max(0, item.attempts - 1))
         self.stats["retried"] += 1
+        self.on_event("retried")
         log.warning("retried", destination=self.dest.name, sop_instance_uid=uid, attempt=item.attempts,
                     max_attempts=self.dest.max_attempts, reason=detail,
                     status=f"0x{status:04X}" if status is not None else None, retry_in_s=round(delay, 3))
@@ -655,6 +669,7 @@ class Forwarder:
             return
         self._forget(item)
         self.stats["quarantined"] += 1
+        self.on_event("quarantined")
         log.warning("quarantined", stage="forward", destination=self.dest.name, sop_instance_uid=uid,
                     reason=reason, attempts=item.attempts,
                     status=f"0x{status:04X}" if status is not None else None)
@@ -670,11 +685,13 @@ class Forwarder:
             self._unavailable_until = now + self._outage_backoff
             queued = len(self._ready) + len(self._delayed)
         self.stats["unavailable"] += 1
+        self.on_event("state", "down", detail)
         log.warning("destination_unavailable", destination=self.dest.name, reason=detail, queued=queued,
                     retry_in_s=round(self._outage_backoff, 3), down_for_s=round(now - self._outage_started, 1))
 
     def _recovered(self) -> None:
         if self._outage_started is not None:
+            self.on_event("state", "up", None)
             log.info("destination_available", destination=self.dest.name,
                      down_for_s=round(time.monotonic() - self._outage_started, 1))
         self._outage_started = None
@@ -684,3 +701,154 @@ class Forwarder:
 def configure_sending() -> None:
     """Stream spool files to the network without decoding them (exact context match)."""
     _config.STORE_SEND_CHUNKED_DATASET = True
+
+
+# ------------------------------------------------------------------ forwarder processes
+def forwarder_main(conn, config: Config, spool_root: str, dest_name: str) -> None:
+    """A destination's forwarder process: instances come in on the pipe, events go out.
+
+    Sending costs the CPU of a pynetdicom SCU per instance; in a process of its own it does
+    not compete with the receive side for the main process's GIL.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides when we stop
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    configure_logging(config)
+    configure_sending()
+    dest = next(d for d in config.destinations if d.name == dest_name)
+    spool = Spool(spool_root, [d.name for d in config.destinations], config.node.keep_delivered)
+    lock = threading.Lock()
+
+    def send(*message) -> None:
+        with lock:
+            try:
+                conn.send(message)
+            except (OSError, ValueError):
+                pass  # the main process is gone: it resumes from outgoing/ when it starts again
+
+    forwarder = Forwarder(dest, spool, config.node, on_event=send)
+    queued = forwarder.resume()
+    if queued:
+        log.info("resumed", stage="forward", destination=dest.name, instances=queued)
+    forwarder.start()
+    send("ready", os.getpid())
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            message = None
+        if message is None:
+            break
+        forwarder.enqueue(message)
+    forwarder.stop(timeout=30.0)
+    send("stopped", forwarder.pending())
+
+
+class ForwarderProcess:
+    """The main process's handle on one destination's forwarder process.
+
+    ``on_event(dest, event)`` receives what the forwarder reports (deliveries, retries,
+    quarantines, destination state). A process that dies is started again after a pause;
+    the new one resumes from outgoing/<dest>/, so nothing queued is lost.
+    """
+
+    RESTART_SECONDS = 1.0
+
+    def __init__(self, config: Config, dest: Destination, spool: Spool,
+                 on_event: Callable[[str, tuple], None]):
+        self.config = config
+        self.dest = dest
+        self.spool = spool
+        self.on_event = on_event
+        self.ctx = multiprocessing.get_context("forkserver")
+        self.process = None
+        self._conn = None
+        self._lock = threading.Lock()
+        self._ready = threading.Event()
+        self._stopped = threading.Event()
+        self._stopping = False
+        self._reader: threading.Thread | None = None
+        self.restarts = 0
+
+    def start(self, timeout: float = 60.0) -> None:
+        self._spawn()
+        self._reader = threading.Thread(target=self._read, name=f"forward-{self.dest.name}-events", daemon=True)
+        self._reader.start()
+        if not self._ready.wait(timeout):
+            self._kill()
+            raise StartError(f"the forwarder for {self.dest.name} did not start within {timeout:.0f} s")
+
+    def _spawn(self) -> None:
+        parent, child = self.ctx.Pipe(duplex=True)
+        process = self.ctx.Process(target=forwarder_main, name=f"forward-{self.dest.name}", daemon=True,
+                                   args=(child, self.config, str(self.spool.root), self.dest.name))
+        process.start()
+        child.close()
+        with self._lock:
+            self.process, self._conn = process, parent
+
+    def enqueue(self, routed: Routed) -> None:
+        with self._lock:
+            try:
+                self._conn.send(routed)
+            except (OSError, ValueError):
+                pass  # the process is being restarted: it will find the file in outgoing/
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.is_alive()
+
+    def request_stop(self) -> None:
+        """Ask the process to finish its current send and exit (see ``wait_stopped``)."""
+        self._stopping = True
+        if self._conn is None:
+            self._stopped.set()
+            return
+        with self._lock:
+            try:
+                self._conn.send(None)
+            except (OSError, ValueError):
+                pass
+
+    def wait_stopped(self, timeout: float) -> None:
+        if not self._stopped.wait(max(0.0, timeout)):
+            log.warning("forwarder_stop_timeout", destination=self.dest.name, seconds=round(timeout, 1))
+        self._kill()
+
+    def _kill(self) -> None:
+        process = self.process
+        if process is None:
+            return
+        process.join(timeout=5)
+        if process.is_alive():
+            process.kill()
+            process.join(timeout=5)
+
+    def _read(self) -> None:
+        while True:
+            conn = self._conn
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):
+                if self._stopping:
+                    self._stopped.set()
+                    return
+                self.process.join(timeout=5)
+                log.error("forwarder_died", destination=self.dest.name,
+                          exit=self.process.exitcode, action="restarting; it resumes from outgoing/")
+                time.sleep(self.RESTART_SECONDS)
+                if self._stopping:
+                    self._stopped.set()
+                    return
+                self.restarts += 1
+                self._spawn()
+                continue
+            kind = message[0]
+            if kind == "ready":
+                self._ready.set()
+            elif kind == "stopped":
+                self._stopped.set()
+                return
+            else:
+                try:
+                    self.on_event(self.dest.name, message)
+                except Exception as exc:
+                    log.error("event_failed", destination=self.dest.name, error=describe_exception(exc))

@@ -7,7 +7,7 @@
 2. create the spool, delete leftovers of partial writes in tmp/;
 3. start the de-identification worker processes (and fail fast, exit 1, if the
    de-identifier cannot be built from the config);
-4. start one forwarder per destination and hand it what outgoing/<dest>/ already holds;
+4. start one forwarder process per destination (it resumes what outgoing/<dest>/ holds);
 5. queue what incoming/ already holds, then start the SCP (exit 1 if the port is taken).
 
 On SIGTERM or SIGINT: stop accepting associations, let in-flight C-STOREs finish (then
@@ -26,7 +26,7 @@ import time
 from router import config as config_module
 from router.config import Config
 from router.deidentify import DeidStage, StartError, configure_logging
-from router.forward import Forwarder, configure_sending
+from router.forward import ForwarderProcess
 from router.log import get_logger
 from router.receive import Receiver
 from router.spool import RESERVED_NAMES, Spool
@@ -78,8 +78,11 @@ def _run(config: Config, stop: threading.Event, received_signal: list[str]) -> i
     log.info("spool_opened", path=str(spool.root), bytes=spool.usage, removed_partial=removed,
              stages=spool.stage_counts())
 
-    configure_sending()
-    forwarders = {d.name: Forwarder(d, spool, node) for d in config.destinations}
+    def on_forward_event(dest: str, event: tuple) -> None:
+        if event[0] == "delivered":
+            spool.add_usage(-event[1])
+
+    forwarders = {d.name: ForwarderProcess(config, d, spool, on_forward_event) for d in config.destinations}
 
     def on_routed(dest, routed):
         forwarders[dest].enqueue(routed)
@@ -91,11 +94,13 @@ def _run(config: Config, stop: threading.Event, received_signal: list[str]) -> i
         log.error("workers_failed", reason=str(exc))
         return 1
 
-    for forwarder in forwarders.values():
-        queued = forwarder.resume()
-        if queued:
-            log.info("resumed", stage="forward", destination=forwarder.dest.name, instances=queued)
-        forwarder.start()
+    try:
+        for forwarder in forwarders.values():
+            forwarder.start()  # each resumes what outgoing/<dest>/ already holds
+    except StartError as exc:
+        log.error("forwarders_failed", reason=str(exc))
+        _stop_pipeline(stage, forwarders)
+        return 1
 
     resumed = stage.resume(spool.list_incoming())
     if resumed:
@@ -133,9 +138,12 @@ def _run(config: Config, stop: threading.Event, received_signal: list[str]) -> i
     return 0
 
 
-def _stop_pipeline(stage: DeidStage, forwarders: dict[str, Forwarder]) -> None:
+def _stop_pipeline(stage: DeidStage, forwarders: dict[str, ForwarderProcess]) -> None:
     left = stage.stop(timeout=30.0)
     if left:
         log.info("parked", stage="deidentify", instances=left, note="left in incoming/, resumed at next start")
     for forwarder in forwarders.values():
-        forwarder.stop(timeout=30.0)
+        forwarder.request_stop()
+    deadline = time.monotonic() + 30.0
+    for forwarder in forwarders.values():
+        forwarder.wait_stopped(deadline - time.monotonic())
