@@ -17,11 +17,14 @@ import struct
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
+from pydicom.multival import MultiValue
 from pydicom.filewriter import write_data_element, write_dataset, write_file_meta_info
 from pydicom.uid import ImplicitVRLittleEndian
 
 #: Explicit VR: these VRs have a 2-byte reserved field and a 4-byte length.
 LONG_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "UC", "UN", "UR", "UT", "SV", "UV"})
+#: VRs whose values pydicom holds as str and which are written as the string, padded.
+ASCII_TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "LO", "LT", "SH", "ST", "TM", "UC", "UI", "UR", "UT"})
 UNDEFINED = 0xFFFFFFFF
 ITEM_START = struct.pack("<HHI", 0xFFFE, 0xE000, UNDEFINED)
 ITEM_END = struct.pack("<HHI", 0xFFFE, 0xE00D, 0)
@@ -113,8 +116,15 @@ def _encode(ds: Dataset, implicit: bool, parent_encoding, out: list[bytes]) -> i
 
 def _encode_converted(tag: int, elem: DataElement, implicit: bool, encodings, out: list[bytes]) -> int:
     """An element pydicom holds converted: sequences item by item, others by pydicom."""
-    if elem.VR == "SQ":
+    vr = elem.VR
+    if vr == "SQ":
         return _sequence(tag, elem, implicit, encodings, out)
+    if vr in ASCII_TEXT_VRS:
+        data = _ascii_value(elem.value, vr)
+        if data is not None and (implicit or vr in LONG_VRS or len(data) <= 0xFFFF):
+            header = _header(tag, vr, len(data), implicit)
+            out += (header, data)
+            return len(header) + len(data)
     fp = DicomBytesIO()
     fp.is_implicit_VR, fp.is_little_endian = implicit, True
     write_data_element(fp, elem, encodings)
@@ -143,6 +153,22 @@ def _sequence(tag: int, elem: DataElement, implicit: bool, encodings, out: list[
     header = _header(tag, "SQ", length, implicit)
     out += (header, *body)
     return len(header) + length
+
+
+def _ascii_value(value, vr: str) -> bytes | None:
+    """A string value (or list of them) that is plain ASCII, encoded and padded; else None."""
+    if value is None:
+        return b""
+    if not isinstance(value, str):
+        if not isinstance(value, (list, MultiValue)) or not all(isinstance(v, str) for v in value):
+            return None
+        value = "\\".join(value)
+    if not value.isascii():
+        return None  # the character set decides: pydicom's writer
+    data = value.encode("ascii")
+    if len(data) & 1:
+        data += b"\0" if vr == "UI" else b" "
+    return data
 
 
 def _header(tag: int, vr: str, length: int, implicit: bool) -> bytes:
