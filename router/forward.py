@@ -365,7 +365,15 @@ def load_uncompressed(path: Path):
     """The instance as a dataset in an uncompressed little endian syntax (lossless)."""
     ds = dcmread(path)
     ts = UID(ds.file_meta.TransferSyntaxUID)
-    if _is_compressed(ts):
+    if ts == "1.2.840.10008.1.2.8.1":  # Deflated Image Frame Compression: pydicom cannot decode it
+        from router.pixels import inflated
+
+        native = inflated(ds)
+        ds.PixelData = native.PixelData
+        ds["PixelData"].VR = native["PixelData"].VR
+        ds["PixelData"].is_undefined_length = False
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    elif _is_compressed(ts):
         ds.decompress(generate_instance_uid=False)
     elif not ts.is_little_endian:
         _big_to_little(ds)

@@ -20,12 +20,14 @@ from __future__ import annotations
 import re
 import time
 import tomllib
+import zlib
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, NamedTuple
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import generate_frames
 from pydicom.pixels import apply_color_lut, convert_color_space, get_decoder, pack_bits
 from pydicom.uid import (
     UID,
@@ -38,6 +40,9 @@ from pydicom.uid import (
 
 from router.ocr import Box, DetectorSettings, RapidOcrDetector, TextDetector, render_text
 from router.profile import InstanceRefused, transfer_syntax_of
+
+#: Deflated Image Frame Compression (2023): not known to pydicom 3.0; inflated here.
+DEFLATED_IMAGE_FRAME = UID("1.2.840.10008.1.2.8.1")
 
 #: Transfer syntaxes that always lose information.
 LOSSY_SYNTAXES = {
@@ -368,6 +373,43 @@ def _is_encapsulated(ts: UID, ds: Dataset) -> bool:
     return raw is not None and getattr(raw, "length", 0) == 0xFFFFFFFF
 
 
+def inflated(ds: Dataset) -> Dataset:
+    """A native (Explicit VR Little Endian) copy of a Deflated Image Frame Compression
+    instance (PS3.5 A.4.11: each frame a raw deflate stream), which pydicom 3.0 cannot
+    decode. Raises InstanceRefused if the frames do not inflate to the stated size."""
+    frames = _frames(ds)
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        samples, allocated = int(ds.get("SamplesPerPixel", 1) or 1), int(ds.BitsAllocated)
+        streams = list(generate_frames(ds.PixelData, number_of_frames=frames))
+    except Exception as exc:  # noqa: BLE001 - malformed encapsulation is the input's fault
+        raise InstanceRefused(f"deflated image frames cannot be read ({type(exc).__name__})") from None
+    frame_bits = rows * cols * samples * allocated
+    if len(streams) != frames or (allocated == 1 and frame_bits % 8):
+        raise InstanceRefused("deflated image frames do not match Number of Frames / Rows x Columns")
+    data = []
+    for stream in streams:
+        inflater = zlib.decompressobj(-15)
+        try:
+            frame = inflater.decompress(stream, frame_bits // 8 + 1)
+        except zlib.error:
+            raise InstanceRefused("deflated image frame cannot be inflated") from None
+        if len(frame) != frame_bits // 8:
+            raise InstanceRefused("deflated image frame does not inflate to Rows x Columns x Bits Allocated")
+        data.append(frame)
+    native = Dataset()
+    for keyword in ("Rows", "Columns", "SamplesPerPixel", "BitsAllocated", "BitsStored", "HighBit",
+                    "PixelRepresentation", "PhotometricInterpretation", "PlanarConfiguration", "NumberOfFrames"):
+        if keyword in ds:
+            native[keyword] = ds[keyword]
+    native.file_meta = FileMetaDataset()
+    native.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    pixels = b"".join(data)
+    native.PixelData = pixels + (b"\0" if len(pixels) % 2 else b"")
+    native["PixelData"].VR = "OB" if allocated <= 8 else "OW"
+    return native
+
+
 def _decode(ds: Dataset, ts: UID) -> tuple[np.ndarray, str, bool]:
     """Every frame as (frames, rows, cols, samples), the photometric interpretation of
     that array, and whether the stored pixels are lossy-compressed."""
@@ -377,6 +419,8 @@ def _decode(ds: Dataset, ts: UID) -> tuple[np.ndarray, str, bool]:
     # Lossy YCbCr (JPEG) becomes RGB, as any viewer shows it; lossless data stays in
     # its colour space (no rounding through a colour conversion).
     as_rgb = ts in LOSSY_SYNTAXES and photometric_in.startswith("YBR")
+    if ts == DEFLATED_IMAGE_FRAME:
+        ds, ts = inflated(ds), ExplicitVRLittleEndian
     try:
         decoder = get_decoder(ts)
         if not decoder.is_available:
