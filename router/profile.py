@@ -133,7 +133,8 @@ class Deidentifier:
         Call it once per worker at start-up, so a broken installation fails there with a
         clear message rather than on the first instance. Raises RuntimeError.
         """
-        self._pixel_cleaner()
+        if self.clean_pixels:
+            self._pixel_cleaner()
 
     def _pixel_cleaner(self) -> PixelCleaner:
         if self._pixels is None or self._pixels[0] != os.getpid():
