@@ -1,12 +1,14 @@
-"""The ``deid-router`` command: serve, deid, scan, check-config, echo."""
+"""The ``deid-router`` command: serve, deid, scan, check-config, echo, crosswalk, audit."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from router import __version__, config as config_module, log
+from router.audit import CROSSWALK_KINDS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,9 +39,28 @@ def main(argv: list[str] | None = None) -> int:
     echo.add_argument("--aec", default="ANY-SCP", help="the peer's (called) AE title")
     echo.add_argument("--timeout", type=float, default=10.0)
 
+    crosswalk = commands.add_parser("crosswalk", help="the audit store's crosswalk (original -> pseudonym): PHI")
+    crosswalk_commands = crosswalk.add_subparsers(dest="action", required=True)
+    export = crosswalk_commands.add_parser("export", help="write the crosswalk as CSV (it holds PHI)")
+    export.add_argument("--config", type=Path, help="TOML config whose [audit] path is the store")
+    export.add_argument("--db", type=Path, help="the audit store file (instead of --config)")
+    export.add_argument("--format", choices=["csv"], default="csv")
+    export.add_argument("--kind", action="append", choices=list(CROSSWALK_KINDS),
+                        help="only these identifiers (repeatable; default: all)")
+    export.add_argument("--output", type=Path, help="file to write (default: standard output), created 0600")
+
+    audit = commands.add_parser("audit", help="the audit store's events (pseudonymous identifiers only)")
+    audit_commands = audit.add_subparsers(dest="action", required=True)
+    events = audit_commands.add_parser("export", help="write every event as CSV")
+    events.add_argument("--config", type=Path)
+    events.add_argument("--db", type=Path)
+    events.add_argument("--output", type=Path)
+
     args = parser.parse_args(argv)
     if args.command == "check-config":
         return check_config(args.file)
+    if args.command in ("crosswalk", "audit"):
+        return export_audit(args)
     try:
         config = config_module.load(args.config) if getattr(args, "config", None) else config_module.embedded_default()
     except config_module.ConfigError as exc:
@@ -61,6 +82,37 @@ def main(argv: list[str] | None = None) -> int:
     from router import forward
 
     return 0 if forward.echo(args.host, args.port, called_ae=args.aec, calling_ae=args.aet, timeout=args.timeout) else 1
+
+
+def export_audit(args: argparse.Namespace) -> int:
+    from router import audit
+
+    if args.db:
+        db = args.db
+    else:
+        try:
+            config = config_module.load(args.config) if args.config else config_module.embedded_default()
+        except config_module.ConfigError as exc:
+            print(f"deid-router: invalid config:\n{exc}", file=sys.stderr)
+            return 2
+        db = config.audit.path
+    if db is None or not Path(db).is_file():
+        print(f"deid-router: no audit store {'at ' + str(db) if db else 'configured ([audit] path)'}", file=sys.stderr)
+        return 2
+    out = sys.stdout
+    if args.output:
+        fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        out = os.fdopen(fd, "w", newline="", encoding="utf-8")
+    try:
+        if args.command == "crosswalk":
+            rows = audit.export_crosswalk(db, out, args.kind or audit.CROSSWALK_KINDS)
+        else:
+            rows = audit.export_events(db, out)
+    finally:
+        if args.output:
+            out.close()
+    print(f"{rows} rows", file=sys.stderr)
+    return 0
 
 
 def check_config(path: Path) -> int:

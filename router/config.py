@@ -144,11 +144,30 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class StatusConfig:
+    """The HTTP listener for /metrics, the status page and /healthz."""
+
+    enabled: bool = False
+    bind: str = "127.0.0.1"
+    port: int = 8080
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """The local SQLite audit store; off without a path. It holds PHI with crosswalk on."""
+
+    path: Path | None = None
+    crosswalk: bool = False
+
+
+@dataclass(frozen=True)
 class Config:
     node: NodeConfig = field(default_factory=NodeConfig)
     deid: DeidConfig = field(default_factory=DeidConfig)
     destinations: tuple[Destination, ...] = ()
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    status: StatusConfig = field(default_factory=StatusConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     source: Path | None = None
 
 
@@ -283,13 +302,32 @@ class _Reader:
         return path if path.is_absolute() else self.base / path
 
     def config(self) -> Config:
-        top = self.table((), self.raw, {"node", "deid", "destinations", "logging"})
+        top = self.table((), self.raw, {"node", "deid", "destinations", "logging", "status", "audit"})
         node = self.node(top.get("node", {}))
         deid = self.deid(top.get("deid", {}))
         destinations = self.destinations(top.get("destinations", []), node)
         logging = self.logging(top.get("logging", {}))
         source = None if self.name == "<config>" else Path(self.name)
-        return Config(node=node, deid=deid, destinations=destinations, logging=logging, source=source)
+        return Config(node=node, deid=deid, destinations=destinations, logging=logging,
+                      status=self.status(top.get("status", {})), audit=self.audit(top.get("audit", {})),
+                      source=source)
+
+    def status(self, value: Any) -> StatusConfig:
+        d = StatusConfig()
+        t = self.table(("status",), value, {"enabled", "bind", "port"})
+        port = self.get(t, ("status", "port"), int, d.port)
+        if not 0 <= port <= 65535:
+            self.problem(("status", "port"), "must be 0..65535")
+        return StatusConfig(enabled=self.get(t, ("status", "enabled"), bool, d.enabled),
+                            bind=self.get(t, ("status", "bind"), str, d.bind), port=port)
+
+    def audit(self, value: Any) -> AuditConfig:
+        t = self.table(("audit",), value, {"path", "crosswalk"})
+        path = self.get(t, ("audit", "path"), str, None)
+        crosswalk = self.get(t, ("audit", "crosswalk"), bool, False)
+        if crosswalk and not path:
+            self.problem(("audit", "crosswalk"), "needs audit.path (the crosswalk is kept in the audit store)")
+        return AuditConfig(path=self.path(path) if path else None, crosswalk=crosswalk)
 
     def node(self, value: Any) -> NodeConfig:
         d = NodeConfig()

@@ -114,6 +114,7 @@ def worker_main(conn, config: Config, secret: bytes, spool_root: str, index: int
         from router.profile import Deidentifier
 
         deid = Deidentifier(config.deid, secret)
+        deid.keep_originals = config.audit.crosswalk
         deid.start()  # loads and self-tests the OCR models: fail here, not on the first instance
     except Exception as exc:
         worker_log.error("worker_init_failed", error=describe_exception(exc))
@@ -172,7 +173,7 @@ def process_one(deid, spool: Spool, config: Config, spool_id: str, src: Path, wo
         _unlink(src)
         worker_log.warning("quarantined", stage="route", where=UNROUTED_QUARANTINE, reason=reason,
                            source_ae=result.source_ae_title, **fields)
-        return ("unrouted", spool_id, result.bytes_in)
+        return ("unrouted", spool_id, reason)
     # The outgoing file carries the receive time as its mtime: the forwarder measures
     # latency from it, and sends oldest first after a restart.
     received = os.stat(src)
@@ -188,7 +189,9 @@ def process_one(deid, spool: Spool, config: Config, spool_id: str, src: Path, wo
     info = dict(name=name, routes=routes, sop_class_uid=result.sop_class_uid,
                 sop_instance_uid=result.sop_instance_uid, study_instance_uid=result.study_instance_uid,
                 series_instance_uid=result.series_instance_uid, transfer_syntax_uid=result.transfer_syntax_uid,
-                patient_pseudonym=result.patient_pseudonym, bytes_in=result.bytes_in, bytes_out=result.bytes_out)
+                patient_pseudonym=result.patient_pseudonym, bytes_in=result.bytes_in, bytes_out=result.bytes_out,
+                seconds=ms / 1000, regions=result.pixel_regions_masked, source_ae=result.source_ae_title,
+                crosswalk=result.crosswalk)
     return ("ok", spool_id, info)
 
 
@@ -228,7 +231,8 @@ class DeidStage:
     """Feeds incoming files to worker processes; calls ``on_routed(dest, Routed)``."""
 
     def __init__(self, config: Config, secret: bytes, spool: Spool,
-                 on_routed: Callable[[str, Routed], None], workers: int | None = None):
+                 on_routed: Callable[[str, Routed], None], workers: int | None = None, events=None):
+        self.events = events  # router.node.NodeEvents: what happened to each instance
         self.config = config
         self.secret = secret
         self.spool = spool
@@ -301,6 +305,10 @@ class DeidStage:
         for path in paths:
             self.submit(path)
         return len(paths)
+
+    def alive(self) -> bool:
+        """Is at least one worker process running?"""
+        return any(not w.dead and w.process.is_alive() for w in self._workers)
 
     def pending(self) -> int:
         with self._lock:
@@ -483,9 +491,15 @@ class DeidStage:
             if not self._retire:
                 self._retire_since = time.monotonic()
             self._retire.append((path, info["routes"]))
+            if self.events:
+                self.events.deidentified(spool_id, info)
         elif kind in ("quarantined", "unrouted"):
             self.stats[kind] += 1
             self._forget(path)
+            if self.events:
+                where = DEIDENTIFY_QUARANTINE if kind == "quarantined" else UNROUTED_QUARANTINE
+                self.events.quarantined("deidentify" if kind == "quarantined" else "route", where, message[2],
+                                        spool_id=spool_id)
         elif kind == "transient":
             self.stats["transient"] += 1
             with self._lock:
@@ -556,6 +570,8 @@ class DeidStage:
             log.error("quarantine_failed", spool_id=spool_id, error=describe_exception(exc))
             return
         self.stats["quarantined"] += 1
+        if self.events:
+            self.events.quarantined("deidentify", DEIDENTIFY_QUARANTINE, reason, spool_id=spool_id)
         log.warning("quarantined", stage="deidentify", where=DEIDENTIFY_QUARANTINE, spool_id=spool_id,
                     reason=reason, attempts=attempts, exception=kind)
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from router import log
+from router.audit import AuditStore
 from router.config import Config, resolve_secret
 from router.profile import Deidentifier, InstanceRefused, InstanceResult
 
@@ -74,6 +75,8 @@ def run(src: Path, dst: Path, config: Config, workers: int | None = None) -> int
     paths = inputs(src)
     dst.mkdir(parents=True, exist_ok=True)
     deidentifier = Deidentifier(config.deid, secret)
+    deidentifier.keep_originals = config.audit.crosswalk
+    audit = AuditStore(config.audit.path, config.audit.crosswalk) if config.audit.path else None
     try:
         deidentifier.start()  # fail here, clearly, if the OCR models cannot run
     except RuntimeError as exc:
@@ -98,11 +101,18 @@ def run(src: Path, dst: Path, config: Config, workers: int | None = None) -> int
         if outcome.result is None:
             refused.append(outcome)
             getattr(logger, refused_level)("instance.refused", input=deidentifier.keys.fingerprint(str(outcome.src)), reason=outcome.reason)
+            if audit:
+                audit.event("refused", spool_id=deidentifier.keys.fingerprint(str(outcome.src)), reason=outcome.reason)
         else:
             r = outcome.result
             if outcome.output in written:
                 duplicates += 1
             written[outcome.output] = outcome.src
+            if audit:
+                audit.event("deidentified", patient=r.patient_pseudonym, study_uid=r.study_instance_uid,
+                            series_uid=r.series_instance_uid, sop_instance_uid=r.sop_instance_uid)
+                if r.crosswalk:
+                    audit.map(*r.crosswalk)
             getattr(logger, instance_level)(
                 "instance.deidentified", sop_instance_uid=r.sop_instance_uid, patient=r.patient_pseudonym,
                 modality=r.modality, bytes_in=r.bytes_in, bytes_out=r.bytes_out, ms=round(outcome.seconds * 1000, 1))
@@ -110,6 +120,8 @@ def run(src: Path, dst: Path, config: Config, workers: int | None = None) -> int
             progress.update(len(written) + duplicates, len(refused))
     if workers > 1:
         pool.shutdown()
+    if audit:
+        audit.close()
     if progress:
         progress.finish()
     seconds = time.perf_counter() - started

@@ -462,7 +462,9 @@ class Forwarder:
                  on_event: Callable[..., None] = lambda *event: None):
         self.dest = dest
         self.spool = spool
-        self.on_event = on_event  # ("delivered", freed bytes, send s, latency s) | ("retried",) | ...
+        #: ("delivered", freed bytes, send s, latency s, sop uid, study uid, series uid, patient),
+        #: ("retried", sop uid, detail), ("quarantined", sop uid, reason), ("state", up|down, detail)
+        self.on_event = on_event
         self.sender = FolderSender(dest) if dest.type == "folder" else DicomSender(dest, node)
         self._cond = threading.Condition()
         self._ready: collections.deque[Item] = collections.deque()
@@ -624,7 +626,8 @@ class Forwarder:
             self._forget(item)
             self.stats["forwarded"] += 1
             latency = max(0.0, time.time() - acknowledged)
-            self.on_event("delivered", freed, seconds, latency)
+            self.on_event("delivered", freed, seconds, latency, info.sop_instance_uid, info.study_instance_uid,
+                          info.series_instance_uid, info.patient_pseudonym)
             log.info("forwarded", destination=self.dest.name, sop_instance_uid=info.sop_instance_uid,
                      patient=info.patient_pseudonym or None, bytes=info.bytes, ms=round(seconds * 1000, 2),
                      latency_ms=round(latency * 1000, 1), status=f"0x{outcome.status:04X}",
@@ -651,7 +654,7 @@ class Forwarder:
             return
         delay = min(self.dest.retry_max_seconds, self.dest.retry_initial_seconds * 2 ** max(0, item.attempts - 1))
         self.stats["retried"] += 1
-        self.on_event("retried")
+        self.on_event("retried", uid, detail)
         log.warning("retried", destination=self.dest.name, sop_instance_uid=uid, attempt=item.attempts,
                     max_attempts=self.dest.max_attempts, reason=detail,
                     status=f"0x{status:04X}" if status is not None else None, retry_in_s=round(delay, 3))
@@ -677,7 +680,7 @@ class Forwarder:
             return
         self._forget(item)
         self.stats["quarantined"] += 1
-        self.on_event("quarantined")
+        self.on_event("quarantined", uid, reason)
         log.warning("quarantined", stage="forward", destination=self.dest.name, sop_instance_uid=uid,
                     reason=reason, attempts=item.attempts,
                     status=f"0x{status:04X}" if status is not None else None)

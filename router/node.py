@@ -26,10 +26,13 @@ import time
 from router import config as config_module
 from router.config import Config
 from router.deidentify import DeidStage, StartError, configure_logging
+from router.audit import AuditStore
 from router.forward import ForwarderProcess
+from router.metrics import NodeMetrics, Probe
 from router.log import get_logger
 from router.receive import Receiver
 from router.spool import RESERVED_NAMES, Spool
+from router.status import StatusServer
 
 log = get_logger("router.node")
 
@@ -78,20 +81,23 @@ def _run(config: Config, stop: threading.Event, received_signal: list[str]) -> i
     log.info("spool_opened", path=str(spool.root), bytes=spool.usage, removed_partial=removed,
              stages=spool.stage_counts())
 
-    def on_forward_event(dest: str, event: tuple) -> None:
-        if event[0] == "delivered":
-            spool.add_usage(-event[1])
-
-    forwarders = {d.name: ForwarderProcess(config, d, spool, on_forward_event) for d in config.destinations}
+    metrics = NodeMetrics([d.name for d in config.destinations])
+    metrics.set_probe(lambda: Probe(spool.stage_counts(), spool.usage))
+    audit = AuditStore(config.audit.path, config.audit.crosswalk) if config.audit.path else None
+    events = NodeEvents(metrics, audit)
+    forwarders = {d.name: ForwarderProcess(config, d, spool, events.forward_event) for d in config.destinations}
+    events.spool = spool
 
     def on_routed(dest, routed):
         forwarders[dest].enqueue(routed)
 
-    stage = DeidStage(config, secret, spool, on_routed)
+    stage = DeidStage(config, secret, spool, on_routed, events=events)
     try:
         stage.start()
     except StartError as exc:
         log.error("workers_failed", reason=str(exc))
+        if audit:
+            audit.close()
         return 1
 
     try:
@@ -99,19 +105,26 @@ def _run(config: Config, stop: threading.Event, received_signal: list[str]) -> i
             forwarder.start()  # each resumes what outgoing/<dest>/ already holds
     except StartError as exc:
         log.error("forwarders_failed", reason=str(exc))
-        _stop_pipeline(stage, forwarders)
+        _stop_pipeline(stage, forwarders, audit)
         return 1
 
     resumed = stage.resume(spool.list_incoming())
     if resumed:
         log.info("resumed", stage="deidentify", instances=resumed)
 
-    receiver = Receiver(node, spool, stage.submit)
+    receiver = Receiver(node, spool, stage.submit, events=events)
+    status = None
     try:
         receiver.start()
+        if config.status.enabled:
+            stopping = threading.Event()
+            status = StatusServer(metrics, config.status.bind, config.status.port,
+                                  health=lambda: _health(stopping, stage, forwarders))
+            log.info("status_listening", bind=config.status.bind, port=status.start())
     except OSError as exc:
         log.error("listen_failed", bind=node.bind, port=node.port, error=exc.strerror or type(exc).__name__)
-        _stop_pipeline(stage, forwarders)
+        receiver.stop_accepting()
+        _stop_pipeline(stage, forwarders, audit)
         return 1
 
     log.info("node_started", ae_title=node.ae_title, port=receiver.port, workers=stage.count,
@@ -129,16 +142,93 @@ def _run(config: Config, stop: threading.Event, received_signal: list[str]) -> i
                 log.error("housekeeping_failed", error=exc.strerror or type(exc).__name__)
 
     log.info("stopping", signal=received_signal[0] if received_signal else None)
+    if status:
+        stopping.set()  # /healthz answers 503 from now on
     started = time.monotonic()
     receiver.stop_accepting()
     aborted = receiver.drain()
-    _stop_pipeline(stage, forwarders)
+    _stop_pipeline(stage, forwarders, audit)
+    if status:
+        status.stop()
     log.info("stopped", seconds=round(time.monotonic() - started, 2), aborted_associations=aborted,
              received=receiver.received, refused=receiver.refused, stages=spool.stage_counts())
     return 0
 
 
-def _stop_pipeline(stage: DeidStage, forwarders: dict[str, ForwarderProcess]) -> None:
+def _health(stopping: threading.Event, stage: DeidStage, forwarders: dict[str, ForwarderProcess]) -> tuple[bool, str]:
+    """For load balancers: 503 while stopping or while a stage has no live process."""
+    if stopping.is_set():
+        return False, "stopping"
+    if not stage.alive():
+        return False, "no de-identification worker is running"
+    dead = [name for name, f in forwarders.items() if not f.alive()]
+    if dead:
+        return False, f"forwarder not running: {', '.join(dead)}"
+    return True, "ok"
+
+
+class NodeEvents:
+    """What the stages report about instances, counted (metrics) and recorded (audit store).
+
+    Called from several threads of the main process; only pseudonymous identifiers reach
+    the metrics, and original identifiers reach only the audit store's crosswalk.
+    """
+
+    def __init__(self, metrics: NodeMetrics, audit: AuditStore | None):
+        self.metrics = metrics
+        self.audit = audit
+        self.spool: Spool | None = None
+
+    def received(self, spool_id: str, calling_ae: str, nbytes: int) -> None:
+        self.metrics.received(calling_ae, nbytes)
+        if self.audit:
+            self.audit.event("received", spool_id=spool_id, calling_ae=calling_ae)
+
+    def refused(self, kind: str) -> None:
+        self.metrics.refused(kind)
+        if self.audit:
+            self.audit.event("refused", reason=kind)
+
+    def deidentified(self, spool_id: str, info: dict) -> None:
+        self.metrics.deidentified(info["seconds"], info["regions"])
+        if self.audit:
+            self.audit.event("deidentified", spool_id=spool_id, calling_ae=info["source_ae"],
+                             destination=",".join(info["routes"]), patient=info["patient_pseudonym"],
+                             study_uid=info["study_instance_uid"], series_uid=info["series_instance_uid"],
+                             sop_instance_uid=info["sop_instance_uid"])
+            if info.get("crosswalk"):
+                self.audit.map(*info["crosswalk"])
+
+    def quarantined(self, stage: str, where: str, reason: str, spool_id: str | None = None,
+                    sop_instance_uid: str | None = None) -> None:
+        self.metrics.quarantined(stage, where)
+        self.metrics.error(stage, f"quarantined in {where}: {reason}")
+        if self.audit:
+            self.audit.event("quarantined", spool_id=spool_id, destination=where, sop_instance_uid=sop_instance_uid,
+                             reason=reason)
+
+    def forward_event(self, dest: str, event: tuple) -> None:
+        """Events a forwarder process reports (see router.forward.Forwarder.on_event)."""
+        kind = event[0]
+        if kind == "delivered":
+            _kind, freed, seconds, latency, uid, study, series, patient = event
+            if self.spool:
+                self.spool.add_usage(-freed)
+            self.metrics.forwarded(dest, seconds, latency)
+            if self.audit:
+                self.audit.event("forwarded", destination=dest, sop_instance_uid=uid, study_uid=study,
+                                 series_uid=series, patient=patient or None)
+        elif kind == "retried":
+            self.metrics.retried(dest)
+        elif kind == "quarantined":
+            self.quarantined("forward", dest, event[2], sop_instance_uid=event[1])
+        elif kind == "state":
+            self.metrics.destination_state(dest, event[1], event[2])
+            if event[1] == "down":
+                self.metrics.error("forward", f"{dest} unavailable: {event[2]}")
+
+
+def _stop_pipeline(stage: DeidStage, forwarders: dict[str, ForwarderProcess], audit: AuditStore | None) -> None:
     left = stage.stop(timeout=30.0)
     if left:
         log.info("parked", stage="deidentify", instances=left, note="left in incoming/, resumed at next start")
@@ -147,3 +237,5 @@ def _stop_pipeline(stage: DeidStage, forwarders: dict[str, ForwarderProcess]) ->
     deadline = time.monotonic() + 30.0
     for forwarder in forwarders.values():
         forwarder.wait_stopped(deadline - time.monotonic())
+    if audit:
+        audit.close()

@@ -199,21 +199,23 @@ class PixelCleaner:
             for f in range(frames):
                 regions.append(Region(f, *rule_box, ""))
         detection = self._renderer(ds, arr, photometric)
-        for f in range(frames):
-            images = detection(f)
+        projected = frames >= int(self.policy["detect"]["projection_min_frames"]) > 0
+        # A clip: text is found once on the brightest and darkest value each pixel takes
+        # over all frames (every frame's light and dark text shows there), and each box
+        # is masked on every frame.
+        targets = [(range(frames), _projections(detection, frames))] if projected else \
+            [((f,), detection(f)) for f in range(frames)]
+        for masked_frames, images in targets:
             if not images:
                 continue  # a constant frame holds no text
             boxes = self._detect_frame(images, (rows, cols))
-            if not boxes:
-                continue
             for box in boxes:
                 text, score = ("", 0.0)
                 if self.recognize:
                     text, score = self._read(images, box)
-                if self.mode == "phi" and not self._is_phi(text, score, identifying):
-                    kept.append(Region(f, box.x0, box.y0, box.x1, box.y1, text))
-                    continue
-                regions.append(Region(f, box.x0, box.y0, box.x1, box.y1, text))
+                keep = self.mode == "phi" and not self._is_phi(text, score, identifying)
+                for f in masked_frames:
+                    (kept if keep else regions).append(Region(f, box.x0, box.y0, box.x1, box.y1, text))
         margin = int(self.policy["mask"]["margin"])
         masked = [_clip_region(r, margin, rows, cols) for r in regions]
         masked = [r for r in masked if r is not None]
@@ -361,6 +363,21 @@ class PixelCleaner:
             elif v in squeezed:
                 return True
         return False
+
+
+def _projections(detection, frames: int) -> list[np.ndarray]:
+    """Per rendering, the pixel-wise maximum and minimum over all frames' renderings."""
+    highs: list[np.ndarray] = []
+    lows: list[np.ndarray] = []
+    for f in range(frames):
+        for i, image in enumerate(detection(f)):
+            if i == len(highs):
+                highs.append(image.copy())
+                lows.append(image.copy())
+            elif image.shape == highs[i].shape:
+                np.maximum(highs[i], image, out=highs[i])
+                np.minimum(lows[i], image, out=lows[i])
+    return [image for pair in zip(highs, lows) for image in pair if image.min() != image.max()]
 
 
 # -- decoding ----------------------------------------------------------------------------
@@ -716,7 +733,8 @@ _DEFAULTS: dict[str, Any] = {
     "select": {"skip_modalities": [], "skip_sop_classes": [], "only_modalities": [], "trust_burned_in_annotation_no": False},
     "detect": {"renderings": ["minmax", "window"], "min_side": 512, "max_side": 2400, "thresh": 0.3, "box_thresh": 0.3,
                "unclip_ratio": 1.6, "max_upscale": 4.0, "max_text_height_fraction": 0.15, "min_filtered_px": 32,
-               "confirm_height_fraction": 0.05, "confirm_min_px": 20, "confirm_min_score": 0.8},
+               "confirm_height_fraction": 0.05, "confirm_min_px": 20, "confirm_min_score": 0.8,
+               "projection_min_frames": 8},
     "mask": {"margin": 2, "pad_along": 0.5, "pad_along_max_px": 16, "recognize": True},
     "phi": {"min_confidence": 0.6, "whole_word_max_length": 3, "min_value_length": 2, "patterns": []},
     "output": {"encapsulated": "rle"},

@@ -51,6 +51,9 @@ TEXT_VRS = frozenset({"LO", "SH", "ST", "LT", "UT", "UC", "PN"})
 DATE_VRS = frozenset({"DA", "DT"})
 NUMERIC_VRS = frozenset({"FL", "FD", "SL", "SS", "UL", "US", "SV", "UV", "AT"})
 BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
+#: Identifiers an audit crosswalk maps from original to pseudonym.
+CROSSWALK_TAGS = {"patient_id": 0x00100020, "accession": 0x00080050, "study_uid": 0x0020000D,
+                  "series_uid": 0x0020000E, "sop_instance_uid": 0x00080018}
 #: File meta elements that name the systems an instance passed through: not forwarded.
 META_KEPT = ("MediaStorageSOPClassUID", "TransferSyntaxUID")
 
@@ -85,6 +88,9 @@ class InstanceResult:
     pixel_regions_masked: int
     bytes_in: int
     bytes_out: int
+    #: Only with ``Deidentifier.keep_originals`` (the audit crosswalk): original -> new
+    #: identifiers by kind. PHI: never log it.
+    crosswalk: tuple[dict[str, str], dict[str, str]] | None = None
 
 
 @dataclass
@@ -126,6 +132,8 @@ class Deidentifier:
         self.clean_pixels = "clean-pixel-data" in config.options
         self._pixels: tuple[int, PixelCleaner] | None = None  # (pid, cleaner): one per process
         self._marks: dict[bool, tuple[ConstantElement, ...]] = {}
+        #: Return the original identifiers with each result (for an audit crosswalk).
+        self.keep_originals = False
 
     def start(self) -> None:
         """Load what de-identification needs in this process (the OCR models, self-tested).
@@ -176,6 +184,7 @@ class Deidentifier:
         meta = getattr(ds, "file_meta", None) or FileMetaDataset()
         source_ae = str(meta.get("SourceApplicationEntityTitle", "") or "").strip()
         identifying = identifying_values(ds)
+        originals = {kind: _text(ds, tag) for kind, tag in CROSSWALK_TAGS.items()} if self.keep_originals else None
         pixels = self._pixel_cleaner().clean(ds, identifying) if self.clean_pixels else None
         transfer_syntax = transfer_syntax_of(ds)  # after the pixel stage, which may re-encode
         patient = self._patient(ds, identifying)
@@ -204,6 +213,8 @@ class Deidentifier:
             pixel_regions_masked=len(pixels.regions) if pixels else 0,
             bytes_in=0,
             bytes_out=0,
+            crosswalk=None if originals is None else (
+                originals, {kind: _text(ds, tag) for kind, tag in CROSSWALK_TAGS.items()}),
         )
 
     def _patient(self, ds: Dataset, identifying: set[str]) -> _Patient:

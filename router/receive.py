@@ -135,12 +135,14 @@ def copy_range(src_fd: int, dst_fd: int, offset: int, count: int) -> None:
 
 
 class Receiver:
-    """The node's SCP. ``on_received(path)`` is called for every acknowledged instance."""
+    """The node's SCP. ``on_received(path)`` is called for every acknowledged instance;
+    ``events`` (see router.node.NodeEvents) hears of every acknowledgement and refusal."""
 
-    def __init__(self, node: NodeConfig, spool: Spool, on_received: Callable[[Path], None]):
+    def __init__(self, node: NodeConfig, spool: Spool, on_received: Callable[[Path], None], events=None):
         self.node = node
         self.spool = spool
         self.on_received = on_received
+        self.events = events
         self.networks = tuple(node.allowed_networks)
         self.titles = frozenset(t.strip() for t in node.allowed_ae_titles)
         self.ae: AE | None = None
@@ -277,6 +279,7 @@ class Receiver:
         problem = self.spool.capacity_problem(self.node.max_spool_bytes, self.node.min_free_bytes)
         if problem:
             self.refused += 1
+            self._refused("spool_full" if "spool" in problem else "disk_full")
             log.warning("refused", reason=problem, status="0xA700", calling_ae=calling, peer=address)
             return STATUS_OUT_OF_RESOURCES
         spool_id = new_id()
@@ -295,6 +298,7 @@ class Receiver:
             except OSError:
                 pass
             reason = "out of space" if is_out_of_space(exc) else f"write failed: {exc.strerror or type(exc).__name__}"
+            self._refused("disk_full" if is_out_of_space(exc) else "write_failed")
             log.error("refused", reason=reason, status="0xA700", calling_ae=calling, peer=address, spool_id=spool_id)
             return STATUS_OUT_OF_RESOURCES
         except Exception as exc:  # never let a handler exception become pynetdicom's 0xC211
@@ -303,11 +307,14 @@ class Receiver:
                 tmp.unlink()
             except OSError:
                 pass
+            self._refused("receive_failed")
             log.error("refused", reason=f"receive failed: {type(exc).__name__}", status="0xA700",
                       calling_ae=calling, peer=address, spool_id=spool_id)
             return STATUS_OUT_OF_RESOURCES
         self.spool.add_usage(size)
         self.received += 1
+        if self.events:
+            self.events.received(spool_id, calling, size)
         log.info("received", spool_id=spool_id, calling_ae=calling, peer=address, sop_class=sop_class,
                  transfer_syntax=transfer_syntax, bytes=size,
                  ms=round((time.perf_counter() - started) * 1000, 2))
@@ -316,6 +323,10 @@ class Receiver:
         except Exception as exc:  # it is spooled: resumed at the next start at worst
             log.error("notify_failed", spool_id=spool_id, error=type(exc).__name__)
         return STATUS_SUCCESS
+
+    def _refused(self, kind: str) -> None:
+        if self.events:
+            self.events.refused(kind)
 
     @staticmethod
     def _write_from_file(src: Path, dst: Path, head: bytes) -> int:

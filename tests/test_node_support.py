@@ -105,7 +105,8 @@ class Router:
     """deid-router serve in a subprocess, on a free loopback port."""
 
     def __init__(self, workdir: Path, destinations: Iterable[dict[str, Any]], node: dict[str, Any] | None = None,
-                 deid: dict[str, Any] | None = None, name: str = "router"):
+                 deid: dict[str, Any] | None = None, name: str = "router",
+                 sections: dict[str, dict[str, Any]] | None = None):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -120,6 +121,8 @@ class Router:
         lines = ["[node]"] + [f"{k} = {toml_value(v)}" for k, v in node.items()]
         lines += ["", "[deid]"] + [f"{k} = {toml_value(v)}" for k, v in deid.items()]
         lines += ["", "[logging]", 'format = "json"', 'level = "info"']
+        for section, values in (sections or {}).items():  # e.g. {"status": {...}, "audit": {...}}
+            lines += ["", f"[{section}]"] + [f"{k} = {toml_value(v)}" for k, v in values.items()]
         for dest in destinations:
             lines += ["", "[[destinations]]"] + [f"{k} = {toml_value(v)}" for k, v in dest.items()]
         self.config_path.write_text("\n".join(lines) + "\n")
