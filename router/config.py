@@ -65,6 +65,24 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    """DICOM TLS (PS3.15 B.1): PEM files; TLS 1.2 or newer only.
+
+    On the node: certificate + private_key are its identity; with ca_certificates, client
+    certificates are verified (and required unless require_client_certificate = false).
+    Toward a destination: ca_certificates verifies the peer (the system store if absent),
+    certificate + private_key authenticate the router, server_name is checked against the
+    peer's certificate (default: the destination's host).
+    """
+
+    certificate: Path | None = None
+    private_key: Path | None = None
+    ca_certificates: Path | None = None
+    require_client_certificate: bool = True
+    server_name: str = ""
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     ae_title: str = "DEID_ROUTER"
     bind: str = "0.0.0.0"
@@ -80,6 +98,7 @@ class NodeConfig:
     #: Keep delivered instances in the spool's done/ stage instead of deleting them.
     keep_delivered: bool = False
     max_pdu: int = 131072
+    tls: TlsConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -99,6 +118,7 @@ class Destination:
     retry_max_seconds: float = 300.0
     idle_timeout_seconds: float = 20.0
     timeout_seconds: float = 30.0
+    tls: TlsConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -366,6 +386,7 @@ class _Reader:
             allowed_networks=tuple(networks),
             keep_delivered=self.get(t, k("keep_delivered"), bool, d.keep_delivered),
             max_pdu=max_pdu,
+            tls=self.tls(k("tls"), t["tls"], server=True) if "tls" in t else None,
         )
 
     def check_ae(self, key: tuple[str, ...], title: str) -> None:
@@ -523,8 +544,29 @@ class _Reader:
                 retry_max_seconds=float(self.get(t, k("retry_max_seconds"), (int, float), d.retry_max_seconds)),
                 idle_timeout_seconds=float(self.get(t, k("idle_timeout_seconds"), (int, float), d.idle_timeout_seconds)),
                 timeout_seconds=float(self.get(t, k("timeout_seconds"), (int, float), d.timeout_seconds)),
+                tls=self.tls(k("tls"), t["tls"], server=False) if "tls" in t else None,
             ))
         return tuple(result)
+
+    def tls(self, key: tuple[str, ...], value: Any, server: bool) -> TlsConfig | None:
+        known = {"certificate", "private_key", "ca_certificates"} | (
+            {"require_client_certificate"} if server else {"server_name"})
+        t = self.table(key, value, known)
+        files = {}
+        for name in ("certificate", "private_key", "ca_certificates"):
+            text = self.get(t, (*key, name), str, None)
+            if text is not None:
+                files[name] = self.path(text)
+                if not files[name].is_file():
+                    self.problem((*key, name), f"no such file: {files[name]}")
+        if server and not {"certificate", "private_key"} <= set(files):
+            self.problem(key, "the node needs certificate and private_key for TLS")
+        if ("certificate" in files) != ("private_key" in files):
+            self.problem(key, "certificate and private_key go together")
+        return TlsConfig(certificate=files.get("certificate"), private_key=files.get("private_key"),
+                         ca_certificates=files.get("ca_certificates"),
+                         require_client_certificate=self.get(t, (*key, "require_client_certificate"), bool, True),
+                         server_name=self.get(t, (*key, "server_name"), str, ""))
 
     def logging(self, value: Any) -> LoggingConfig:
         t = self.table(("logging",), value, {"level", "format"})

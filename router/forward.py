@@ -32,6 +32,7 @@ import multiprocessing
 import os
 import shutil
 import signal
+import ssl
 import threading
 import time
 import uuid
@@ -50,6 +51,7 @@ from router.deidentify import Routed, StartError, configure_logging, describe_ex
 from router.log import get_logger
 from router.receive import on_conn_open_nodelay
 from router.spool import SUFFIX, Spool, fsync_dir, safe_name
+from router.tls import client_context
 
 log = get_logger("router.forward")
 
@@ -231,6 +233,7 @@ class DicomSender:
         self.ae.acse_timeout = self.ae.dimse_timeout = self.ae.network_timeout = t
         self.ae.connection_timeout = t
         self.assoc = None
+        self.tls_args = client_context(dest) if dest.tls else None
         self.covered: set[tuple[str, str]] = set()
         self.accepted: dict[str, set[str]] = {}
         self.last_used = 0.0
@@ -282,7 +285,10 @@ class DicomSender:
         contexts, covered = self.plan(pairs)
         try:
             assoc = self.ae.associate(self.dest.host, self.dest.port, contexts=contexts, ae_title=self.dest.ae_title,
-                                      max_pdu=MAX_PDU, evt_handlers=[(evt.EVT_CONN_OPEN, on_conn_open_nodelay)])
+                                      max_pdu=MAX_PDU, evt_handlers=[(evt.EVT_CONN_OPEN, on_conn_open_nodelay)],
+                                      tls_args=self.tls_args)
+        except ssl.SSLError as exc:
+            return f"TLS handshake failed: {exc.reason or type(exc).__name__}"
         except (OSError, RuntimeError, ValueError) as exc:
             return f"cannot associate: {type(exc).__name__}"
         if not assoc.is_established:

@@ -31,6 +31,7 @@ from router.profile import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
 from router.config import NodeConfig
 from router.log import get_logger
 from router.spool import Spool, is_out_of_space, new_id, write_durably
+from router.tls import server_context
 
 log = get_logger("router.receive")
 
@@ -178,9 +179,11 @@ class Receiver:
             (evt.EVT_PDU_RECV, self._on_pdu),
         ]
         self.ae = ae
-        self.server = ae.start_server((self.node.bind, self.node.port), block=False, evt_handlers=handlers)
+        ssl_context = server_context(self.node.tls) if self.node.tls else None
+        self.server = ae.start_server((self.node.bind, self.node.port), block=False, evt_handlers=handlers,
+                                      ssl_context=ssl_context)
         log.info("listening", ae_title=self.node.ae_title, bind=self.node.bind, port=self.port,
-                 max_pdu=self.node.max_pdu, chunked=CHUNKED)
+                 max_pdu=self.node.max_pdu, chunked=CHUNKED, tls=ssl_context is not None)
 
     @property
     def port(self) -> int:
