@@ -328,9 +328,11 @@ class _Reader:
         destinations = self.destinations(top.get("destinations", []), node)
         logging = self.logging(top.get("logging", {}))
         source = None if self.name == "<config>" else Path(self.name)
-        return Config(node=node, deid=deid, destinations=destinations, logging=logging,
-                      status=self.status(top.get("status", {})), audit=self.audit(top.get("audit", {})),
-                      source=source)
+        status = self.status(top.get("status", {}))
+        if status.enabled and status.port and status.port == node.port:
+            self.problem(("status", "port"), f"is the DICOM port ({node.port}): choose another")
+        return Config(node=node, deid=deid, destinations=destinations, logging=logging, status=status,
+                      audit=self.audit(top.get("audit", {})), source=source)
 
     def status(self, value: Any) -> StatusConfig:
         d = StatusConfig()
@@ -338,8 +340,12 @@ class _Reader:
         port = self.get(t, ("status", "port"), int, d.port)
         if not 0 <= port <= 65535:
             self.problem(("status", "port"), "must be 0..65535")
-        return StatusConfig(enabled=self.get(t, ("status", "enabled"), bool, d.enabled),
-                            bind=self.get(t, ("status", "bind"), str, d.bind), port=port)
+        bind = self.get(t, ("status", "bind"), str, d.bind)
+        try:
+            ipaddress.ip_address(bind)
+        except ValueError:
+            self.problem(("status", "bind"), f"must be an IP address (127.0.0.1, 0.0.0.0, ::1), not {bind!r}")
+        return StatusConfig(enabled=self.get(t, ("status", "enabled"), bool, d.enabled), bind=bind, port=port)
 
     def audit(self, value: Any) -> AuditConfig:
         t = self.table(("audit",), value, {"path", "crosswalk"})

@@ -99,7 +99,9 @@ def load_policy(site: dict | None = None) -> dict:
 class PixelCleaner:
     """One per worker process: holds the OCR engine (not thread-safe)."""
 
-    def __init__(self, policy: dict | None = None, engine: TextDetector | None = None):
+    def __init__(self, policy: dict | None = None, engine: TextDetector | None = None, read_text: bool = True):
+        """``read_text``: whether masked regions are read when the policy says "auto"
+        (the node reads them only for a text crosswalk: recognition costs ~30 ms a box)."""
         self.policy = _with_defaults(policy if policy is not None else load_policy())
         det = self.policy["detect"]
         self.mode = self.policy["mode"]
@@ -111,7 +113,10 @@ class PixelCleaner:
         if not self.renderings or set(self.renderings) - {"minmax", "window"}:
             raise ValueError('pixel policy: detect.renderings must name "minmax" and/or "window"')
         self.patterns = [re.compile(p, re.IGNORECASE) for p in self.policy["phi"]["patterns"]]
-        self.recognize = self.mode == "phi" or bool(self.policy["mask"]["recognize"])
+        recognize = self.policy["mask"]["recognize"]
+        if recognize not in (True, False, "auto"):
+            raise ValueError('pixel policy: mask.recognize must be true, false or "auto"')
+        self.recognize = self.mode == "phi" or (read_text if recognize == "auto" else recognize)
         if engine is None:
             settings = DetectorSettings(
                 min_side=int(det["min_side"]), max_side=int(det["max_side"]), max_upscale=float(det["max_upscale"]),
@@ -735,7 +740,7 @@ _DEFAULTS: dict[str, Any] = {
                "unclip_ratio": 1.6, "max_upscale": 4.0, "max_text_height_fraction": 0.15, "min_filtered_px": 32,
                "confirm_height_fraction": 0.05, "confirm_min_px": 20, "confirm_min_score": 0.8,
                "projection_min_frames": 8},
-    "mask": {"margin": 2, "pad_along": 0.5, "pad_along_max_px": 16, "recognize": True},
+    "mask": {"margin": 2, "pad_along": 0.5, "pad_along_max_px": 16, "recognize": "auto"},
     "phi": {"min_confidence": 0.6, "whole_word_max_length": 3, "min_value_length": 2, "patterns": []},
     "output": {"encapsulated": "rle"},
     "regions": [],

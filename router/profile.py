@@ -151,7 +151,8 @@ class Deidentifier:
             from router.pixels import load_policy
 
             try:
-                self._pixels = (os.getpid(), PixelCleaner(load_policy(self.config.pixel_policy)))
+                self._pixels = (os.getpid(), PixelCleaner(load_policy(self.config.pixel_policy),
+                                                          read_text=self.config.text_crosswalk is not None))
             except ValueError as exc:
                 raise RuntimeError(str(exc)) from None
         return self._pixels[1]

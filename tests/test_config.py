@@ -113,3 +113,17 @@ def test_site_pixel_policy_is_layered_over_the_product_one(tmp_path):
 def test_reserved_destination_names():
     with pytest.raises(ConfigError, match="reserved"):
         parse('[[destinations]]\nname = "unrouted"\ntype = "folder"\npath = "x"\n')
+
+
+def test_status_and_audit_sections_are_checked():
+    from router.config import ConfigError, parse
+
+    config = parse('[status]\nenabled = true\nport = 9100\n[audit]\npath = "audit.db"\ncrosswalk = true\n')
+    assert config.status.enabled and config.status.port == 9100 and config.status.bind == "127.0.0.1"
+    assert config.audit.crosswalk and config.audit.path.name == "audit.db"
+    assert parse("").status.enabled is False and parse("").audit.path is None
+    with pytest.raises(ConfigError) as error:
+        parse('[node]\nport = 8080\n[status]\nenabled = true\nbind = "localhost"\n[audit]\ncrosswalk = true\n')
+    text = str(error.value)
+    assert "status.bind: must be an IP address" in text and "status.port: is the DICOM port" in text
+    assert "audit.crosswalk: needs audit.path" in text
