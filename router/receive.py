@@ -14,6 +14,7 @@ Unknown callers are rejected at association (allow-lists of AE titles and networ
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import socket
@@ -25,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pynetdicom import AE, _config, evt
+from pynetdicom.dimse_messages import DIMSEMessage
 from pynetdicom.sop_class import Verification
 
 from router.profile import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
@@ -135,6 +137,40 @@ def copy_range(src_fd: int, dst_fd: int, offset: int, count: int) -> None:
         raise OSError(f"short copy: {copied} of {count} bytes")
 
 
+def guard_receive_writes(on_failure: Callable[[OSError], None]) -> None:
+    """Make a failed write of a received dataset end the association, not the node's reactor.
+
+    With STORE_RECV_CHUNKED_DATASET pynetdicom writes each received fragment to a temp file
+    inside the association's reactor thread, before our handler runs: a full file system
+    raises there, kills the reactor thread and leaves the association hanging. Here the
+    association is aborted instead; the instance was not acknowledged, so the sender keeps
+    it and retries (as after 0xA700).
+    """
+    original = getattr(DIMSEMessage.decode_msg, "__wrapped__", DIMSEMessage.decode_msg)
+
+    @functools.wraps(original)
+    def decode_msg(self, primitive, assoc=None):
+        try:
+            return original(self, primitive, assoc)
+        except (OSError, ValueError) as exc:  # ValueError: later fragments, file already closed
+            partial = getattr(self, "_data_set_file", None)
+            if partial is not None:
+                try:
+                    partial.close()
+                    os.unlink(partial.name)
+                except OSError:
+                    pass
+                self._data_set_file = None
+                if isinstance(exc, OSError):
+                    on_failure(exc)
+            if assoc is not None and not getattr(assoc, "_guard_aborting", False):
+                assoc._guard_aborting = True
+                assoc.abort(block=False)  # we are in the reactor thread: queue the A-ABORT
+            return False
+
+    DIMSEMessage.decode_msg = decode_msg
+
+
 class Receiver:
     """The node's SCP. ``on_received(path)`` is called for every acknowledged instance;
     ``events`` (see router.node.NodeEvents) hears of every acknowledgement and refusal."""
@@ -159,6 +195,7 @@ class Receiver:
         """Bind and serve in background threads. Raises OSError if the port is taken."""
         _config.UNRESTRICTED_STORAGE_SERVICE = True  # every storage-like SOP class
         _config.STORE_RECV_CHUNKED_DATASET = CHUNKED
+        guard_receive_writes(self._write_failed)
         if CHUNKED:
             # pynetdicom writes its temporary files with tempfile: keep them in the spool
             # (same file system, cleaned at start).
@@ -326,6 +363,14 @@ class Receiver:
         except Exception as exc:  # it is spooled: resumed at the next start at worst
             log.error("notify_failed", spool_id=spool_id, error=type(exc).__name__)
         return STATUS_SUCCESS
+
+    def _write_failed(self, exc: OSError) -> None:
+        self.refused += 1
+        kind = "disk_full" if is_out_of_space(exc) else "write_failed"
+        self._refused(kind)
+        log.error("refused", reason=("out of space" if kind == "disk_full" else
+                                     f"write failed: {exc.strerror or type(exc).__name__}"),
+                  status="A-ABORT", note="the sender keeps the instance and retries")
 
     def _refused(self, kind: str) -> None:
         if self.events:
