@@ -747,6 +747,7 @@ def forwarder_main(conn, config: Config, spool_root: str, dest_name: str) -> Non
     if queued:
         log.info("resumed", stage="forward", destination=dest.name, instances=queued)
     forwarder.start()
+    log.info("forwarder_started", destination=dest.name, pid=os.getpid())
     send("ready", os.getpid())
     while True:
         try:

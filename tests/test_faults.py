@@ -120,6 +120,21 @@ def test_three_sigkills_during_500_instances(tmp_path: Path) -> None:
         scp.stop()
 
 
+def test_a_killed_forwarder_process_is_restarted_and_loses_nothing(tmp_path: Path) -> None:
+    files = small_ct(tmp_path / "ct", 20)
+    out = tmp_path / "out"
+    with Router(tmp_path, [folder_destination("out", out)]) as router:
+        assert storescu("127.0.0.1", router.port, files[:10], called_ae=ROUTER_AET).returncode == 0
+        wait_until(lambda: len(list(out.rglob("*.dcm"))) == 10, timeout=30, what="first half delivered")
+        [started] = router.events("forwarder_started")
+        os.kill(started["pid"], 9)
+        assert storescu("127.0.0.1", router.port, files[10:], called_ae=ROUTER_AET).returncode == 0
+        wait_until(lambda: len(list(out.rglob("*.dcm"))) == 20, timeout=60, what="second half delivered")
+        assert router.events("forwarder_died") and len(router.events("forwarder_started")) == 2
+        assert router.stop() == 0
+    assert_no_phi_in_logs_or_names(router)
+
+
 def test_destination_failing_one_sop_class_quarantines_only_that_class(tmp_path: Path) -> None:
     ct = small_ct(tmp_path / "ct", 3)
     sc = tmp_path / "sc.dcm"
