@@ -65,11 +65,12 @@ class Sizes:
 
     def __init__(self, quick: bool):
         self.network = 150 if quick else 1000
+        self.senders = 100 if quick else 1000
         self.filemode = 200 if quick else 1000
         self.scaling = [100, 400] if quick else [250, 1000, 4000]
         self.ocr_ct = 6 if quick else 40
         self.ocr_us = 6 if quick else 40
-        self.clip_frames, self.clips = (8, 1) if quick else (30, 2)
+        self.clip_frames, self.clips = (6, 2) if quick else (20, 4)  # several clips: N workers take one each
         self.backpressure = 8 if quick else 24
 
 
@@ -77,7 +78,8 @@ def run(args: argparse.Namespace, work: Path, rows: list[Row]) -> None:
     only = args.only
     sizes = Sizes(args.quick)
     workers = args.workers
-    ct_count = max([sizes.network if only & {"network", "senders"} else 0,
+    generating = time.perf_counter()
+    ct_count = max([sizes.network if "network" in only else 0, sizes.senders if "senders" in only else 0,
                     sizes.filemode if "filemode" in only else 0,
                     max(sizes.scaling) if "scaling" in only else 0, sizes.ocr_ct if "ocr" in only else 0])
     print(f"writing {ct_count} synthetic CT slices ...", flush=True)
@@ -86,6 +88,7 @@ def run(args: argparse.Namespace, work: Path, rows: list[Row]) -> None:
     if only & {"ocr", "backpressure"}:
         print("writing ultrasound images and clips ...", flush=True)
         us, cine = paths.write_us(work / "us", max(sizes.ocr_us, sizes.backpressure), sizes.clip_frames, sizes.clips)
+    print(f"   {time.perf_counter() - generating:.0f} s", flush=True)
 
     def step(name: str, function, *a) -> None:
         if name.split("/")[0] in only:
@@ -100,7 +103,7 @@ def run(args: argparse.Namespace, work: Path, rows: list[Row]) -> None:
     step("ocr/clip", paths.ocr, f"US clip {sizes.clip_frames} frames", cine)
     step("filemode", paths.filemode, ct[:sizes.filemode])
     step("scaling", paths.scaling, ct, sizes.scaling)
-    step("senders", paths.senders, ct[:sizes.network])
+    step("senders", paths.senders, ct[:sizes.senders])
     step("backpressure", paths.backpressure, us[:sizes.backpressure])
 
 
