@@ -89,6 +89,7 @@ def ocr(work: Path, kind: str, files: list[Path], workers: int) -> list[Row]:
                               note="default options: OCR of every frame")
                 deid_ms = sorted(float(e["deid_ms"]) for e in router.events("deidentified") if "deid_ms" in e)
                 row.extra["deid_ms_median"] = deid_ms[len(deid_ms) // 2] if deid_ms else None
+                row.extra["workers"] = count
                 rows.append(row)
             finally:
                 router.stop()
@@ -214,13 +215,15 @@ def backpressure(work: Path, files: list[Path], workers: int, limit_instances: i
     delivered = scp.count()
     quarantined = sum(len(f) for _d, _s, f in os.walk(router.spool / "quarantine"))
     refused = statuses.get("0xA700", 0)
+    forwarded = len(router.events("forwarded"))  # more than acknowledged would mean duplicates sent
     extra = {"max_spool_bytes": limit, "spool_peak_bytes": spool.peak_bytes, "instance_bytes": largest,
              "statuses": statuses,
-             "refused_0xA700": refused, "acknowledged": len(acknowledged), "delivered": delivered,
+             "refused_0xA700": refused, "acknowledged": len(acknowledged), "delivered": delivered, "forwarded": forwarded,
              "quarantined": quarantined, "acked_seconds": round(acked_seconds, 3)}
     note = (f"spool peak on disk {spool.peak_bytes / 1e6:.1f} MB, limit {limit / 1e6:.1f} MB "
             f"({(spool.peak_bytes - limit) / largest:+.1f} instances); {refused} x 0xA700 "
-            f"(resent); {len(acknowledged)} acknowledged, {delivered} delivered, {quarantined} quarantined")
+            f"(resent); {len(acknowledged)} acknowledged, {delivered} delivered ({forwarded} sends), "
+            f"{quarantined} quarantined")
     return [Row("backpressure", "deid-router, OCR, small spool limit", len(files), seconds, megabytes(files),
                 peak_rss_mb=rss.peak_kb / 1024, peak_process_mb=rss.by_role(router.roles()), note=note, extra=extra)]
 
