@@ -36,6 +36,7 @@ import numpy
 import pydicom
 from pydicom import dcmread
 
+from bench.measure import RssSampler
 from bench.synthetic import write_ct_series
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -71,6 +72,8 @@ class Measurement:
     ok: bool = True
     error: str | None = None
     command: list[str] | None = None
+    #: Peak of the summed RSS of the deid process tree (sampled every 100 ms).
+    peak_rss_mb: float | None = None
 
     @property
     def best(self) -> float | None:
@@ -177,11 +180,16 @@ def measure_deid(name: str, src: Path, files: list[Path], workdir: Path, config:
         m.command = command
         os.sync()
         start = time.perf_counter()
-        proc = subprocess.run(command, cwd=workdir, capture_output=True, text=True)
+        proc = subprocess.Popen(command, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        rss = RssSampler(proc.pid)
+        rss.start()
+        out, err = proc.communicate()
         seconds = time.perf_counter() - start
+        rss.stop()
+        m.peak_rss_mb = max(m.peak_rss_mb or 0.0, rss.peak_kb / 1024)
         produced = count_outputs(dst) if dst.exists() else 0
         if proc.returncode != 0:
-            tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
+            tail = "\n".join((err or out).strip().splitlines()[-15:])
             m.ok, m.error = False, f"exit status {proc.returncode}:\n{tail}"
             m.output_files = produced
             break

@@ -1,10 +1,11 @@
-"""A bare pynetdicom pass-through forwarder: the baseline for ``python -m bench.network``.
+"""A bare pynetdicom pass-through forwarder: the baseline of ``python -m bench``.
 
 Receives C-STOREs and forwards them unchanged to one destination: no spool (no fsync), no
 de-identification, no routing, no retries. The handler streams each dataset to a temp
 file (pynetdicom's ``STORE_RECV_CHUNKED_DATASET``), acknowledges it, and one thread sends
 the files on a kept-open association, streamed from the file
-(``STORE_SEND_CHUNKED_DATASET``). TCP_NODELAY, 128 KiB PDUs and the router's fix for
+(``STORE_SEND_CHUNKED_DATASET``). Prints ``acked UID TIME`` per instance, from which the
+benchmark computes acknowledgement-to-delivery latency. TCP_NODELAY, 128 KiB PDUs and the router's fix for
 pynetdicom's send race on both sides, as in the router, so that the comparison is about
 what the router adds (durable spool, de-identification, routing, retries). A send that
 gets no response is resent on a new association.
@@ -48,6 +49,7 @@ def main(argv: list[str]) -> int:
         kept = work / f"{event.request.MessageID}-{threading.get_ident()}-{os.urandom(4).hex()}.dcm"
         os.link(event.dataset_path, kept)
         todo.put((str(event.request.AffectedSOPClassUID), str(event.context.transfer_syntax), kept))
+        print(f"acked {event.request.AffectedSOPInstanceUID} {time.time():.6f}", flush=True)  # for latency
         return 0x0000
 
     def forward() -> None:
