@@ -7,15 +7,36 @@ the system store) and the destination's name (``server_name``, else its host).
 
 from __future__ import annotations
 
+import socket
 import ssl
 
 from router.config import Destination, TlsConfig
 
+#: A client has this long to complete its handshake; then its connection is closed.
+HANDSHAKE_SECONDS = 30.0
+
+
+class ServerContext(ssl.SSLContext):
+    """Moves each client's TLS handshake off the listening thread.
+
+    pynetdicom wraps accepted sockets in its accept loop, where a handshake blocks every
+    other client until it ends: one silent TCP connection would stop the SCP. Wrapped
+    without a handshake, the socket does it on the association thread's first read
+    (OpenSSL's implicit handshake), bounded by HANDSHAKE_SECONDS.
+    """
+
+    def wrap_socket(self, sock: socket.socket, server_side: bool = False, do_handshake_on_connect: bool = True,
+                    *args, **kwargs) -> ssl.SSLSocket:
+        if server_side:
+            sock.settimeout(HANDSHAKE_SECONDS)
+            return super().wrap_socket(sock, True, False, *args, **kwargs)
+        return super().wrap_socket(sock, server_side, do_handshake_on_connect, *args, **kwargs)
+
 
 def server_context(tls: TlsConfig) -> ssl.SSLContext:
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context = ServerContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(str(tls.certificate), str(tls.private_key))
+    context.load_cert_chain(str(tls.certificate), str(tls.private_key), password=b"")
     if tls.ca_certificates:
         context.load_verify_locations(str(tls.ca_certificates))
         context.verify_mode = ssl.CERT_REQUIRED if tls.require_client_certificate else ssl.CERT_OPTIONAL
@@ -30,5 +51,5 @@ def client_context(dest: Destination) -> tuple[ssl.SSLContext, str]:
                                          cafile=str(tls.ca_certificates) if tls.ca_certificates else None)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     if tls.certificate:
-        context.load_cert_chain(str(tls.certificate), str(tls.private_key))
+        context.load_cert_chain(str(tls.certificate), str(tls.private_key), password=b"")
     return context, tls.server_name or dest.host
