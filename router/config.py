@@ -179,6 +179,8 @@ class AuditConfig:
 
     path: Path | None = None
     crosswalk: bool = False
+    #: Keep the text read off masked pixel regions (PHI; OCR reads each masked box, ~30 ms).
+    pixel_text: bool = False
 
 
 @dataclass(frozen=True)
@@ -349,12 +351,14 @@ class _Reader:
         return StatusConfig(enabled=self.get(t, ("status", "enabled"), bool, d.enabled), bind=bind, port=port)
 
     def audit(self, value: Any) -> AuditConfig:
-        t = self.table(("audit",), value, {"path", "crosswalk"})
+        t = self.table(("audit",), value, {"path", "crosswalk", "pixel_text"})
         path = self.get(t, ("audit", "path"), str, None)
         crosswalk = self.get(t, ("audit", "crosswalk"), bool, False)
-        if crosswalk and not path:
-            self.problem(("audit", "crosswalk"), "needs audit.path (the crosswalk is kept in the audit store)")
-        return AuditConfig(path=self.path(path) if path else None, crosswalk=crosswalk)
+        pixel_text = self.get(t, ("audit", "pixel_text"), bool, False)
+        for name, on in (("crosswalk", crosswalk), ("pixel_text", pixel_text)):
+            if on and not path:
+                self.problem(("audit", name), f"needs audit.path (the {name} is kept in the audit store)")
+        return AuditConfig(path=self.path(path) if path else None, crosswalk=crosswalk, pixel_text=pixel_text)
 
     def node(self, value: Any) -> NodeConfig:
         d = NodeConfig()
