@@ -319,7 +319,7 @@ class Receiver:
         problem = self.spool.capacity_problem(self.node.max_spool_bytes, self.node.min_free_bytes)
         if problem:
             self.refused += 1
-            self._refused("spool_full" if "spool" in problem else "disk_full")
+            self._refused("spool_full" if "spool" in problem else "disk_full", calling)
             log.warning("refused", reason=problem, status="0xA700", calling_ae=calling, peer=address)
             return STATUS_OUT_OF_RESOURCES
         spool_id = new_id()
@@ -338,7 +338,7 @@ class Receiver:
             except OSError:
                 pass
             reason = "out of space" if is_out_of_space(exc) else f"write failed: {exc.strerror or type(exc).__name__}"
-            self._refused("disk_full" if is_out_of_space(exc) else "write_failed")
+            self._refused("disk_full" if is_out_of_space(exc) else "write_failed", calling)
             log.error("refused", reason=reason, status="0xA700", calling_ae=calling, peer=address, spool_id=spool_id)
             return STATUS_OUT_OF_RESOURCES
         except Exception as exc:  # never let a handler exception become pynetdicom's 0xC211
@@ -347,7 +347,7 @@ class Receiver:
                 tmp.unlink()
             except OSError:
                 pass
-            self._refused("receive_failed")
+            self._refused("receive_failed", calling)
             log.error("refused", reason=f"receive failed: {type(exc).__name__}", status="0xA700",
                       calling_ae=calling, peer=address, spool_id=spool_id)
             return STATUS_OUT_OF_RESOURCES
@@ -372,9 +372,9 @@ class Receiver:
                                      f"write failed: {exc.strerror or type(exc).__name__}"),
                   status="A-ABORT", note="the sender keeps the instance and retries")
 
-    def _refused(self, kind: str) -> None:
+    def _refused(self, kind: str, calling_ae: str | None = None) -> None:
         if self.events:
-            self.events.refused(kind)
+            self.events.refused(kind, calling_ae)
 
     @staticmethod
     def _write_from_file(src: Path, dst: Path, head: bytes) -> int:

@@ -199,3 +199,24 @@ def test_node_records_each_stage_of_each_instance(tmp_path: Path, corpus_dir: Pa
         assert [h[0] for h in history] == ["received", "deidentified", "forwarded"], history
         assert history[0][1] == "CT01" and history[2][2] == "research"
     assert len(rows(db, "SELECT * FROM crosswalk WHERE kind = 'sop_instance_uid'")) == len(files)
+
+
+def test_node_records_pixel_text(tmp_path: Path):
+    from bench.synthetic import us_rgb_with_text
+    from test_node_support import NODE_TEST_OPTIONS
+
+    ds, _boxes = us_rgb_with_text(["DOE JANE 19510829", "MRN 4711"], rows=300, columns=400)
+    src = tmp_path / "us.dcm"
+    ds.save_as(src, enforce_file_format=True)
+    db = tmp_path / "node-audit.db"
+    out = tmp_path / "out"
+    with Router(tmp_path, [folder_destination("research", out)], node={"workers": 1},
+                deid={"options": [*NODE_TEST_OPTIONS, "clean-pixel-data"]},
+                sections={"audit": {"path": str(db), "pixel_text": True}}) as router:
+        assert all(send_files("127.0.0.1", router.port, [src], called_ae=ROUTER_AET, calling_ae="US01").values())
+        wait_until(lambda: list(out.rglob("*.dcm")), timeout=60, what="delivered")
+        assert router.stop() == 0
+    texts = rows(db, "SELECT sop_instance_uid, text FROM pixel_text")
+    assert texts and {t[0] for t in texts} == {new_uid(ds.SOPInstanceUID)}
+    assert "MRN" in " ".join(t[1] for t in texts).upper()
+    assert rows(db, "SELECT count(*) FROM crosswalk") == [(0,)]
