@@ -21,8 +21,9 @@ class ServerContext(ssl.SSLContext):
 
     pynetdicom wraps accepted sockets in its accept loop, where a handshake blocks every
     other client until it ends: one silent TCP connection would stop the SCP. Wrapped
-    without a handshake, the socket does it on the association thread's first read
-    (OpenSSL's implicit handshake), bounded by HANDSHAKE_SECONDS.
+    without a handshake, the socket does it on the connection's own thread: in
+    ``finish_handshake`` (bound to EVT_CONN_OPEN), else at the first read (OpenSSL's
+    implicit handshake), bounded by HANDSHAKE_SECONDS.
     """
 
     def wrap_socket(self, sock: socket.socket, server_side: bool = False, do_handshake_on_connect: bool = True,
@@ -31,6 +32,26 @@ class ServerContext(ssl.SSLContext):
             sock.settimeout(HANDSHAKE_SECONDS)
             return super().wrap_socket(sock, True, False, *args, **kwargs)
         return super().wrap_socket(sock, server_side, do_handshake_on_connect, *args, **kwargs)
+
+
+def finish_handshake(sock: socket.socket) -> str | None:
+    """Complete a handshake ServerContext deferred; None when done, else why it failed
+    (OpenSSL's reason, PHI-free), the connection then shut down.
+
+    Once done the socket blocks again, so the association's own timeouts apply."""
+    if not isinstance(sock, ssl.SSLSocket):
+        return None
+    try:
+        sock.do_handshake()
+    except OSError as exc:  # ssl.SSLError, TimeoutError, ConnectionResetError...
+        reason = getattr(exc, "reason", None) or ("timeout" if isinstance(exc, TimeoutError) else type(exc).__name__)
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        return reason
+    sock.settimeout(None)
+    return None
 
 
 def server_context(tls: TlsConfig) -> ssl.SSLContext:
