@@ -33,7 +33,7 @@ from router.profile import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
 from router.config import NodeConfig
 from router.log import get_logger
 from router.spool import Spool, is_out_of_space, new_id, write_durably
-from router.tls import server_context
+from router.tls import finish_handshake, server_context
 
 log = get_logger("router.receive")
 
@@ -208,7 +208,7 @@ class Receiver:
         ae.dimse_timeout = 120
         ae.add_supported_context(Verification)
         handlers = [
-            (evt.EVT_CONN_OPEN, on_conn_open_nodelay),
+            (evt.EVT_CONN_OPEN, self._on_conn_open if self.node.tls else on_conn_open_nodelay),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_C_ECHO, self._on_echo),
@@ -259,6 +259,13 @@ class Receiver:
     # --------------------------------------------------------------- handlers
     def _on_pdu(self, event) -> None:
         self._last_pdu = time.monotonic()
+
+    def _on_conn_open(self, event) -> None:
+        """With TLS: the handshake, on the connection's thread (see router.tls.ServerContext)."""
+        on_conn_open_nodelay(event)
+        failed = finish_handshake(event.assoc.dul.socket.socket)
+        if failed:
+            log.warning("tls_refused", peer=str(event.address[0]), reason=failed)
 
     def _caller(self, event) -> tuple[str, str]:
         requestor = event.assoc.requestor

@@ -112,6 +112,9 @@ def test_tls_end_to_end_and_refusals(tmp_path: Path, pki: Path, corpus_dir: Path
             assert handshake(router.port, pki, ssl.TLSVersion.TLSv1_2) == "ok"
             assert len(router.events("received")) == 1
             assert router.stop() == 0
+            refusals = [e["reason"] for e in router.events("tls_refused")]
+            for reason in ("WRONG_VERSION_NUMBER", "PEER_DID_NOT_RETURN_A_CERTIFICATE", "UNSUPPORTED_PROTOCOL"):
+                assert reason in refusals, refusals  # plain TCP, no client certificate, TLS 1.1
     finally:
         scp.terminate()
         scp.wait(10)
