@@ -34,6 +34,28 @@ class ServerContext(ssl.SSLContext):
         return super().wrap_socket(sock, server_side, do_handshake_on_connect, *args, **kwargs)
 
 
+class _RecordingSocket(ssl.SSLSocket):
+    """Notes why a client handshake failed on its context (pynetdicom keeps only a log line)."""
+
+    def do_handshake(self, block: bool = False) -> None:
+        try:
+            super().do_handshake(block)
+        except OSError as exc:
+            self.context.failure = getattr(exc, "reason", None) or type(exc).__name__
+            raise
+
+
+class ClientContext(ssl.SSLContext):
+    """A destination's context; ``take_failure()`` tells why its last handshake failed."""
+
+    sslsocket_class = _RecordingSocket
+    failure: str | None = None
+
+    def take_failure(self) -> str | None:
+        failure, self.failure = self.failure, None
+        return failure
+
+
 def finish_handshake(sock: socket.socket) -> str | None:
     """Complete a handshake ServerContext deferred; None when done, else why it failed
     (OpenSSL's reason, PHI-free), the connection then shut down.
@@ -64,12 +86,15 @@ def server_context(tls: TlsConfig) -> ssl.SSLContext:
     return context
 
 
-def client_context(dest: Destination) -> tuple[ssl.SSLContext, str]:
+def client_context(dest: Destination) -> tuple[ClientContext, str]:
     """The context and the name to check the destination's certificate against."""
     tls = dest.tls
     assert tls is not None
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH,
-                                         cafile=str(tls.ca_certificates) if tls.ca_certificates else None)
+    context = ClientContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies the certificate and the name
+    if tls.ca_certificates:
+        context.load_verify_locations(str(tls.ca_certificates))
+    else:
+        context.load_default_certs(ssl.Purpose.SERVER_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     if tls.certificate:
         context.load_cert_chain(str(tls.certificate), str(tls.private_key), password=b"")

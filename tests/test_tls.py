@@ -195,3 +195,28 @@ def test_tls_config_errors_name_the_key(tmp_path: Path, pki: Path):
         config_module.parse(f'[[destinations]]\nname = "d"\nae_title = "D"\nhost = "h"\nport = 104\n'
                             f'tls = {{ ca_certificates = "{pki}/client.key" }}\n')
     assert ":6: destinations.0.tls.ca_certificates: no usable PEM certificate" in str(error.value)
+
+
+def test_a_destination_handshake_failure_says_why(pki: Path):
+    """pynetdicom swallows the client's ssl.SSLError: the context keeps its reason for the forwarder."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    scp = AE("TLS_SCP")
+    scp.add_supported_context(Verification)
+    server = scp.start_server(("127.0.0.1", 0), block=False, ssl_context=server_context(
+        TlsConfig(certificate=pki / "server.crt", private_key=pki / "server.key")))
+    try:
+        port = server.server_address[1]
+        for name, expected in (("127.0.0.1", None), ("pacs.example.org", "CERTIFICATE_VERIFY_FAILED")):
+            context, server_name = client_context(Destination(
+                name="d", host="127.0.0.1", port=port, tls=TlsConfig(ca_certificates=pki / "ca.crt", server_name=name)))
+            scu = AE("ROUTER")
+            scu.add_requested_context(Verification)
+            assoc = scu.associate("127.0.0.1", port, ae_title="TLS_SCP", tls_args=(context, server_name))
+            assert assoc.is_established == (expected is None)
+            if assoc.is_established:
+                assoc.release()
+            assert context.take_failure() == expected and context.take_failure() is None
+    finally:
+        server.shutdown()
