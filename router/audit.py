@@ -4,12 +4,18 @@ A SQLite file (``[audit] path``), created owner-only (0600, its folder 0700) and
 forwarded. Table ``events``: one row per stage event of an instance (received,
 deidentified, forwarded, quarantined, refused) with the time, the calling AE title,
 the destination, the node's spool id and the NEW identifiers (pseudonymous UIDs, patient
-pseudonym) and a PHI-free reason. With ``[audit] crosswalk = true`` the table
-``crosswalk`` also maps ORIGINAL identifiers to their pseudonyms (PatientID, AccessionNumber,
-Study/Series/SOP Instance UIDs), for an honest broker: that table holds PHI.
+pseudonym) and a PHI-free reason. A "received" row gets the instance's new identifiers
+once it is de-identified, so "what happened to instance X" is ``SELECT * FROM events
+WHERE sop_instance_uid = X`` (see ``instance_history``, which also takes an original UID).
 
-One writer thread batches inserts (a transaction every ~200 ms), so a busy node pays a
-queue append per event. ``deid-router crosswalk export`` reads it back as CSV.
+PHI, only when asked for: with ``[audit] crosswalk = true`` the table ``crosswalk`` maps
+ORIGINAL identifiers to their pseudonyms (PatientID, AccessionNumber, Study/Series/SOP
+Instance UIDs), for an honest broker; with ``[audit] pixel_text = true`` the table
+``pixel_text`` keeps the text read off masked pixel regions.
+
+One writer thread batches inserts (one transaction per ~100 ms or per ``MAX_BATCH`` rows),
+so a busy node pays a queue append per event. ``deid-router crosswalk export`` and
+``deid-router audit`` read it back.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ log = get_logger("router.audit")
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY,
-    time TEXT NOT NULL,
+    time TEXT NOT NULL,             -- UTC, ISO 8601
     event TEXT NOT NULL,            -- received | deidentified | forwarded | quarantined | refused
     spool_id TEXT,
     calling_ae TEXT,
@@ -45,6 +51,7 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE INDEX IF NOT EXISTS events_sop ON events (sop_instance_uid);
 CREATE INDEX IF NOT EXISTS events_spool ON events (spool_id);
+CREATE INDEX IF NOT EXISTS events_time ON events (time);
 CREATE TABLE IF NOT EXISTS crosswalk (
     kind TEXT NOT NULL,             -- patient_id | accession | study_uid | series_uid | sop_instance_uid
     original TEXT NOT NULL,         -- PHI
@@ -52,16 +59,40 @@ CREATE TABLE IF NOT EXISTS crosswalk (
     first_seen TEXT NOT NULL,
     PRIMARY KEY (kind, original)
 );
+CREATE TABLE IF NOT EXISTS pixel_text (
+    time TEXT NOT NULL,
+    sop_instance_uid TEXT NOT NULL, -- new UID
+    frame INTEGER NOT NULL,
+    x0 INTEGER NOT NULL, y0 INTEGER NOT NULL, x1 INTEGER NOT NULL, y1 INTEGER NOT NULL,
+    text TEXT NOT NULL              -- PHI
+);
+CREATE INDEX IF NOT EXISTS pixel_text_sop ON pixel_text (sop_instance_uid);
 """
 
 EVENT_COLUMNS = ("time", "event", "spool_id", "calling_ae", "destination", "patient", "study_uid", "series_uid",
                  "sop_instance_uid", "reason")
+EVENTS = ("received", "deidentified", "forwarded", "quarantined", "refused")
 CROSSWALK_KINDS = ("patient_id", "accession", "study_uid", "series_uid", "sop_instance_uid")
-BATCH_SECONDS = 0.2
+#: Names for several kinds at once (``--kind uids``: the MIDI-B validator's UID mapping).
+KIND_GROUPS = {"uids": ("study_uid", "series_uid", "sop_instance_uid")}
+PIXEL_TEXT_COLUMNS = ("time", "sop_instance_uid", "frame", "x0", "y0", "x1", "y1", "text")
+BATCH_SECONDS = 0.1
+MAX_BATCH = 5000
+#: The new identifiers a "received" row gets from its "deidentified" row.
+_LINK = ("UPDATE events SET patient = ?, study_uid = ?, series_uid = ?, sop_instance_uid = ?"
+         " WHERE spool_id = ? AND event = 'received' AND sop_instance_uid IS NULL")
 
 
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def utc_time(text: str) -> str:
+    """An ISO 8601 date or time (UTC unless it says otherwise) as the store writes times."""
+    moment = datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.astimezone(timezone.utc).isoformat(timespec="milliseconds")
 
 
 def create_private(path: Path) -> None:
@@ -75,23 +106,38 @@ def create_private(path: Path) -> None:
     os.chmod(path, 0o600)
 
 
-class AuditStore:
-    """Records node events (and the crosswalk) in the background; thread-safe."""
+class AuditStoreError(Exception):
+    """The store cannot be created or opened (the message names the path and why)."""
 
-    def __init__(self, path: Path, crosswalk: bool = False):
+
+class AuditStore:
+    """Records node events (and, when on, the crosswalk and pixel text) in the background.
+
+    Thread-safe: every call appends to a queue that one writer thread drains.
+    """
+
+    def __init__(self, path: Path, crosswalk: bool = False, pixel_text: bool = False):
         self.path = Path(path)
         self.crosswalk = crosswalk
-        create_private(self.path)
-        connection = sqlite3.connect(self.path)
-        connection.executescript(SCHEMA)
-        connection.execute("PRAGMA journal_mode=WAL")
-        connection.close()
+        self.pixel_text = pixel_text
+        try:
+            create_private(self.path)
+            connection = sqlite3.connect(self.path)
+            try:
+                connection.execute("PRAGMA journal_mode=WAL")
+                connection.executescript(SCHEMA)
+            finally:
+                connection.close()
+        except (OSError, sqlite3.Error) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc)
+            raise AuditStoreError(f"cannot open the audit store {self.path}: {reason}") from None
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._write, name="audit", daemon=True)
         self._thread.start()
 
     def event(self, event: str, **fields: str | None) -> None:
-        self._queue.put(("event", tuple([now(), event, *(fields.get(c) for c in EVENT_COLUMNS[2:])])))
+        """One row of ``events``; fields are EVENT_COLUMNS (time is now)."""
+        self._queue.put(("event", (now(), event, *(fields.get(c) for c in EVENT_COLUMNS[2:]))))
 
     def map(self, originals: dict[str, str], pseudonyms: dict[str, str]) -> None:
         """Crosswalk rows kind -> (original, pseudonym); ignored unless crosswalk is on."""
@@ -105,9 +151,21 @@ class AuditStore:
         if rows:
             self._queue.put(("map", rows))
 
+    def record_pixel_text(self, rows: Iterable[tuple[str, int, int, int, int, int, str]]) -> None:
+        """Text read off masked regions: (new SOP Instance UID, frame, x0, y0, x1, y1, text).
+
+        Ignored unless pixel_text is on (the text is PHI)."""
+        if not self.pixel_text:
+            return
+        stamp = now()
+        batch = [(stamp, *row) for row in rows]
+        if batch:
+            self._queue.put(("text", batch))
+
     def close(self) -> None:
+        """Write what is queued and stop the writer."""
         self._queue.put(None)
-        self._thread.join(timeout=10)
+        self._thread.join(timeout=30)
 
     def _write(self) -> None:
         connection = sqlite3.connect(self.path, check_same_thread=False)
@@ -115,55 +173,129 @@ class AuditStore:
         stopping = False
         while not stopping:
             batch = [self._queue.get()]
-            time.sleep(BATCH_SECONDS)  # one transaction for what arrives meanwhile
-            while True:
+            deadline = time.monotonic() + BATCH_SECONDS  # one transaction for what arrives meanwhile
+            while batch[-1] is not None and len(batch) < MAX_BATCH:
                 try:
-                    batch.append(self._queue.get_nowait())
+                    batch.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
                 except queue.Empty:
                     break
-            events, maps = [], []
+            events, links, maps, texts = [], [], [], []
             for item in batch:
                 if item is None:
                     stopping = True
                 elif item[0] == "event":
-                    events.append(item[1])
-                else:
+                    row = item[1]
+                    events.append(row)
+                    if row[1] == "deidentified" and row[2] and row[8]:
+                        links.append((row[5], row[6], row[7], row[8], row[2]))
+                elif item[0] == "map":
                     maps.extend(item[1])
+                else:
+                    texts.extend(item[1])
             try:
                 with connection:
                     connection.executemany(
                         f"INSERT INTO events ({', '.join(EVENT_COLUMNS)}) VALUES ({', '.join('?' * len(EVENT_COLUMNS))})",
                         events)
+                    connection.executemany(_LINK, links)
                     connection.executemany("INSERT OR IGNORE INTO crosswalk VALUES (?, ?, ?, ?)", maps)
+                    connection.executemany(
+                        f"INSERT INTO pixel_text VALUES ({', '.join('?' * len(PIXEL_TEXT_COLUMNS))})", texts)
             except sqlite3.Error as exc:
-                log.error("audit_write_failed", error=type(exc).__name__, rows=len(events) + len(maps))
+                log.error("audit_write_failed", error=type(exc).__name__, rows=len(events) + len(maps) + len(texts))
         connection.close()
 
 
-def export_crosswalk(path: Path, out: TextIO, kinds: Iterable[str] = CROSSWALK_KINDS) -> int:
-    """Write the crosswalk as CSV (kind, original, pseudonym, first_seen); returns the rows."""
-    connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+# -- reading ------------------------------------------------------------------------------
+
+
+def open_read_only(path: Path) -> sqlite3.Connection:
+    return sqlite3.connect(f"file:{Path(path).absolute()}?mode=ro", uri=True)
+
+
+def expand_kinds(kinds: Iterable[str]) -> tuple[str, ...]:
+    """Crosswalk kinds, with group names (``uids``) spelled out."""
+    out: list[str] = []
+    for kind in kinds:
+        for k in KIND_GROUPS.get(kind, (kind,)):
+            if k not in CROSSWALK_KINDS:
+                raise ValueError(f"unknown crosswalk kind {k!r}")
+            if k not in out:
+                out.append(k)
+    return tuple(out)
+
+
+def export_crosswalk(path: Path, out: TextIO, kinds: Iterable[str] = CROSSWALK_KINDS, id_map: bool = False) -> int:
+    """Write the crosswalk as CSV; returns the rows.
+
+    Columns kind, original, pseudonym, first_seen; with ``id_map`` just id_old, id_new (the
+    mapping files of the MIDI-B validation script: ``--kind uids`` and ``--kind patient_id``).
+    """
+    kinds = expand_kinds(kinds)
+    connection = open_read_only(path)
     try:
-        kinds = tuple(kinds)
         rows = connection.execute(
             f"SELECT kind, original, pseudonym, first_seen FROM crosswalk WHERE kind IN ({', '.join('?' * len(kinds))})"
             " ORDER BY kind, first_seen, original", kinds).fetchall()
     finally:
         connection.close()
     writer = csv.writer(out)
-    writer.writerow(["kind", "original", "pseudonym", "first_seen"])
+    if id_map:
+        writer.writerow(["id_old", "id_new"])
+        writer.writerows((original, pseudonym) for _kind, original, pseudonym, _seen in rows)
+    else:
+        writer.writerow(["kind", "original", "pseudonym", "first_seen"])
+        writer.writerows(rows)
+    return len(rows)
+
+
+def export_pixel_text(path: Path, out: TextIO) -> int:
+    """Write the pixel text table as CSV (the columns of ``[deid] text_crosswalk``); returns the rows."""
+    connection = open_read_only(path)
+    try:
+        rows = connection.execute(f"SELECT {', '.join(PIXEL_TEXT_COLUMNS)} FROM pixel_text ORDER BY rowid").fetchall()
+    finally:
+        connection.close()
+    writer = csv.writer(out)
+    writer.writerow(PIXEL_TEXT_COLUMNS)
     writer.writerows(rows)
     return len(rows)
 
 
-def export_events(path: Path, out: TextIO) -> int:
-    """Write the events table as CSV; returns the rows."""
-    connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        rows = connection.execute(f"SELECT {', '.join(EVENT_COLUMNS)} FROM events ORDER BY id").fetchall()
-    finally:
-        connection.close()
+def export_events(path: Path, out: TextIO, since: str | None = None, sop_instance_uid: str | None = None) -> int:
+    """Write events as CSV (all, those at or after ``since`` (see utc_time), or one
+    instance's history); returns the rows."""
+    if sop_instance_uid:
+        rows = instance_history(path, sop_instance_uid)
+    else:
+        connection = open_read_only(path)
+        try:
+            rows = connection.execute(
+                f"SELECT {', '.join(EVENT_COLUMNS)} FROM events WHERE time >= ? ORDER BY id", (since or "",)).fetchall()
+        finally:
+            connection.close()
     writer = csv.writer(out)
     writer.writerow(EVENT_COLUMNS)
     writer.writerows(rows)
     return len(rows)
+
+
+def instance_history(path: Path, sop_instance_uid: str) -> list[tuple]:
+    """Every event of one instance, by its new SOP Instance UID, (crosswalk on) its original
+    one, or its spool id (an instance quarantined before it had a new UID)."""
+    connection = open_read_only(path)
+    try:
+        uid = sop_instance_uid
+        mapped = connection.execute("SELECT pseudonym FROM crosswalk WHERE kind = 'sop_instance_uid' AND original = ?",
+                                    (uid,)).fetchone()
+        if mapped:
+            uid = mapped[0]
+        columns = ", ".join(EVENT_COLUMNS)
+        rows = connection.execute(
+            f"SELECT id, {columns} FROM events WHERE sop_instance_uid = :uid OR spool_id = :uid"
+            f" UNION SELECT id, {columns} FROM events WHERE sop_instance_uid IS NULL AND spool_id IN"
+            " (SELECT spool_id FROM events WHERE sop_instance_uid = :uid AND spool_id IS NOT NULL)"
+            " ORDER BY id", {"uid": uid}).fetchall()
+        return [row[1:] for row in rows]
+    finally:
+        connection.close()

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import sqlite3
 import sys
 from pathlib import Path
 
 from router import __version__, config as config_module, log
-from router.audit import CROSSWALK_KINDS
+from router.audit import CROSSWALK_KINDS, KIND_GROUPS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,19 +43,25 @@ def main(argv: list[str] | None = None) -> int:
     crosswalk = commands.add_parser("crosswalk", help="the audit store's crosswalk (original -> pseudonym): PHI")
     crosswalk_commands = crosswalk.add_subparsers(dest="action", required=True)
     export = crosswalk_commands.add_parser("export", help="write the crosswalk as CSV (it holds PHI)")
-    export.add_argument("--config", type=Path, help="TOML config whose [audit] path is the store")
-    export.add_argument("--db", type=Path, help="the audit store file (instead of --config)")
-    export.add_argument("--format", choices=["csv"], default="csv")
-    export.add_argument("--kind", action="append", choices=list(CROSSWALK_KINDS),
-                        help="only these identifiers (repeatable; default: all)")
-    export.add_argument("--output", type=Path, help="file to write (default: standard output), created 0600")
+    store_arguments(export)
+    export.add_argument("--format", choices=["csv", "id-map"], default="csv",
+                        help="csv: kind,original,pseudonym,first_seen; id-map: id_old,id_new "
+                             "(the MIDI-B validation script's uid/patid mapping files)")
+    export.add_argument("--kind", action="append", choices=[*CROSSWALK_KINDS, *KIND_GROUPS],
+                        help="only these identifiers (repeatable; uids = study, series and SOP instance UIDs; "
+                             "default: all)")
+    pixel_text = crosswalk_commands.add_parser("pixel-text", help="write the text read off masked pixels as CSV (PHI)")
+    store_arguments(pixel_text)
 
     audit = commands.add_parser("audit", help="the audit store's events (pseudonymous identifiers only)")
     audit_commands = audit.add_subparsers(dest="action", required=True)
-    events = audit_commands.add_parser("export", help="write every event as CSV")
-    events.add_argument("--config", type=Path)
-    events.add_argument("--db", type=Path)
-    events.add_argument("--output", type=Path)
+    events = audit_commands.add_parser("export", help="write events as CSV")
+    store_arguments(events)
+    events.add_argument("--since", help="only events at or after this UTC time (ISO 8601, e.g. 2026-11-22 or "
+                                        "2026-11-22T10:00)")
+    show = audit_commands.add_parser("show", help="what happened to one instance, as CSV")
+    show.add_argument("uid", help="its new SOP Instance UID, its original one (crosswalk on) or its spool id")
+    store_arguments(show)
 
     args = parser.parse_args(argv)
     if args.command == "check-config":
@@ -84,6 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if forward.echo(args.host, args.port, called_ae=args.aec, calling_ae=args.aet, timeout=args.timeout) else 1
 
 
+def store_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="TOML config whose [audit] path is the store")
+    parser.add_argument("--db", type=Path, help="the audit store file (instead of --config)")
+    parser.add_argument("--output", type=Path, help="file to write (default: standard output), created 0600")
+
+
 def export_audit(args: argparse.Namespace) -> int:
     from router import audit
 
@@ -99,15 +112,30 @@ def export_audit(args: argparse.Namespace) -> int:
     if db is None or not Path(db).is_file():
         print(f"deid-router: no audit store {'at ' + str(db) if db else 'configured ([audit] path)'}", file=sys.stderr)
         return 2
+    since = None
+    if getattr(args, "since", None):
+        try:
+            since = audit.utc_time(args.since)
+        except ValueError:
+            print(f"deid-router: --since {args.since!r} is not an ISO 8601 date or time", file=sys.stderr)
+            return 2
     out = sys.stdout
     if args.output:
         fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # an existing file too: it holds PHI
         out = os.fdopen(fd, "w", newline="", encoding="utf-8")
     try:
-        if args.command == "crosswalk":
-            rows = audit.export_crosswalk(db, out, args.kind or audit.CROSSWALK_KINDS)
+        if args.command == "crosswalk" and args.action == "export":
+            rows = audit.export_crosswalk(db, out, args.kind or audit.CROSSWALK_KINDS, id_map=args.format == "id-map")
+        elif args.command == "crosswalk":
+            rows = audit.export_pixel_text(db, out)
+        elif args.action == "show":
+            rows = audit.export_events(db, out, sop_instance_uid=args.uid)
         else:
-            rows = audit.export_events(db, out)
+            rows = audit.export_events(db, out, since=since)
+    except sqlite3.Error as exc:
+        print(f"deid-router: cannot read the audit store {db}: {exc}", file=sys.stderr)
+        return 2
     finally:
         if args.output:
             out.close()

@@ -11,6 +11,7 @@ import ipaddress
 import os
 import re
 import secrets
+import ssl
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,6 +179,8 @@ class AuditConfig:
 
     path: Path | None = None
     crosswalk: bool = False
+    #: Keep the text read off masked pixel regions (PHI; OCR reads each masked box, ~30 ms).
+    pixel_text: bool = False
 
 
 @dataclass(frozen=True)
@@ -348,12 +351,14 @@ class _Reader:
         return StatusConfig(enabled=self.get(t, ("status", "enabled"), bool, d.enabled), bind=bind, port=port)
 
     def audit(self, value: Any) -> AuditConfig:
-        t = self.table(("audit",), value, {"path", "crosswalk"})
+        t = self.table(("audit",), value, {"path", "crosswalk", "pixel_text"})
         path = self.get(t, ("audit", "path"), str, None)
         crosswalk = self.get(t, ("audit", "crosswalk"), bool, False)
-        if crosswalk and not path:
-            self.problem(("audit", "crosswalk"), "needs audit.path (the crosswalk is kept in the audit store)")
-        return AuditConfig(path=self.path(path) if path else None, crosswalk=crosswalk)
+        pixel_text = self.get(t, ("audit", "pixel_text"), bool, False)
+        for name, on in (("crosswalk", crosswalk), ("pixel_text", pixel_text)):
+            if on and not path:
+                self.problem(("audit", name), f"needs audit.path (the {name} is kept in the audit store)")
+        return AuditConfig(path=self.path(path) if path else None, crosswalk=crosswalk, pixel_text=pixel_text)
 
     def node(self, value: Any) -> NodeConfig:
         d = NodeConfig()
@@ -569,10 +574,28 @@ class _Reader:
             self.problem(key, "the node needs certificate and private_key for TLS")
         if ("certificate" in files) != ("private_key" in files):
             self.problem(key, "certificate and private_key go together")
+        require = self.get(t, (*key, "require_client_certificate"), bool, True)
+        if server and t.get("require_client_certificate") is True and "ca_certificates" not in files:
+            self.problem((*key, "require_client_certificate"), "needs ca_certificates (to verify client certificates)")
+        self.check_tls_files(key, files)
         return TlsConfig(certificate=files.get("certificate"), private_key=files.get("private_key"),
-                         ca_certificates=files.get("ca_certificates"),
-                         require_client_certificate=self.get(t, (*key, "require_client_certificate"), bool, True),
+                         ca_certificates=files.get("ca_certificates"), require_client_certificate=require,
                          server_name=self.get(t, (*key, "server_name"), str, ""))
+
+    def check_tls_files(self, key: tuple[str, ...], files: dict[str, Path]) -> None:
+        """Load the PEM files as the node will, so a bad key or certificate is a config error."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        if files.get("certificate") and files.get("private_key") and all(
+                files[n].is_file() for n in ("certificate", "private_key")):
+            try:
+                context.load_cert_chain(str(files["certificate"]), str(files["private_key"]), password=b"")
+            except (ssl.SSLError, OSError) as exc:
+                self.problem((*key, "certificate"), f"cannot use it with private_key: {_ssl_reason(exc)}")
+        if files.get("ca_certificates") and files["ca_certificates"].is_file():
+            try:
+                context.load_verify_locations(str(files["ca_certificates"]))
+            except (ssl.SSLError, OSError) as exc:
+                self.problem((*key, "ca_certificates"), f"no usable PEM certificate: {_ssl_reason(exc)}")
 
     def logging(self, value: Any) -> LoggingConfig:
         t = self.table(("logging",), value, {"level", "format"})
@@ -583,3 +606,10 @@ class _Reader:
         if fmt not in ("auto", "json", "console"):
             self.problem(("logging", "format"), "must be auto, json or console")
         return LoggingConfig(level=level, format=fmt)
+
+
+def _ssl_reason(exc: Exception) -> str:
+    """OpenSSL's reason code (KEY_VALUES_MISMATCH...), else what kind of failure it was."""
+    if isinstance(exc, ssl.SSLError):
+        return exc.reason or "not a PEM certificate and its unencrypted private key"
+    return getattr(exc, "strerror", None) or type(exc).__name__

@@ -115,6 +115,7 @@ def worker_main(conn, config: Config, secret: bytes, spool_root: str, index: int
 
         deid = Deidentifier(config.deid, secret)
         deid.keep_originals = config.audit.crosswalk
+        deid.keep_pixel_text = config.audit.pixel_text
         deid.start()  # loads and self-tests the OCR models: fail here, not on the first instance
     except Exception as exc:
         worker_log.error("worker_init_failed", error=describe_exception(exc))
@@ -191,7 +192,7 @@ def process_one(deid, spool: Spool, config: Config, spool_id: str, src: Path, wo
                 series_instance_uid=result.series_instance_uid, transfer_syntax_uid=result.transfer_syntax_uid,
                 patient_pseudonym=result.patient_pseudonym, bytes_in=result.bytes_in, bytes_out=result.bytes_out,
                 seconds=ms / 1000, regions=result.pixel_regions_masked, source_ae=result.source_ae_title,
-                crosswalk=result.crosswalk)
+                crosswalk=result.crosswalk, pixel_text=result.pixel_text)
     return ("ok", spool_id, info)
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from router import log
-from router.audit import AuditStore
+from router.audit import AuditStore, AuditStoreError
 from router.config import Config, resolve_secret
 from router.profile import Deidentifier, InstanceRefused, InstanceResult
 
@@ -76,11 +76,16 @@ def run(src: Path, dst: Path, config: Config, workers: int | None = None) -> int
     dst.mkdir(parents=True, exist_ok=True)
     deidentifier = Deidentifier(config.deid, secret)
     deidentifier.keep_originals = config.audit.crosswalk
-    audit = AuditStore(config.audit.path, config.audit.crosswalk) if config.audit.path else None
+    deidentifier.keep_pixel_text = config.audit.pixel_text
     try:
         deidentifier.start()  # fail here, clearly, if the OCR models cannot run
     except RuntimeError as exc:
         print(f"deid-router: cannot start de-identification: {exc}", file=sys.stderr)
+        return 2
+    try:
+        audit = AuditStore(config.audit.path, config.audit.crosswalk, config.audit.pixel_text) if config.audit.path else None
+    except AuditStoreError as exc:
+        print(f"deid-router: {exc}", file=sys.stderr)
         return 2
     workers = max(1, min(workers or os.cpu_count() or 1, len(paths) or 1))
     progress = _Progress(len(paths)) if sys.stderr.isatty() else None
@@ -113,6 +118,8 @@ def run(src: Path, dst: Path, config: Config, workers: int | None = None) -> int
                             series_uid=r.series_instance_uid, sop_instance_uid=r.sop_instance_uid)
                 if r.crosswalk:
                     audit.map(*r.crosswalk)
+                if r.pixel_text:
+                    audit.record_pixel_text((r.sop_instance_uid, *region) for region in r.pixel_text)
             getattr(logger, instance_level)(
                 "instance.deidentified", sop_instance_uid=r.sop_instance_uid, patient=r.patient_pseudonym,
                 modality=r.modality, bytes_in=r.bytes_in, bytes_out=r.bytes_out, ms=round(outcome.seconds * 1000, 1))

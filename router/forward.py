@@ -292,7 +292,8 @@ class DicomSender:
         except (OSError, RuntimeError, ValueError) as exc:
             return f"cannot associate: {type(exc).__name__}"
         if not assoc.is_established:
-            return _association_failure(assoc)
+            failure = self.tls_args[0].take_failure() if self.tls_args else None
+            return f"TLS handshake failed: {failure}" if failure else _association_failure(assoc)
         install_checkpoint(assoc)
         self.assoc = assoc
         self.covered = covered

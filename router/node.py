@@ -26,7 +26,7 @@ import time
 from router import config as config_module
 from router.config import Config
 from router.deidentify import DeidStage, StartError, configure_logging
-from router.audit import AuditStore
+from router.audit import AuditStore, AuditStoreError
 from router.forward import ForwarderProcess
 from router.metrics import NodeMetrics, Probe
 from router.log import get_logger
@@ -83,7 +83,11 @@ def _run(config: Config, stop: threading.Event, received_signal: list[str]) -> i
 
     metrics = NodeMetrics([d.name for d in config.destinations])
     metrics.set_probe(lambda: Probe(spool.stage_counts(), spool.usage))
-    audit = AuditStore(config.audit.path, config.audit.crosswalk) if config.audit.path else None
+    try:
+        audit = AuditStore(config.audit.path, config.audit.crosswalk, config.audit.pixel_text) if config.audit.path else None
+    except AuditStoreError as exc:
+        log.error("audit_store_failed", reason=str(exc))
+        return 1
     events = NodeEvents(metrics, audit)
     forwarders = {d.name: ForwarderProcess(config, d, spool, events.forward_event) for d in config.destinations}
     events.spool = spool
@@ -184,10 +188,10 @@ class NodeEvents:
         if self.audit:
             self.audit.event("received", spool_id=spool_id, calling_ae=calling_ae)
 
-    def refused(self, kind: str) -> None:
+    def refused(self, kind: str, calling_ae: str | None = None) -> None:
         self.metrics.refused(kind)
         if self.audit:
-            self.audit.event("refused", reason=kind)
+            self.audit.event("refused", calling_ae=calling_ae, reason=kind)
 
     def deidentified(self, spool_id: str, info: dict) -> None:
         self.metrics.deidentified(info["seconds"], info["regions"])
@@ -198,6 +202,8 @@ class NodeEvents:
                              sop_instance_uid=info["sop_instance_uid"])
             if info.get("crosswalk"):
                 self.audit.map(*info["crosswalk"])
+            if info.get("pixel_text"):
+                self.audit.record_pixel_text((info["sop_instance_uid"], *region) for region in info["pixel_text"])
 
     def quarantined(self, stage: str, where: str, reason: str, spool_id: str | None = None,
                     sop_instance_uid: str | None = None) -> None:

@@ -91,6 +91,9 @@ class InstanceResult:
     #: Only with ``Deidentifier.keep_originals`` (the audit crosswalk): original -> new
     #: identifiers by kind. PHI: never log it.
     crosswalk: tuple[dict[str, str], dict[str, str]] | None = None
+    #: Only with ``Deidentifier.keep_pixel_text``: the text read off each masked region,
+    #: (frame, x0, y0, x1, y1, text). PHI: never log it.
+    pixel_text: tuple[tuple[int, int, int, int, int, str], ...] = ()
 
 
 @dataclass
@@ -134,6 +137,8 @@ class Deidentifier:
         self._marks: dict[bool, tuple[ConstantElement, ...]] = {}
         #: Return the original identifiers with each result (for an audit crosswalk).
         self.keep_originals = False
+        #: Read the text of masked regions and return it with each result (for the audit store).
+        self.keep_pixel_text = False
 
     def start(self) -> None:
         """Load what de-identification needs in this process (the OCR models, self-tested).
@@ -152,7 +157,8 @@ class Deidentifier:
 
             try:
                 self._pixels = (os.getpid(), PixelCleaner(load_policy(self.config.pixel_policy),
-                                                          read_text=self.config.text_crosswalk is not None))
+                                                          read_text=self.config.text_crosswalk is not None
+                                                          or self.keep_pixel_text))
             except ValueError as exc:
                 raise RuntimeError(str(exc)) from None
         return self._pixels[1]
@@ -216,6 +222,7 @@ class Deidentifier:
             bytes_out=0,
             crosswalk=None if originals is None else (
                 originals, {kind: _text(ds, tag) for kind, tag in CROSSWALK_TAGS.items()}),
+            pixel_text=tuple(tuple(r) for r in pixels.regions) if pixels and self.keep_pixel_text else (),
         )
 
     def _patient(self, ds: Dataset, identifying: set[str]) -> _Patient:

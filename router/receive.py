@@ -33,7 +33,7 @@ from router.profile import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
 from router.config import NodeConfig
 from router.log import get_logger
 from router.spool import Spool, is_out_of_space, new_id, write_durably
-from router.tls import server_context
+from router.tls import finish_handshake, server_context
 
 log = get_logger("router.receive")
 
@@ -208,7 +208,7 @@ class Receiver:
         ae.dimse_timeout = 120
         ae.add_supported_context(Verification)
         handlers = [
-            (evt.EVT_CONN_OPEN, on_conn_open_nodelay),
+            (evt.EVT_CONN_OPEN, self._on_conn_open if self.node.tls else on_conn_open_nodelay),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_C_ECHO, self._on_echo),
@@ -259,6 +259,13 @@ class Receiver:
     # --------------------------------------------------------------- handlers
     def _on_pdu(self, event) -> None:
         self._last_pdu = time.monotonic()
+
+    def _on_conn_open(self, event) -> None:
+        """With TLS: the handshake, on the connection's thread (see router.tls.ServerContext)."""
+        on_conn_open_nodelay(event)
+        failed = finish_handshake(event.assoc.dul.socket.socket)
+        if failed:
+            log.warning("tls_refused", peer=str(event.address[0]), reason=failed)
 
     def _caller(self, event) -> tuple[str, str]:
         requestor = event.assoc.requestor
@@ -319,7 +326,7 @@ class Receiver:
         problem = self.spool.capacity_problem(self.node.max_spool_bytes, self.node.min_free_bytes)
         if problem:
             self.refused += 1
-            self._refused("spool_full" if "spool" in problem else "disk_full")
+            self._refused("spool_full" if "spool" in problem else "disk_full", calling)
             log.warning("refused", reason=problem, status="0xA700", calling_ae=calling, peer=address)
             return STATUS_OUT_OF_RESOURCES
         spool_id = new_id()
@@ -338,7 +345,7 @@ class Receiver:
             except OSError:
                 pass
             reason = "out of space" if is_out_of_space(exc) else f"write failed: {exc.strerror or type(exc).__name__}"
-            self._refused("disk_full" if is_out_of_space(exc) else "write_failed")
+            self._refused("disk_full" if is_out_of_space(exc) else "write_failed", calling)
             log.error("refused", reason=reason, status="0xA700", calling_ae=calling, peer=address, spool_id=spool_id)
             return STATUS_OUT_OF_RESOURCES
         except Exception as exc:  # never let a handler exception become pynetdicom's 0xC211
@@ -347,7 +354,7 @@ class Receiver:
                 tmp.unlink()
             except OSError:
                 pass
-            self._refused("receive_failed")
+            self._refused("receive_failed", calling)
             log.error("refused", reason=f"receive failed: {type(exc).__name__}", status="0xA700",
                       calling_ae=calling, peer=address, spool_id=spool_id)
             return STATUS_OUT_OF_RESOURCES
@@ -372,9 +379,9 @@ class Receiver:
                                      f"write failed: {exc.strerror or type(exc).__name__}"),
                   status="A-ABORT", note="the sender keeps the instance and retries")
 
-    def _refused(self, kind: str) -> None:
+    def _refused(self, kind: str, calling_ae: str | None = None) -> None:
         if self.events:
-            self.events.refused(kind)
+            self.events.refused(kind, calling_ae)
 
     @staticmethod
     def _write_from_file(src: Path, dst: Path, head: bytes) -> int:
