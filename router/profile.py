@@ -260,8 +260,10 @@ class Deidentifier:
         vr = _vr(raw, tag)
         action = action or self.profile.action(tag)
         if action is None:
-            if vr is None:
-                del ds[tag]  # not in the data dictionary: cannot tell what it holds
+            if vr is None or not _in_dictionary(tag):
+                # Not in the data dictionary: cannot tell what it holds, whatever VR it came
+                # with (a damaged tag number turns (0008,0050) into (00E4,0050), value intact).
+                del ds[tag]
                 return
             code = self.profile.unlisted.get(vr)
             if code is None:
@@ -675,6 +677,14 @@ def _overrun(raw, tag: int, vr: str) -> bool:
         items = value if isinstance(value, (list, tuple, MultiValue)) else [value]
         value = "\\".join(str(v) for v in items).encode("utf-8", "replace")
     return _CONTROL.search(value.rstrip(b"\x00 ")) is not None
+
+
+def _in_dictionary(tag: int) -> bool:
+    try:
+        dictionary_VR(tag)  # repeating groups included
+    except KeyError:
+        return False
+    return True
 
 
 def _max_vm(tag: int) -> float:

@@ -120,7 +120,7 @@ def _pick(rng: random.Random, data: bytes, want: Callable[[Element], bool] = lam
     return rng.choice(candidates)
 
 
-def _with_length(data: bytes, element: Element, length: int) -> bytes:
+def with_length(data: bytes, element: Element, length: int) -> bytes:
     out = bytearray(data)
     if element.long_form:
         struct.pack_into("<I", out, element.length_at, length & 0xFFFFFFFF)
@@ -129,7 +129,7 @@ def _with_length(data: bytes, element: Element, length: int) -> bytes:
     return bytes(out)
 
 
-def _replace_value(data: bytes, element: Element, value: bytes, vr: bytes | None = None) -> bytes:
+def replace_value(data: bytes, element: Element, value: bytes, vr: bytes | None = None) -> bytes:
     return data[:element.start] + header(element.tag, vr or element.vr, len(value)) + value + data[element.end:]
 
 
@@ -143,19 +143,19 @@ def truncated(rng: random.Random, base: Base) -> tuple[bytes, str]:
 def wrong_length(rng: random.Random, base: Base) -> tuple[bytes, str]:
     element = _pick(rng, base.data, lambda e: e.length > 0)
     delta = rng.choice([-3, -2, -1, 1, 2, 3, 8, 64, -element.length])
-    return _with_length(base.data, element, max(0, element.length + delta)), EXPLICIT_LE
+    return with_length(base.data, element, max(0, element.length + delta)), EXPLICIT_LE
 
 
 def huge_length(rng: random.Random, base: Base) -> tuple[bytes, str]:
     element = _pick(rng, base.data, lambda e: e.long_form or rng.random() < 0.3)
     huge = rng.choice([0xFFFFFFFE, 0x7FFFFFFF, 0xFFFFFFF0, 0x80000000, 0x40000000]) if element.long_form else 0xFFFF
-    return _with_length(base.data, element, huge), EXPLICIT_LE
+    return with_length(base.data, element, huge), EXPLICIT_LE
 
 
 def undefined_length(rng: random.Random, base: Base) -> tuple[bytes, str]:
     """Undefined length (0xFFFFFFFF) on an element that is not a sequence or encapsulated."""
     element = _pick(rng, base.data, lambda e: e.long_form and e.vr != b"SQ")
-    return _with_length(base.data, element, UNDEFINED), EXPLICIT_LE
+    return with_length(base.data, element, UNDEFINED), EXPLICIT_LE
 
 
 def bad_vr(rng: random.Random, base: Base) -> tuple[bytes, str]:
@@ -179,7 +179,7 @@ def deep_sequence(rng: random.Random, base: Base) -> tuple[bytes, str]:
 def garbage_value(rng: random.Random, base: Base) -> tuple[bytes, str]:
     element = _pick(rng, base.data, lambda e: e.vr in TEXT_VRS)
     size = rng.choice([element.length, rng.randint(1, 80), rng.randint(200, 5000)])
-    return _replace_value(base.data, element, garbage(rng, size + (size & 1))), EXPLICIT_LE
+    return replace_value(base.data, element, garbage(rng, size + (size & 1))), EXPLICIT_LE
 
 
 def absurd_image(rng: random.Random, base: Base) -> tuple[bytes, str]:
@@ -194,7 +194,7 @@ def absurd_image(rng: random.Random, base: Base) -> tuple[bytes, str]:
                                       ((0x0028, 0x0004), b"CS", b"YBR_FULL_422")], rng.randint(1, 4)):
         present = [e for e in elements(data) if e.tag == tag]
         if present:
-            data = _replace_value(data, present[0], value, vr)
+            data = replace_value(data, present[0], value, vr)
         else:  # insert before the first element with a higher tag
             after = next((e for e in elements(data) if e.tag > tag), None)
             at = after.start if after else len(data)
@@ -238,7 +238,7 @@ def bad_uids(rng: random.Random, base: Base) -> tuple[bytes, str]:
     element = _pick(rng, base.data, lambda e: e.vr == b"UI")
     value = rng.choice([b"1." * 60, b"PHIFAULT-UID-0001", b"", b"\x00" * 8, b"1.2.840.10008.5.1.4.1.1.2 \\2.3",
                         garbage(rng, 64)])
-    return _replace_value(base.data, element, value + b"\x00" * (len(value) & 1)), EXPLICIT_LE
+    return replace_value(base.data, element, value + b"\x00" * (len(value) & 1)), EXPLICIT_LE
 
 
 def tiny(rng: random.Random, base: Base) -> tuple[bytes, str]:
@@ -264,7 +264,7 @@ def mutants(bases: Sequence[Base], count: int, seed: int) -> Iterator[Mutant]:
         base = rng.choice(bases)
         uid = f"2.25.{seed}{index:06d}"
         [element] = [e for e in elements(base.data) if e.tag == (0x0008, 0x0018)]
-        own = Base(base.sop_class, uid, _replace_value(base.data, element, uid.encode() + b"\x00" * (len(uid) & 1)))
+        own = Base(base.sop_class, uid, replace_value(base.data, element, uid.encode() + b"\x00" * (len(uid) & 1)))
         data, syntax = KINDS[kind](rng, own)
         yield Mutant(kind, base.sop_class, uid, syntax, data)
 
