@@ -56,6 +56,9 @@ PHI = {
     "OtherPatientIDs": "PHIFAULT-MRN-31",
     "PatientAddress": "PHIFAULT Lane 12",
 }
+#: What identifies in each value beyond the marker (the engine cuts known name tokens out of
+#: kept text, so a value that escaped the profile may show only these).
+PHI_REMNANTS = (b"ZEBULON", b"PID-7731", b"ACC99", b"Memorial", b"7 PHIFAULT Road", b"REFERRER", b"MRN-31", b"Lane 12")
 OUT_OF_RESOURCES = 0xA700
 
 
@@ -118,7 +121,9 @@ class Sender:
         self.standing = list(standing)  # (SOP class, transfer syntax) pairs proposed every time
         self.ae = AE(ae_title="FAULTSCU")
         self.ae.maximum_pdu_size = 131072
-        self.ae.acse_timeout = self.ae.dimse_timeout = self.ae.network_timeout = 60
+        # A C-STORE the node neither answers nor aborts costs this much (see the full file
+        # system test: it happens after an ENOSPC while receiving).
+        self.ae.acse_timeout = self.ae.dimse_timeout = self.ae.network_timeout = 10
         self.assoc = None
 
     def _pairs(self) -> set[tuple[str, str]]:
@@ -370,7 +375,7 @@ def test_spool_over_its_limit_refuses_while_the_destination_is_down_then_recover
         with Router(tmp_path, [dest], node={"max_spool_bytes": size * 6}) as router:
             answers = send_all(router.port, files)
             accepted = [p for p in files if answers[p] == 0x0000]
-            assert 5 <= len(accepted) <= 8, answers
+            assert 4 <= len(accepted) <= 9, answers
             assert {answers[p] for p in files if p not in accepted} == {OUT_OF_RESOURCES}
             wait_until(lambda: len(router.events("destination_unavailable")) >= 3, timeout=30, what="an outage")
             assert router.echo_ok()
@@ -422,11 +427,18 @@ def test_full_file_system_answers_out_of_resources_and_recovers(tmp_path: Path, 
 
         router = Router(tmp_path, [dest], node={"spool_dir": spool, "min_free_bytes": 0}, name="nofloor")
         with router:
-            answers = send_all(router.port, files[18:])
-            accepted += [p for p in files[18:] if answers[p] == 0x0000]
+            # Until the second refusal: after one, a C-STORE may go unanswered until the
+            # sender's time-out (see Sender), and there is no need to wait for many.
+            sender, answers = Sender(router.port), {}
+            for path in files[18:]:
+                answers[path] = sender.send(path)
+                if sum(status != 0x0000 for status in answers.values()) == 2:
+                    break
+            sender.close()
+            accepted += [p for p in answers if answers[p] == 0x0000]
             refused = [p for p in files if p not in accepted]
-            assert {answers[p] for p in files[18:] if p not in accepted} <= {OUT_OF_RESOURCES, None}
-            assert refused and router.events("refused")
+            assert {answers[p] for p in answers if p not in accepted} <= {OUT_OF_RESOURCES, None}
+            assert router.events("refused")
             assert router.process.poll() is None and router.echo_ok()
             scp.start()
             accepted_uids = {new_uid(str(ds.SOPInstanceUID)) for p, ds in zip(files, series) if p in accepted}
@@ -549,7 +561,8 @@ def test_corpus_and_1000_mutated_datasets_never_crash_the_node(tmp_path: Path, c
         assert set(deidentified.values()) == forwarded
         assert len(list(out.rglob("*.dcm"))) == len(forwarded)
         for path in out.rglob("*.dcm"):  # nothing identifying went out either
-            assert MARKER.encode() not in path.read_bytes(), path
+            data = path.read_bytes()
+            assert not [n for n in (MARKER.encode(), *PHI_REMNANTS) if n in data], path
 
         # Still serving: C-ECHO and a good instance, delivered.
         assert router.echo_ok()
@@ -575,9 +588,8 @@ def overrun(base: mutations.Base, damage: str) -> bytes:
     if damage == "uid_one_byte_longer":  # every element after it is read one byte off
         element = found[(0x0020, 0x0052)]
         return mutations.with_length(base.data, element, element.length + 1)
-    if damage == "tag_number_damaged":  # the accession number under a tag no dictionary has
-        element = found[(0x0008, 0x0050)]
-        return base.data[:element.start] + struct.pack("<H", 0x00E4) + base.data[element.start + 2:]
+    if damage == "tag_number_damaged":  # the accession numbers under a tag no dictionary has
+        return base.data.replace(b"\x08\x00\x50\x00SH", b"\xe4\x00\x50\x00SH")
     if damage == "invalid_vr":  # a VR that is none, its length reaching past the sequence
         element = found[(0x0040, 0x0254)]
         head = struct.pack("<HH2sH", 0x0040, 0x0254, b"O\x00", until - element.value_start)
@@ -607,4 +619,5 @@ def test_a_value_that_overran_its_element_carries_no_phi_out(tmp_path: Path, dam
         assert MARKER not in refused.reason
         assert not dst.exists()
         return
-    assert MARKER.encode() not in dst.read_bytes()
+    data = dst.read_bytes()
+    assert not [needle for needle in (MARKER.encode(), *PHI_REMNANTS) if needle in data]
