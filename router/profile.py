@@ -22,11 +22,13 @@ from typing import TYPE_CHECKING
 from pydicom import config as pydicom_config
 from pydicom import dcmread
 from pydicom.charset import decode_bytes
-from pydicom.datadict import dictionary_VR
+from pydicom.datadict import dictionary_VM, dictionary_VR
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.sequence import Sequence
+from pydicom.multival import MultiValue
+from pydicom.valuerep import VR
 from pydicom.uid import (
     UID,
     ExplicitVRBigEndian,
@@ -265,8 +267,10 @@ class Deidentifier:
         vr = _vr(raw, tag)
         action = action or self.profile.action(tag)
         if action is None:
-            if vr is None:
-                del ds[tag]  # not in the data dictionary: cannot tell what it holds
+            if vr is None or not _in_dictionary(tag):
+                # Not in the data dictionary: cannot tell what it holds, whatever VR it came
+                # with (a damaged tag number turns (0008,0050) into (00E4,0050), value intact).
+                del ds[tag]
                 return
             code = self.profile.unlisted.get(vr)
             if code is None:
@@ -309,6 +313,8 @@ class Deidentifier:
 
     def _keep(self, ds: Dataset, tag: int, vr: str, patient: _Patient, shift: bool) -> None:
         """Keep an element, with what keeping still implies: recurse, shift dates, scrub text."""
+        if _overrun(ds.get_item(tag), tag, vr):
+            raise InstanceRefused(f"malformed element: a {vr} value that does not fit its VR (wrong length?)")
         if vr == "SQ":
             self._recurse(ds, tag, patient)
         elif vr in DATE_VRS and shift and patient.shift_days is not None:
@@ -636,15 +642,66 @@ def _replace_text_date(m: re.Match[str], shift_days: int | None) -> str:
     return sep.join((f"{new.day:0{width(0)}d}", f"{new.month:0{width(1)}d}", year_text))
 
 
+#: The value representations of PS3.5 6.2: an explicit VR outside them means the data set
+#: is damaged, and whatever its length swallowed (other elements, PHI) cannot be judged.
+VALID_VRS = frozenset(vr.value for vr in VR)  # with the dictionary's ambiguous "US or SS"
+
+
 def _vr(raw, tag: int) -> str | None:
     vr = raw.VR if raw is not None else None
     if vr and vr != "UN":
+        if vr not in VALID_VRS:
+            raise InstanceRefused("malformed element: invalid value representation")
         return vr
     try:
         known = dictionary_VR(tag)
     except KeyError:
         return vr  # "UN" stays UN; None (implicit, unknown tag) stays None
     return known.split(" or ")[0]
+
+
+#: C0 control characters no string value holds (PS3.5 6.1.3; ESC, TAB, LF, FF, CR allowed).
+_CONTROL = re.compile(rb"[\x00-\x08\x0b\x0e-\x1a\x1c-\x1f]")
+_NUMERIC_SIZES = {"FL": 4, "FD": 8, "SL": 4, "SS": 2, "UL": 4, "US": 2, "SV": 8, "UV": 8, "AT": 4}
+
+
+def _overrun(raw, tag: int, vr: str) -> bool:
+    """Whether a value cannot be what its VR says: a wrong declared length made it swallow
+    the elements that followed (binary tags in a string, too many numbers). Kept as it is,
+    it would carry those elements, PHI included, past the profile."""
+    value = raw.value if raw is not None else None
+    if value is None or vr == "SQ" or vr in BINARY_VRS or " or " in vr:
+        return False
+    if vr in _NUMERIC_SIZES:
+        if isinstance(value, (bytes, bytearray)):
+            if len(value) % _NUMERIC_SIZES[vr]:
+                return True
+            count = len(value) // _NUMERIC_SIZES[vr]
+        else:
+            count = len(value) if isinstance(value, (list, tuple, MultiValue)) else 1
+        return count > _max_vm(tag)
+    if not isinstance(value, (bytes, bytearray)):
+        items = value if isinstance(value, (list, tuple, MultiValue)) else [value]
+        value = "\\".join(str(v) for v in items).encode("utf-8", "replace")
+    return _CONTROL.search(value.rstrip(b"\x00 ")) is not None
+
+
+def _in_dictionary(tag: int) -> bool:
+    try:
+        dictionary_VR(tag)  # repeating groups included
+    except KeyError:
+        return False
+    return True
+
+
+def _max_vm(tag: int) -> float:
+    """The largest value multiplicity the data dictionary allows (infinite if open or unknown)."""
+    try:
+        vm = dictionary_VM(tag)
+    except KeyError:
+        return float("inf")
+    last = vm.rsplit("-", 1)[-1]
+    return float(last) if last.isdigit() else float("inf")
 
 
 def _strings(raw) -> list[str]:
