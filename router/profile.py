@@ -458,6 +458,8 @@ def validate(ds: Dataset) -> None:
         raise InstanceRefused("missing or invalid SOP Class UID (0008,0016): not a composite instance")
     if not _text(ds, 0x00080018):
         raise InstanceRefused("missing SOP Instance UID (0008,0018): not a composite instance")
+    if len(_strings(ds.get_item(0x00080018))) > 1:
+        raise InstanceRefused("SOP Instance UID (0008,0018) has several values: an instance has one")
     last = ds.get_item(max(ds.keys()))
     if isinstance(last, RawDataElement) and isinstance(last.value, bytes) and last.length != 0xFFFFFFFF \
             and len(last.value) < last.length:

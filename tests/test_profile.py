@@ -445,3 +445,22 @@ def test_uids_written_in_kept_text_are_remapped_consistently(tmp_path):
     out, data = roundtrip(ds, engine("clean-descriptors"), tmp_path)
     assert out.StudyDescription == f"see study {out.StudyInstanceUID} in v3.5.1"
     assert b"1.2.3.4.1" not in data
+
+
+def test_several_sop_instance_uids_are_refused(tmp_path):
+    from pydicom.dataset import Dataset, FileMetaDataset
+
+    from router.profile import InstanceRefused, read_instance
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4"
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.SOPInstanceUID = ["1.2.3.4", "1.2.3.5"]
+    ds.Modality = "OT"
+    path = tmp_path / "two-uids.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    with pytest.raises(InstanceRefused, match="several values"):
+        read_instance(path)
