@@ -5,7 +5,7 @@ de-identification, no routing, no retries. The handler streams each dataset to a
 file (pynetdicom's ``STORE_RECV_CHUNKED_DATASET``), acknowledges it, and one thread sends
 the files on a kept-open association, streamed from the file
 (``STORE_SEND_CHUNKED_DATASET``). Prints ``acked UID TIME`` per instance, from which the
-benchmark computes acknowledgement-to-delivery latency. TCP_NODELAY, 128 KiB PDUs and the router's fix for
+benchmark computes acknowledgement-to-delivery latency. TCP_NODELAY, 128 KiB PDUs, pynetdicom's log handlers off and the router's fix for
 pynetdicom's send race on both sides, as in the router, so that the comparison is about
 what the router adds (durable spool, de-identification, routing, retries). A send that
 gets no response is resent on a new association.
@@ -42,6 +42,7 @@ def main(argv: list[str]) -> int:
     _config.STORE_RECV_CHUNKED_DATASET = True
     _config.STORE_SEND_CHUNKED_DATASET = True
     _config.UNRESTRICTED_STORAGE_SERVICE = True
+    _config.LOG_HANDLER_LEVEL = "none"  # as the router: no per-PDU log formatting
     todo: queue.Queue = queue.Queue()
 
     def on_store(event) -> int:

@@ -46,6 +46,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config, build_context, evt
 from pynetdicom.sop_class import Verification
 
+from router import commands
 from router.config import Config, Destination, NodeConfig
 from router.deidentify import Routed, StartError, configure_logging, describe_exception
 from router.log import get_logger
@@ -717,8 +718,10 @@ class Forwarder:
 
 
 def configure_sending() -> None:
-    """Stream spool files to the network without decoding them (exact context match)."""
+    """Stream spool files to the network without decoding them (exact context match);
+    command sets encoded by hand."""
     _config.STORE_SEND_CHUNKED_DATASET = True
+    commands.install()
 
 
 # ------------------------------------------------------------------ forwarder processes

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import functools
 import io
 import os
 import re
@@ -98,6 +99,16 @@ class InstanceResult:
     pixel_text: tuple[tuple[int, int, int, int, int, str], ...] = ()
 
 
+@functools.lru_cache(maxsize=8192)
+def _needs_cleaning(text: str, scrub: re.Pattern[str] | None, patterns: re.Pattern[str] | None,
+                    dates: bool, uids: bool) -> bool:
+    """Cached: a series repeats most kept text values (and a patient's scrub pattern is one
+    object, from re's cache) instance after instance."""
+    return (scrub is not None and scrub.search(text) is not None) or (
+        patterns is not None and patterns.search(text) is not None) or (
+        dates and _TEXT_DATE.search(text) is not None) or (uids and _TEXT_UID.search(text) is not None)
+
+
 @dataclass
 class _Patient:
     """Per-instance state: who the patient is, as far as the pseudonyms need to know."""
@@ -110,9 +121,7 @@ class _Patient:
     new_uid: Callable[[str], str] | None  # UIDs written in kept text are remapped (None: kept)
 
     def needs_cleaning(self, text: str) -> bool:
-        return any(p is not None and p.search(text) for p in (self.scrub, self.patterns)) or (
-            self.text_dates != "keep" and _TEXT_DATE.search(text) is not None) or (
-            self.new_uid is not None and _TEXT_UID.search(text) is not None)
+        return _needs_cleaning(text, self.scrub, self.patterns, self.text_dates != "keep", self.new_uid is not None)
 
     def clean_text(self, text: str) -> str:
         """Cut identifying values out of text; shift or remove its dates, remap its UIDs."""
@@ -584,10 +593,14 @@ def shift_date(value: str, vr: str, days: int) -> str | None:
     if vr == "DA":
         compact = text.replace(".", "") if re.fullmatch(r"\d{4}\.\d{2}\.\d{2}", text) else text
         try:
-            d = dt.datetime.strptime(compact, "%Y%m%d").date()
-        except ValueError:
+            if len(compact) == 8 and compact.isascii() and compact.isdigit():
+                d = dt.date(int(compact[:4]), int(compact[4:6]), int(compact[6:]))
+            else:
+                d = dt.datetime.strptime(compact, "%Y%m%d").date()
+            d -= dt.timedelta(days=days)
+        except (ValueError, OverflowError):
             return None
-        return (d - dt.timedelta(days=days)).strftime("%Y%m%d")
+        return f"{d.year:04d}{d.month:02d}{d.day:02d}"
     m = _DT.fullmatch(text)
     if not m:
         return None

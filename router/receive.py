@@ -2,11 +2,11 @@
 
 C-ECHO, and C-STORE of any storage SOP class (standard, retired or private) in whatever
 transfer syntax the sender proposes first: the node never transcodes on receive. The
-C-STORE handler never decodes the dataset: pynetdicom streams the received bytes to a file
-in the spool's tmp/ (``STORE_RECV_CHUNKED_DATASET``); the handler writes the instance
+C-STORE handler never decodes the dataset: pynetdicom streams the received bytes into a
+file in the spool's tmp/ (``STORE_RECV_CHUNKED_DATASET``, see ``install_receive_hooks``),
 under a new File Meta Information whose (0002,0016) Source Application Entity Title is the
-calling AE title (routing uses it), fsyncs it, renames it into incoming/, and only then
-answers 0x0000. When the spool is over its size limit, the file system is short of space,
+calling AE title (routing uses it); the handler fsyncs it, renames it into incoming/, and
+only then answers 0x0000. When the spool is over its size limit, the file system is short of space,
 or the write fails, it answers 0xA700 (Refused: Out of Resources) and keeps running.
 
 Unknown callers are rejected at association (allow-lists of AE titles and networks).
@@ -18,33 +18,28 @@ import functools
 import ipaddress
 import os
 import socket
-import struct
-import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-from pynetdicom import AE, _config, evt
+from pydicom.dataset import FileMetaDataset
+from pynetdicom import AE, _config, dimse_messages, evt
 from pynetdicom.dimse_messages import DIMSEMessage
 from pynetdicom.sop_class import Verification
 
 from router.profile import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
 from router.config import NodeConfig
 from router.log import get_logger
-from router.spool import Spool, is_out_of_space, new_id, write_durably
+from router import commands
+from router.encode import PREAMBLE, file_meta_group
+from router.spool import Spool, fsync_file, is_out_of_space, new_id
 from router.tls import finish_handshake, server_context
 
 log = get_logger("router.receive")
 
-#: Our Implementation Class UID (a fixed UUID-derived 2.25 UID) and version name.
-
-#: Stream received datasets to a file instead of holding them in memory. Measured with
-#: 200 CT slices (storescu -> the node, workers paused, two fsyncs per instance, 2 cores):
-#: 67-86 inst/s streamed vs 81-87 inst/s with event.encoded_dataset(): the same within
-#: noise, and streaming never holds a multi-GB instance in memory (twice, as
-#: encoded_dataset() does).
-CHUNKED = True
 
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
@@ -71,88 +66,113 @@ def on_conn_open_nodelay(event) -> None:
 
 
 def file_meta_bytes(sop_class: str, sop_instance: str, transfer_syntax: str, source_ae: str) -> bytes:
-    """Preamble, 'DICM' and a File Meta Information group, encoded (by hand: this runs
-    for every received instance, and pydicom's writer costs ~1 ms for these 8 elements)."""
-    elements = [
-        _meta_element(0x0001, "OB", b"\x00\x01"),
-        _meta_element(0x0002, "UI", _uid_bytes(sop_class)),
-        _meta_element(0x0003, "UI", _uid_bytes(sop_instance)),
-        _meta_element(0x0010, "UI", _uid_bytes(transfer_syntax)),
-        _meta_element(0x0012, "UI", _uid_bytes(IMPLEMENTATION_CLASS_UID)),
-        _meta_element(0x0013, "SH", _text_bytes(IMPLEMENTATION_VERSION, 16)),
-    ]
+    """Preamble, 'DICM' and the File Meta Information group the spool stores a received
+    instance under: (0002,0016) Source Application Entity Title is the calling AE title."""
+    return PREAMBLE + _meta_group(sop_class, sop_instance, transfer_syntax, source_ae)
+
+
+def _meta_group(sop_class: str, sop_instance: str, transfer_syntax: str, source_ae: str) -> bytes:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = _uid(sop_class)
+    meta.MediaStorageSOPInstanceUID = _uid(sop_instance)
+    meta.TransferSyntaxUID = _uid(transfer_syntax)
+    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION
+    source_ae = _ascii(source_ae).strip()[:16]
     if source_ae:
-        elements.append(_meta_element(0x0016, "AE", _text_bytes(source_ae, 16)))
-    body = b"".join(elements)
-    return b"\x00" * 128 + b"DICM" + _meta_element(0x0000, "UL", struct.pack("<I", len(body))) + body
+        meta.SourceApplicationEntityTitle = source_ae
+    group = file_meta_group(meta)
+    if group is None:  # pragma: no cover - every value above is ASCII text of a known VR
+        raise ValueError("file meta not encodable")
+    return group
 
 
-def _meta_element(element: int, vr: str, value: bytes) -> bytes:
-    if vr == "OB":
-        return struct.pack("<HH2s2xI", 0x0002, element, b"OB", len(value)) + value
-    return struct.pack("<HH2sH", 0x0002, element, vr.encode("ascii"), len(value)) + value
+def _ascii(text) -> str:
+    return str(text or "").encode("ascii", "replace").decode("ascii")
 
 
-def _uid_bytes(uid: str) -> bytes:
-    data = str(uid).strip("\0 ").encode("ascii", "replace")[:64]
-    return data + b"\0" if len(data) & 1 else data
+def _uid(text) -> str:
+    return _ascii(text).strip("\0 ")[:64]
 
 
-def _text_bytes(text: str, limit: int) -> bytes:
-    data = str(text).strip().encode("ascii", "replace")[:limit]
-    return data + b" " if len(data) & 1 else data
+# -- receiving a C-STORE dataset straight into the spool -----------------------------------
+#
+# With STORE_RECV_CHUNKED_DATASET pynetdicom writes each received fragment of a C-STORE
+# dataset to a NamedTemporaryFile (behind a preamble and a File Meta group it encodes with
+# pydicom) in the association's reactor thread, before the handler runs. For a node's own
+# associations the hooks below make that file the spool file itself: created in the spool's
+# tmp/, written unbuffered, under the meta group the spool keeps (calling AE title
+# included). The handler then only fsyncs and renames it: no copy, no second meta.
 
 
-def dataset_offset(path: Path) -> int:
-    """Where the dataset starts in a Part 10 file written by pynetdicom (after its meta)."""
-    with open(path, "rb") as f:
-        head = f.read(144)
-    if len(head) < 144 or head[128:132] != b"DICM" or head[132:136] != b"\x02\x00\x00\x00":
-        raise ValueError("unexpected file meta layout")
-    return 144 + int.from_bytes(head[140:144], "little")
+class _Receiving(threading.local):
+    """The node receiver and association whose PDU this reactor thread is decoding."""
+
+    receiver: "Receiver | None" = None
+    assoc = None
 
 
-def copy_range(src_fd: int, dst_fd: int, offset: int, count: int) -> None:
-    """Copy count bytes from src at offset to the current end of dst, in the kernel."""
-    copied = 0
-    try:
-        while copied < count:
-            n = os.copy_file_range(src_fd, dst_fd, count - copied, offset + copied)
-            if n == 0:
-                break
-            copied += n
-    except OSError:
-        if copied:
-            raise
-        os.lseek(src_fd, offset, os.SEEK_SET)
-        while copied < count:
-            chunk = os.read(src_fd, min(1 << 20, count - copied))
-            if not chunk:
-                break
-            view = memoryview(chunk)
-            while view:
-                view = view[os.write(dst_fd, view):]
-            copied += len(chunk)
-    if copied != count:
-        raise OSError(f"short copy: {copied} of {count} bytes")
+_receiving = _Receiving()
+_receivers: "weakref.WeakKeyDictionary[AE, Receiver]" = weakref.WeakKeyDictionary()
 
 
-def guard_receive_writes(on_failure: Callable[[OSError], None]) -> None:
-    """Make a failed write of a received dataset end the association, not the node's reactor.
+class SpoolFile:
+    """A received dataset's file in the spool's tmp/, as pynetdicom's chunked receive uses
+    it (``write``, ``file.flush``, ``close``, ``name``). Writes go straight to the file."""
 
-    With STORE_RECV_CHUNKED_DATASET pynetdicom writes each received fragment to a temp file
-    inside the association's reactor thread, before our handler runs: a full file system
-    raises there, kills the reactor thread and leaves the association hanging. Here the
-    association is aborted instead; the instance was not acknowledged, so the sender keeps
-    it and retries (as after 0xA700).
-    """
-    original = getattr(DIMSEMessage.decode_msg, "__wrapped__", DIMSEMessage.decode_msg)
+    def __init__(self, path: Path):
+        self.name = str(path)
+        self.file = self
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
 
-    @functools.wraps(original)
+    def write(self, data) -> int:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view):]
+        return len(data)
+
+    def flush(self) -> None:
+        """Nothing buffered."""
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            os.close(fd)
+
+
+@dataclass(frozen=True)
+class _MetaRequest:
+    sop_class: str
+    sop_instance: str
+    transfer_syntax: str
+
+
+def install_receive_hooks() -> None:
+    """Patch pynetdicom (once per process) for the node's associations, see above; and make
+    a failed write end the association, not the reactor: a full file system raises inside
+    the reactor thread, which killed it and left the association hanging. The association
+    is aborted instead; the instance was not acknowledged, so the sender keeps it and
+    retries (as after 0xA700). Associations of other AEs in the process are left alone."""
+    commands.install()
+    if getattr(DIMSEMessage.decode_msg, "router_hook", False):
+        return
+    original_decode = DIMSEMessage.decode_msg
+    original_temporary = dimse_messages.NamedTemporaryFile
+    original_create_meta = dimse_messages.create_file_meta
+    original_write_meta = dimse_messages.write_file_meta_info
+
+    @functools.wraps(original_decode)
     def decode_msg(self, primitive, assoc=None):
+        receiver = _receivers.get(assoc.ae) if assoc is not None else None
+        _receiving.receiver, _receiving.assoc = receiver, assoc
         try:
-            return original(self, primitive, assoc)
+            return original_decode(self, primitive, assoc)
         except (OSError, ValueError) as exc:  # ValueError: later fragments, file already closed
+            if receiver is None:
+                raise
             partial = getattr(self, "_data_set_file", None)
             if partial is not None:
                 try:
@@ -162,13 +182,42 @@ def guard_receive_writes(on_failure: Callable[[OSError], None]) -> None:
                     pass
                 self._data_set_file = None
                 if isinstance(exc, OSError):
-                    on_failure(exc)
-            if assoc is not None and not getattr(assoc, "_guard_aborting", False):
+                    receiver._write_failed(exc)
+            if not getattr(assoc, "_guard_aborting", False):
                 assoc._guard_aborting = True
                 assoc.abort(block=False)  # we are in the reactor thread: queue the A-ABORT
             return False
+        finally:
+            _receiving.receiver = _receiving.assoc = None
 
+    def temporary_file(*args, **kwargs):
+        receiver = _receiving.receiver
+        if receiver is None:
+            return original_temporary(*args, **kwargs)
+        return SpoolFile(receiver.spool.tmp_path())
+
+    def create_file_meta(*, sop_class_uid, sop_instance_uid, transfer_syntax):
+        if _receiving.receiver is None:
+            return original_create_meta(sop_class_uid=sop_class_uid, sop_instance_uid=sop_instance_uid,
+                                        transfer_syntax=transfer_syntax)
+        return _MetaRequest(str(sop_class_uid or ""), str(sop_instance_uid or ""), str(transfer_syntax or ""))
+
+    def write_file_meta_info(fp, meta, *args, **kwargs):
+        if not isinstance(meta, _MetaRequest):
+            return original_write_meta(fp, meta, *args, **kwargs)
+        calling = _calling_ae(_receiving.assoc)
+        fp.write(_meta_group(meta.sop_class, meta.sop_instance, meta.transfer_syntax, calling))
+
+    decode_msg.router_hook = True
     DIMSEMessage.decode_msg = decode_msg
+    dimse_messages.NamedTemporaryFile = temporary_file
+    dimse_messages.create_file_meta = create_file_meta
+    dimse_messages.write_file_meta_info = write_file_meta_info
+
+
+def _calling_ae(assoc) -> str:
+    requestor = assoc.requestor
+    return str(getattr(requestor.primitive, "calling_ae_title", None) or requestor.ae_title or "").strip()
 
 
 class Receiver:
@@ -194,13 +243,10 @@ class Receiver:
     def start(self) -> None:
         """Bind and serve in background threads. Raises OSError if the port is taken."""
         _config.UNRESTRICTED_STORAGE_SERVICE = True  # every storage-like SOP class
-        _config.STORE_RECV_CHUNKED_DATASET = CHUNKED
-        guard_receive_writes(self._write_failed)
-        if CHUNKED:
-            # pynetdicom writes its temporary files with tempfile: keep them in the spool
-            # (same file system, cleaned at start).
-            tempfile.tempdir = str(self.spool.tmp)
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        install_receive_hooks()
         ae = AE(ae_title=self.node.ae_title)
+        _receivers[ae] = self
         ae.maximum_pdu_size = self.node.max_pdu
         ae.maximum_associations = 32
         ae.network_timeout = 120
@@ -220,7 +266,7 @@ class Receiver:
         self.server = ae.start_server((self.node.bind, self.node.port), block=False, evt_handlers=handlers,
                                       ssl_context=ssl_context)
         log.info("listening", ae_title=self.node.ae_title, bind=self.node.bind, port=self.port,
-                 max_pdu=self.node.max_pdu, chunked=CHUNKED, tls=ssl_context is not None)
+                 max_pdu=self.node.max_pdu, tls=ssl_context is not None)
 
     @property
     def port(self) -> int:
@@ -268,9 +314,7 @@ class Receiver:
             log.warning("tls_refused", peer=str(event.address[0]), reason=failed)
 
     def _caller(self, event) -> tuple[str, str]:
-        requestor = event.assoc.requestor
-        calling = getattr(requestor.primitive, "calling_ae_title", None) or requestor.ae_title or ""
-        return str(calling).strip(), str(requestor.address)
+        return _calling_ae(event.assoc), str(event.assoc.requestor.address)
 
     def _refusal(self, calling: str, address: str) -> str | None:
         if self.titles and calling not in self.titles:
@@ -330,13 +374,11 @@ class Receiver:
             log.warning("refused", reason=problem, status="0xA700", calling_ae=calling, peer=address)
             return STATUS_OUT_OF_RESOURCES
         spool_id = new_id()
-        tmp = self.spool.tmp_path()
+        tmp = Path(event.dataset_path)
         try:
-            head = file_meta_bytes(sop_class, str(request.AffectedSOPInstanceUID or ""), transfer_syntax, calling)
-            if CHUNKED:
-                size = self._write_from_file(Path(event.dataset_path), tmp, head)
-            else:
-                size = write_durably(tmp, [head, event.encoded_dataset(include_meta=False)])
+            if tmp.parent != self.spool.tmp:
+                raise OSError("the dataset was not received into the spool")  # the hooks are not installed
+            size = fsync_file(tmp)
             final = self.spool.commit_incoming(tmp, spool_id)
         except OSError as exc:
             self.refused += 1
@@ -382,22 +424,3 @@ class Receiver:
     def _refused(self, kind: str, calling_ae: str | None = None) -> None:
         if self.events:
             self.events.refused(kind, calling_ae)
-
-    @staticmethod
-    def _write_from_file(src: Path, dst: Path, head: bytes) -> int:
-        offset = dataset_offset(src)
-        count = os.path.getsize(src) - offset
-        fd_in = os.open(src, os.O_RDONLY)
-        try:
-            fd_out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                view = memoryview(head)
-                while view:
-                    view = view[os.write(fd_out, view):]
-                copy_range(fd_in, fd_out, offset, count)
-                os.fsync(fd_out)
-            finally:
-                os.close(fd_out)
-        finally:
-            os.close(fd_in)
-        return len(head) + count

@@ -346,27 +346,14 @@ def _oldest_first(folder: Path) -> list[Path]:
     return [path for _m, _n, path in entries]
 
 
-def write_durably(path: Path, chunks: Iterable[bytes]) -> int:
-    """Write bytes to a new file and fsync it; returns the size. Raises OSError."""
-    size = 0
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+def fsync_file(path: Path) -> int:
+    """fsync a file written by another descriptor (the data, not only this one's); its size."""
+    fd = os.open(path, os.O_RDONLY)
     try:
-        for chunk in chunks:
-            view = memoryview(chunk)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
-                size += n
         os.fsync(fd)
-    except BaseException:
+        return os.fstat(fd).st_size
+    finally:
         os.close(fd)
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
-        raise
-    os.close(fd)
-    return size
 
 
 def is_out_of_space(exc: OSError) -> bool:

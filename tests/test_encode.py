@@ -83,3 +83,75 @@ def test_fast_writer_matches_pydicom(path: Path, deidentifier: Deidentifier):
     if ours[128:] != theirs[128:]:
         assert same_elements(dcmread(io.BytesIO(ours)), dcmread(io.BytesIO(theirs))) == []
         assert b"UN" in theirs  # only explicit VR UN elements may be written differently
+
+
+def command_sets() -> list[Dataset]:
+    from pynetdicom.dimse_messages import C_ECHO_RQ, C_ECHO_RSP, C_STORE_RQ, C_STORE_RSP
+    from pynetdicom.dimse_primitives import C_ECHO, C_STORE
+
+    def message(kind, primitive):
+        msg = kind()
+        msg.primitive_to_message(primitive)
+        return msg.command_set
+
+    sets = []
+    for odd in (False, True):
+        rq = C_STORE()
+        rq.MessageID, rq.Priority = 65535, 2
+        rq.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+        rq.AffectedSOPInstanceUID = "1.2.3.4.5" + ("6" if odd else "")
+        if odd:
+            rq.MoveOriginatorApplicationEntityTitle, rq.MoveOriginatorMessageID = "MOVER", 3
+        sets.append(message(C_STORE_RQ, rq))
+        rsp = C_STORE()
+        rsp.MessageIDBeingRespondedTo = 1
+        rsp.AffectedSOPClassUID, rsp.AffectedSOPInstanceUID = rq.AffectedSOPClassUID, rq.AffectedSOPInstanceUID
+        rsp.Status = 0xA700 if odd else 0
+        if odd:
+            rsp.ErrorComment, rsp.OffendingElement = "out of space", [0x00100010, 0x00100020]
+        sets.append(message(C_STORE_RSP, rsp))
+    echo = C_ECHO()
+    echo.MessageID = 1
+    sets.append(message(C_ECHO_RQ, echo))
+    echo.MessageIDBeingRespondedTo, echo.Status = 1, 0
+    sets.append(message(C_ECHO_RSP, echo))
+    return sets
+
+
+def test_command_sets_encode_as_pynetdicom_does() -> None:
+    from pynetdicom.dsutils import encode
+
+    from router.commands import encode_command_set
+
+    for command_set in command_sets():
+        expected = encode(command_set, True, True)
+        actual = encode_command_set(command_set)
+        assert actual is None or actual == expected, command_set
+    assert encode_command_set(command_sets()[0]) is not None  # the common case is handled here
+    foreign = Dataset()
+    foreign.PatientName = "X"
+    assert encode_command_set(foreign) is None  # not a command set: pydicom's writer
+
+
+def test_file_meta_group_is_what_pydicom_writes() -> None:
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_file_meta_info
+
+    from router.encode import file_meta_group
+
+    for source_ae in ("", "CT1", "STORESCU"):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+        meta.MediaStorageSOPInstanceUID = "1.2.3.45" + "6" * len(source_ae)
+        meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
+        meta.ImplementationClassUID = "2.25.1234"
+        meta.ImplementationVersionName = "DEID_ROUTER_01"[: 13 + len(source_ae) % 2]
+        if source_ae:
+            meta.SourceApplicationEntityTitle = source_ae
+        ours = file_meta_group(meta)
+        written = DicomBytesIO()
+        write_file_meta_info(written, meta, enforce_standard=True)
+        assert ours == written.getvalue()
+    meta.PrivateInformationCreatorUID = "1.2.3"
+    assert file_meta_group(meta) is None  # anything else: pydicom writes it
