@@ -25,7 +25,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydicom.dataset import FileMetaDataset
 from pynetdicom import AE, _config, dimse_messages, evt
 from pynetdicom.dimse_messages import DIMSEMessage
 from pynetdicom.sop_class import Verification
@@ -72,18 +71,11 @@ def file_meta_bytes(sop_class: str, sop_instance: str, transfer_syntax: str, sou
 
 
 def _meta_group(sop_class: str, sop_instance: str, transfer_syntax: str, source_ae: str) -> bytes:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = _uid(sop_class)
-    meta.MediaStorageSOPInstanceUID = _uid(sop_instance)
-    meta.TransferSyntaxUID = _uid(transfer_syntax)
-    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
-    meta.ImplementationVersionName = IMPLEMENTATION_VERSION
-    source_ae = _ascii(source_ae).strip()[:16]
-    if source_ae:
-        meta.SourceApplicationEntityTitle = source_ae
-    group = file_meta_group(meta)
-    if group is None:  # pragma: no cover - every value above is ASCII text of a known VR
-        raise ValueError("file meta not encodable")
+    elements = {0x0002: ("UI", _uid(sop_class)), 0x0003: ("UI", _uid(sop_instance)),
+                0x0010: ("UI", _uid(transfer_syntax)), 0x0012: ("UI", IMPLEMENTATION_CLASS_UID),
+                0x0013: ("SH", IMPLEMENTATION_VERSION), 0x0016: ("AE", _ascii(source_ae).strip()[:16])}
+    group = file_meta_group(elements)
+    assert group is not None  # ASCII values of the VRs it encodes
     return group
 
 
