@@ -13,8 +13,10 @@ Paths (rows; the ratio column compares a row's inst/s with its baselines'):
   storescu -> Orthanc (what a site would otherwise put there); storescu -> deid-router ->
   storescp with every default option but clean-pixel-data. Ratios router / pass-through
   and router / Orthanc.
-- ocr: the router with the default options (OCR of every frame) on CT, on ultrasound
-  images and on ultrasound clips, 1 worker and N workers; ratio N / 1 is the speed-up.
+- ocr: the pixel stage alone in one process (OCR itself: decode, detect, mask, encode;
+  with the detector's time per call), then the router with the default options (OCR of
+  every frame) on CT, on ultrasound images and on ultrasound clips, 1 worker and N
+  workers; ratio 1 worker / OCR alone gives the pipeline's overhead, N / 1 the speed-up.
 - filemode: `deid-router deid` on CT slices vs a plain pydicom read + write of the same.
 - scaling: the metadata path with one study of 250, 1,000 and 4,000 slices (the last is
   a ~2.1 GB study): inst/s (ratio to the smallest) and peak RSS should stay flat.
@@ -148,7 +150,16 @@ def print_table(rows: list[Row]) -> None:
         print(f"{r.path:13}{r.name[:39]:40}{r.instances:6d}{r.rate:8.1f}{r.mb_per_second:7.1f}"
               f"{fmt(r.latency_p50_ms, '.0f'):>8}{fmt(r.latency_p95_ms, '.0f'):>8}{fmt(r.peak_rss_mb, '.0f'):>8}"
               f"{fmt(one, '.0f'):>10}  {ratio}")
+    by_name = {(r.path, r.name): r for r in rows}
     for r in rows:
+        if r.name.endswith("OCR alone") and r.extra.get("detect_ms_median") is not None:
+            print(f"  {r.path}/{r.name}: {1000 * r.seconds / r.instances:.0f} ms per instance; text detection "
+                  f"{r.extra['detect_ms_median']:.0f} ms per call (median, one thread), "
+                  f"{r.extra['detector_calls_per_instance']:g} calls per instance (renderings)")
+        alone = next((by_name.get((r.path, b)) for b in r.baselines if b.endswith("OCR alone")), None)
+        if alone and r.rate:
+            print(f"  {r.path}/{r.name}: pipeline overhead beyond OCR {alone.rate / r.rate - 1:+.0%} "
+                  "(1 worker end to end vs the pixel stage alone)")
         if r.path in ("backpressure", "ocr") and r.peak_process_mb:
             roles = ", ".join(f"{k} {v:.0f}" for k, v in sorted(r.peak_process_mb.items()))
             worker_ms = r.extra.get("deid_ms_median")

@@ -90,6 +90,39 @@ def _clean(args: tuple[str, int]) -> tuple[float, int, int]:
     return time.perf_counter() - started, len(report.regions), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
+def pixel_stage_alone(files: list[Path]) -> dict:
+    """The pixel stage on files in this process, no node around it: ``clean`` seconds per
+    instance, and each detector call's seconds (one per rendering of a frame or projection).
+
+    The OCR-alone baseline of the ocr path: what the node adds beyond it is its overhead.
+    """
+    from pydicom import dcmread
+
+    from router.pixels import PixelCleaner
+
+    cleaner = PixelCleaner(read_text=False)  # as the node's workers without a text crosswalk
+    detect = cleaner.engine.detect
+    calls: list[float] = []
+
+    def timed(image):
+        started = time.perf_counter()
+        try:
+            return detect(image)
+        finally:
+            calls.append(time.perf_counter() - started)
+
+    cleaner.engine.detect = timed
+    datasets = [dcmread(p) for p in files]
+    cleaner.clean(dcmread(files[0]), set())  # warm
+    calls.clear()
+    clean = []
+    for ds in datasets:
+        started = time.perf_counter()
+        cleaner.clean(ds, set())
+        clean.append(time.perf_counter() - started)
+    return {"clean_seconds": clean, "detect_seconds": calls}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=12, help="images per kind and run")

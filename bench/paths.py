@@ -7,6 +7,7 @@ returns, so paths can run alone (``--only``) and leave nothing behind.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shutil
 import socket
@@ -17,6 +18,7 @@ from pydicom import dcmread
 from pynetdicom import AE, build_context, evt
 
 from bench.filemode import measure_deid, measure_plain, warm_cache
+from bench.ocr import pixel_stage_alone
 from bench.measure import Row, RssSampler, SpoolSampler, measure, megabytes, wait_for
 from bench.peers import PDU, SECRET, Node, OrthancPeer, StoreSCP
 from bench.synthetic import to_bytes, us_multiframe, us_rgb_with_text
@@ -75,8 +77,16 @@ def network(work: Path, files: list[Path], workers: int, *, path: str = "network
 
 
 def ocr(work: Path, kind: str, files: list[Path], workers: int) -> list[Row]:
-    """The router with the default options (OCR of every frame), 1 worker and ``workers``."""
-    rows = []
+    """The pixel stage alone in one process (the baseline: OCR itself), then the router
+    with the default options (OCR of every frame), 1 worker and ``workers``."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:  # models out of this process
+        alone = pool.apply(pixel_stage_alone, (files,))
+    detect_ms = sorted(1000 * s for s in alone["detect_seconds"])
+    rows = [Row("ocr", f"{kind}, OCR alone", len(files), sum(alone["clean_seconds"]), megabytes(files),
+                note="the pixel stage in one process, no node (decode, OCR, mask, encode)",
+                extra={"detect_ms_median": detect_ms[len(detect_ms) // 2] if detect_ms else None,
+                       "detector_calls_per_instance": round(len(detect_ms) / len(files), 2)})]
+    alone_name = rows[0].name
     scp = StoreSCP(work / "scp")
     try:
         for count in sorted({1, workers}):
@@ -85,7 +95,7 @@ def ocr(work: Path, kind: str, files: list[Path], workers: int) -> list[Row]:
             try:
                 row = measure("ocr", f"{kind}, {_plural(count, 'worker')}", files, port=router.port,
                               aet=router.aet, delivered=scp.count, tree_pid=router.pid, node=router, scp=scp,
-                              baselines=(f"{kind}, 1 worker",) if count > 1 else (),
+                              baselines=(f"{kind}, 1 worker",) if count > 1 else (alone_name,),
                               note="default options: OCR of every frame")
                 deid_ms = sorted(float(e["deid_ms"]) for e in router.events("deidentified") if "deid_ms" in e)
                 row.extra["deid_ms_median"] = deid_ms[len(deid_ms) // 2] if deid_ms else None

@@ -617,13 +617,14 @@ def _joinable(a: Box, b: Box) -> bool:
     iy = min(a.y1, b.y1) - max(a.y0, b.y0)
     if ix < 0 or iy < 0:
         return False
-    # same line (or same column) — or one box mostly inside the other
-    if iy >= 0.5 * min(a.height, b.height) and (a.width >= a.height) == (b.width >= b.height) and a.width >= a.height:
+    # same line (or same column) — or one box mostly inside the other. Two lines of text
+    # can overlap by half a box (detectors pad boxes), so a line shares most of its height.
+    if iy >= 0.7 * min(a.height, b.height) and (a.width >= a.height) == (b.width >= b.height) and a.width >= a.height:
         return True
-    if ix >= 0.5 * min(a.width, b.width) and a.width < a.height and b.width < b.height:
+    if ix >= 0.7 * min(a.width, b.width) and a.width < a.height and b.width < b.height:
         return True
     inter = ix * iy
-    return inter >= 0.5 * min(a.width * a.height, b.width * b.height)
+    return inter >= 0.7 * min(a.width * a.height, b.width * b.height)
 
 
 def _clip_region(r: Region, margin: int, rows: int, cols: int) -> Region | None:
