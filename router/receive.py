@@ -177,7 +177,7 @@ def install_receive_hooks() -> None:
                     receiver._write_failed(exc)
             if not getattr(assoc, "_guard_aborting", False):
                 assoc._guard_aborting = True
-                assoc.abort(block=False)  # we are in the reactor thread: queue the A-ABORT
+                _abort_now(assoc)
             return False
         finally:
             _receiving.receiver = _receiving.assoc = None
@@ -205,6 +205,24 @@ def install_receive_hooks() -> None:
     dimse_messages.NamedTemporaryFile = temporary_file
     dimse_messages.create_file_meta = create_file_meta
     dimse_messages.write_file_meta_info = write_file_meta_info
+
+
+#: A-ABORT PDU (PS3.8 9.3.8): source 2 (service provider), reason 0 (not specified).
+_A_ABORT = bytes((0x07, 0, 0, 0, 0, 4, 0, 0, 2, 0))
+
+
+def _abort_now(assoc) -> None:
+    """Abort from inside the reactor thread, at once: the A-ABORT goes out on the socket,
+    which is then shut down (queued through pynetdicom, the reactor stopped before sending
+    it and the sender heard nothing until its own time-out)."""
+    sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
+    if sock is not None:
+        try:
+            sock.sendall(_A_ABORT)
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+    assoc.abort(block=False)
 
 
 def _calling_ae(assoc) -> str:

@@ -197,14 +197,17 @@ def test_dying_workers_lose_nothing(tmp_path: Path, ct300: list[Path]) -> None:
     out = tmp_path / "out"
     with Router(tmp_path, [folder_destination("folder", out)]) as router:
         sender = storescu_background(router.port, files, tmp_path / "storescu.log")
-        killed = 0
+        killed, done_at_kill = 0, -10
         deadline = time.monotonic() + 60
         while sender.poll() is None and killed < 3 and time.monotonic() < deadline:
-            if len(router.events("received")) > 10 * (killed + 1):
+            # The next kill only once the instance of the last one had time to be redone:
+            # an instance whose worker dies twice is quarantined as a poison instance.
+            done = len(router.events("deidentified"))
+            if len(router.events("received")) > 10 * (killed + 1) and done >= done_at_kill + 4:
                 alive = router.worker_pids()
                 if alive:
                     os.kill(alive[-1], signal.SIGKILL)
-                    killed += 1
+                    killed, done_at_kill = killed + 1, done
             time.sleep(0.05)
         sender.wait(60)
         assert killed >= 1
