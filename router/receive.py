@@ -162,7 +162,7 @@ def install_receive_hooks() -> None:
         _receiving.receiver, _receiving.assoc = receiver, assoc
         try:
             return original_decode(self, primitive, assoc)
-        except (OSError, ValueError) as exc:  # ValueError: later fragments, file already closed
+        except (OSError, ValueError) as exc:  # ValueError: a write to a file already closed
             if receiver is None:
                 raise
             partial = getattr(self, "_data_set_file", None)
@@ -173,8 +173,8 @@ def install_receive_hooks() -> None:
                 except OSError:
                     pass
                 self._data_set_file = None
-                if isinstance(exc, OSError):
-                    receiver._write_failed(exc)
+            if isinstance(exc, OSError):
+                receiver._write_failed(exc)
             if not getattr(assoc, "_guard_aborting", False):
                 assoc._guard_aborting = True
                 _abort_now(assoc)
