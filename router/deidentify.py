@@ -224,6 +224,7 @@ class _Worker:
         self.conn = conn
         self.ready = False
         self.task: tuple[str, Path, float] | None = None  # spool_id, path, started
+        self.task_bytes = 0  # the task's input size: its output will take about as much
         self.deadline = 0.0
         self.dead = False
 
@@ -293,6 +294,10 @@ class DeidStage:
         process.start()
         child.close()
         return _Worker(index, process, parent)
+
+    def in_flight_bytes(self) -> int:
+        """Input bytes of the instances now in workers (each writes its output first)."""
+        return sum(w.task_bytes for w in self._workers if w.task is not None)
 
     def submit(self, path: Path) -> None:
         with self._lock:
@@ -440,10 +445,10 @@ class DeidStage:
             spool_id = path.name[: -len(SUFFIX)] if path.name.endswith(SUFFIX) else path.stem
             worker.task = (spool_id, path, time.monotonic())
             try:
-                size_mb = path.stat().st_size / 1e6
+                worker.task_bytes = path.stat().st_size
             except OSError:
-                size_mb = 0.0
-            worker.deadline = worker.task[2] + INSTANCE_TIMEOUT_SECONDS + SECONDS_PER_MB * size_mb
+                worker.task_bytes = 0
+            worker.deadline = worker.task[2] + INSTANCE_TIMEOUT_SECONDS + SECONDS_PER_MB * worker.task_bytes / 1e6
             try:
                 worker.conn.send((spool_id, str(path)))
             except (OSError, ValueError):

@@ -116,7 +116,7 @@ def _run(config: Config, stop: threading.Event, received_signal: list[str]) -> i
     if resumed:
         log.info("resumed", stage="deidentify", instances=resumed)
 
-    receiver = Receiver(node, spool, stage.submit, events=events)
+    receiver = Receiver(node, spool, stage.submit, events=events, reserved_bytes=stage.in_flight_bytes)
     status = None
     try:
         receiver.start()

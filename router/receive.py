@@ -234,10 +234,12 @@ class Receiver:
     """The node's SCP. ``on_received(path)`` is called for every acknowledged instance;
     ``events`` (see router.node.NodeEvents) hears of every acknowledgement and refusal."""
 
-    def __init__(self, node: NodeConfig, spool: Spool, on_received: Callable[[Path], None], events=None):
+    def __init__(self, node: NodeConfig, spool: Spool, on_received: Callable[[Path], None], events=None,
+                 reserved_bytes: Callable[[], int] = lambda: 0):
         self.node = node
         self.spool = spool
         self.on_received = on_received
+        self.reserved_bytes = reserved_bytes  # spool bytes about to be written (de-identify outputs)
         self.events = events
         self.networks = tuple(node.allowed_networks)
         self.titles = frozenset(t.strip() for t in node.allowed_ae_titles)
@@ -377,7 +379,12 @@ class Receiver:
         request = event.request
         sop_class = str(request.AffectedSOPClassUID or "")
         transfer_syntax = str(event.context.transfer_syntax)
-        problem = self.spool.capacity_problem(self.node.max_spool_bytes, self.node.min_free_bytes)
+        try:
+            incoming = os.path.getsize(event.dataset_path)
+        except (OSError, TypeError):
+            incoming = 0  # no file: refused below
+        problem = self.spool.capacity_problem(self.node.max_spool_bytes, self.node.min_free_bytes, incoming,
+                                              self.reserved_bytes())
         if problem:
             self.refused += 1
             self._refused("spool_full" if "spool" in problem else "disk_full", calling)

@@ -222,10 +222,17 @@ class Spool:
         st = os.statvfs(self.root)
         return st.f_bavail * st.f_frsize
 
-    def capacity_problem(self, max_spool_bytes: int, min_free_bytes: int) -> str | None:
-        """Why the spool cannot take another instance now, or None."""
-        if max_spool_bytes and self._usage >= max_spool_bytes:
-            return f"spool holds {self._usage} bytes, limit {max_spool_bytes}"
+    def capacity_problem(self, max_spool_bytes: int, min_free_bytes: int, incoming: int = 0,
+                         reserved: int = 0) -> str | None:
+        """Why the spool cannot take another instance of ``incoming`` bytes now, or None.
+
+        ``reserved``: bytes the spool is about to hold besides its usage (the outputs of
+        instances being de-identified, written before their inputs are removed). An instance
+        larger than the limit is still taken into an empty spool.
+        """
+        held = self._usage + reserved
+        if max_spool_bytes and held and held + incoming > max_spool_bytes:
+            return f"spool holds {held} bytes (with those being de-identified), limit {max_spool_bytes}"
         if min_free_bytes:
             free = self.free_bytes()
             if free < min_free_bytes:

@@ -135,7 +135,7 @@ def test_full_spool_answers_out_of_resources_and_keeps_running(tmp_path: Path) -
     port = closed_port.getsockname()[1]  # bound, never listening: the destination is down
     try:
         dest = dicom_destination("down", "127.0.0.1", port, "NOBODY", retry_initial_seconds=5)
-        with Router(tmp_path, [dest], node={"max_spool_bytes": int(size * 2.5)}) as router:
+        with Router(tmp_path, [dest], node={"max_spool_bytes": int(size * 3.5)}) as router:
             proc = storescu("127.0.0.1", router.port, files, called_ae=ROUTER_AET, extra_args=("-v", "-nh"))
             answers = parse_storescu_output(proc.stderr + proc.stdout)
             accepted = [f for f in files if answers.get(str(f))]
