@@ -67,24 +67,27 @@ _META_VERSION = struct.pack("<HH2s2xI", 0x0002, 0x0001, b"OB", 2) + b"\x00\x01"
 
 
 def file_meta_group(meta) -> bytes | None:
-    """The File Meta Information group (with its group length and version) for the usual
-    elements, encoded as pydicom's ``write_file_meta_info`` does, ~50x faster; None for
-    anything else (pydicom then writes it). Runs once per instance on receive and write.
+    """The File Meta Information group (with its group length and version) of a
+    FileMetaDataset holding the usual elements, encoded as pydicom's ``write_file_meta_info``
+    does, ~50x faster; None for anything else (pydicom then writes it)."""
+    items = []
+    for elem in meta:
+        if elem.tag == 0x00020000 or (elem.tag == 0x00020001 and elem.value == b"\x00\x01"):
+            continue  # the group length is recomputed, the version is always 00 01
+        if elem.tag >> 16 != 0x0002:
+            return None
+        items.append((elem.tag & 0xFFFF, elem.VR, elem.value))
+    return meta_group(items)
 
-    meta is a FileMetaDataset or a dict element number -> (VR, value); empty values are left out.
-    """
-    if isinstance(meta, dict):
-        items = sorted((number, vr, value) for number, (vr, value) in meta.items() if value)
-    else:
-        items = []
-        for elem in meta:
-            if elem.tag == 0x00020000 or (elem.tag == 0x00020001 and elem.value == b"\x00\x01"):
-                continue  # the group length is recomputed, the version is always 00 01
-            if elem.tag >> 16 != 0x0002:
-                return None
-            items.append((elem.tag & 0xFFFF, elem.VR, elem.value))
+
+def meta_group(items) -> bytes | None:
+    """The File Meta Information group of (element number, VR, value) items; empty values
+    are left out. None unless every item is an ASCII string of the VR it must have.
+    Runs once per instance on receive and on write."""
     body = [_META_VERSION]
-    for number, vr, value in items:
+    for number, vr, value in sorted(items):
+        if not value:
+            continue
         if _META_VRS.get(number) != vr or not isinstance(value, str) or not value.isascii():
             return None
         body.append(meta_element(number, vr, value))

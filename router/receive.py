@@ -6,8 +6,9 @@ C-STORE handler never decodes the dataset: pynetdicom streams the received bytes
 file in the spool's tmp/ (``STORE_RECV_CHUNKED_DATASET``, see ``install_receive_hooks``),
 under a new File Meta Information whose (0002,0016) Source Application Entity Title is the
 calling AE title (routing uses it); the handler fsyncs it, renames it into incoming/, and
-only then answers 0x0000. When the spool is over its size limit, the file system is short of space,
-or the write fails, it answers 0xA700 (Refused: Out of Resources) and keeps running.
+only then answers 0x0000. When the instance would take the spool over its size limit, the
+file system is short of space, or the write fails, it answers 0xA700 (Refused: Out of
+Resources) and keeps running.
 
 Unknown callers are rejected at association (allow-lists of AE titles and networks).
 """
@@ -34,7 +35,7 @@ from router.profile import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
 from router.config import NodeConfig
 from router.log import get_logger
 from router import commands
-from router.encode import PREAMBLE, file_meta_group
+from router.encode import PREAMBLE, meta_group
 from router.spool import Spool, fsync_file, is_out_of_space, new_id
 from router.tls import finish_handshake, server_context
 
@@ -72,10 +73,9 @@ def file_meta_bytes(sop_class: str, sop_instance: str, transfer_syntax: str, sou
 
 
 def _meta_group(sop_class: str, sop_instance: str, transfer_syntax: str, source_ae: str) -> bytes:
-    elements = {0x0002: ("UI", _uid(sop_class)), 0x0003: ("UI", _uid(sop_instance)),
-                0x0010: ("UI", _uid(transfer_syntax)), 0x0012: ("UI", IMPLEMENTATION_CLASS_UID),
-                0x0013: ("SH", IMPLEMENTATION_VERSION), 0x0016: ("AE", _ascii(source_ae).strip()[:16])}
-    group = file_meta_group(elements)
+    group = meta_group([(0x0002, "UI", _uid(sop_class)), (0x0003, "UI", _uid(sop_instance)),
+                        (0x0010, "UI", _uid(transfer_syntax)), (0x0012, "UI", IMPLEMENTATION_CLASS_UID),
+                        (0x0013, "SH", IMPLEMENTATION_VERSION), (0x0016, "AE", _ascii(source_ae).strip()[:16])])
     assert group is not None  # ASCII values of the VRs it encodes
     return group
 
@@ -109,8 +109,11 @@ _receiving = _Receiving()
 _receivers: "weakref.WeakKeyDictionary[AE, Receiver]" = weakref.WeakKeyDictionary()
 
 
-#: Received bytes handed to the kernel's writeback at a time (os.sync_file_range).
+#: Received bytes handed to the kernel's writeback at a time (Linux sync_file_range).
 _WRITEBACK_CHUNK = 256 * 1024
+
+
+_sync_file_range = getattr(ctypes.CDLL(None, use_errno=True), "sync_file_range", None)
 
 
 def _start_writeback(fd: int, offset: int, count: int) -> None:
@@ -119,9 +122,6 @@ def _start_writeback(fd: int, offset: int, count: int) -> None:
     Elsewhere, and on any failure, nothing happens: the fsync does it all."""
     if _sync_file_range is not None:
         _sync_file_range(fd, ctypes.c_int64(offset), ctypes.c_int64(count), ctypes.c_uint(2))
-
-
-_sync_file_range = getattr(ctypes.CDLL(None, use_errno=True), "sync_file_range", None)
 
 
 class SpoolFile:
@@ -420,7 +420,8 @@ class Receiver:
         try:
             if tmp.parent != self.spool.tmp:
                 raise OSError("the dataset was not received into the spool")  # the hooks are not installed
-            size = fsync_file(tmp)
+            fsync_file(tmp)
+            size = incoming
             final = self.spool.commit_incoming(tmp, spool_id)
         except OSError as exc:
             self.refused += 1

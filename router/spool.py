@@ -353,12 +353,11 @@ def _oldest_first(folder: Path) -> list[Path]:
     return [path for _m, _n, path in entries]
 
 
-def fsync_file(path: Path) -> int:
-    """fsync a file written by another descriptor (the data, not only this one's); its size."""
+def fsync_file(path: Path) -> None:
+    """fsync a file written by another descriptor (the data, not only this one's)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
-        return os.fstat(fd).st_size
     finally:
         os.close(fd)
 
