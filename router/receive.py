@@ -30,6 +30,7 @@ from pathlib import Path
 from pynetdicom import AE, _config, dimse_messages, evt
 from pynetdicom.dimse_messages import DIMSEMessage
 from pynetdicom.sop_class import Verification
+from pynetdicom.transport import AssociationSocket
 
 from router.profile import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
 from router.config import NodeConfig
@@ -227,9 +228,29 @@ def install_receive_hooks() -> None:
 
     decode_msg.router_hook = True
     DIMSEMessage.decode_msg = decode_msg
+    AssociationSocket.recv = read_exactly
     dimse_messages.NamedTemporaryFile = temporary_file
     dimse_messages.create_file_meta = create_file_meta
     dimse_messages.write_file_meta_info = write_file_meta_info
+
+
+def read_exactly(self: AssociationSocket, nr_bytes: int) -> bytearray:
+    """``AssociationSocket.recv``: nr_bytes from the socket, fewer if the peer closed it.
+
+    pynetdicom's reads 4 KiB per call and appends each piece (32 calls per 128 KiB PDU);
+    this reads whatever has arrived straight into one buffer.
+    """
+    buffer = bytearray(nr_bytes)
+    nr_read = 0
+    with memoryview(buffer) as view:
+        while nr_read < nr_bytes:
+            count = self.socket.recv_into(view[nr_read:])
+            if not count:
+                break
+            nr_read += count
+    if nr_read < nr_bytes:
+        del buffer[nr_read:]
+    return buffer
 
 
 #: A-ABORT PDU (PS3.8 9.3.8): source 2 (service provider), reason 0 (not specified).
