@@ -46,7 +46,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config, build_context, evt
 from pynetdicom.sop_class import Verification
 
-from router import commands
+from router import commands, reactors
 from router.config import Config, Destination, NodeConfig
 from router.deidentify import Routed, StartError, configure_logging, describe_exception
 from router.log import get_logger
@@ -124,6 +124,7 @@ class _Checkpoint:
             self._open = False
             if threading.current_thread() is self._assoc:
                 return  # the reactor itself: nothing to wait for
+            reactors.wake_reactor(self._assoc)
             deadline = time.monotonic() + 5.0
             while not self._parked and time.monotonic() < deadline:
                 if not self._assoc.is_alive() or getattr(self._assoc, "_kill", False):
@@ -722,6 +723,7 @@ def configure_sending() -> None:
     command sets encoded by hand."""
     _config.STORE_SEND_CHUNKED_DATASET = True
     commands.install()
+    reactors.install()
 
 
 # ------------------------------------------------------------------ forwarder processes

@@ -668,11 +668,18 @@ def _vr(raw, tag: int) -> str | None:
         if vr not in VALID_VRS:
             raise InstanceRefused("malformed element: invalid value representation")
         return vr
+    known = _dictionary_vr(tag)
+    return vr if known is None else known  # "UN" stays UN; None (implicit, unknown tag) stays None
+
+
+@functools.lru_cache(maxsize=8192)
+def _dictionary_vr(tag: int) -> str | None:
+    """The data dictionary's VR (the first of "US or SS"), None if not in it. Cached: the
+    dictionary's lookup converts the tag and checks repeating groups (~4 us, ~100 per instance)."""
     try:
-        known = dictionary_VR(tag)
+        return dictionary_VR(tag).split(" or ")[0]
     except KeyError:
-        return vr  # "UN" stays UN; None (implicit, unknown tag) stays None
-    return known.split(" or ")[0]
+        return None
 
 
 #: C0 control characters no string value holds (PS3.5 6.1.3; ESC, TAB, LF, FF, CR allowed).
@@ -702,13 +709,10 @@ def _overrun(raw, tag: int, vr: str) -> bool:
 
 
 def _in_dictionary(tag: int) -> bool:
-    try:
-        dictionary_VR(tag)  # repeating groups included
-    except KeyError:
-        return False
-    return True
+    return _dictionary_vr(tag) is not None  # repeating groups included
 
 
+@functools.lru_cache(maxsize=8192)
 def _max_vm(tag: int) -> float:
     """The largest value multiplicity the data dictionary allows (infinite if open or unknown)."""
     try:

@@ -35,7 +35,7 @@ from pynetdicom.transport import AssociationSocket
 from router.profile import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
 from router.config import NodeConfig
 from router.log import get_logger
-from router import commands
+from router import commands, reactors
 from router.encode import PREAMBLE, meta_group
 from router.spool import Spool, fsync_file, is_out_of_space, new_id
 from router.tls import finish_handshake, server_context
@@ -173,6 +173,7 @@ def install_receive_hooks() -> None:
     is aborted instead; the instance was not acknowledged, so the sender keeps it and
     retries (as after 0xA700). Associations of other AEs in the process are left alone."""
     commands.install()
+    reactors.install()
     if getattr(DIMSEMessage.decode_msg, "router_hook", False):
         return
     original_decode = DIMSEMessage.decode_msg

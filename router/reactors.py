@@ -1,0 +1,170 @@
+"""pynetdicom's reactor threads wake when there is work, instead of every millisecond.
+
+Each association runs two threads that poll: the DUL reactor (the socket, PDUs to send)
+and the association reactor (messages received, release and abort). Both sleep 1 ms
+between empty polls, so an idle association cost ~14% of a core on each side of the node,
+and a busy one kept waking between its PDUs. Here those two sleeps wait instead for what
+ends them: data on the socket or a PDU to send (the DUL reactor), a message or an
+indication received, or a paused reactor wanted (the association reactor); and a DUL
+reactor being stopped is woken. The timers the loops also check (ARTIM, idle) and the
+end of the other thread are seen within ``CEILING`` seconds.
+Every other sleep in pynetdicom is left as it is.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import select
+import ssl
+import sys
+import threading
+import time
+import weakref
+
+from pynetdicom import association as association_module
+from pynetdicom import dul as dul_module
+from pynetdicom.association import Association
+from pynetdicom.dul import DULServiceProvider
+
+#: Longest wait between two polls of an idle association (the 1 ms sleeps it replaces).
+CEILING = 0.05
+
+_DUL_LOOP = DULServiceProvider.run_reactor.__code__
+_ASSOCIATION_LOOP = Association._run_reactor.__code__
+
+
+class _Wakeups:
+    """What wakes one association's two reactor threads."""
+
+    def __init__(self) -> None:
+        self.dul_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.association = threading.Event()
+
+    def wake_dul(self) -> None:
+        try:
+            os.eventfd_write(self.dul_fd, 1)
+        except OSError:
+            pass  # closed: the association is gone
+
+    def wake_association(self) -> None:
+        self.association.set()
+
+    def wait_dul(self, dul: DULServiceProvider) -> None:
+        fds = [self.dul_fd]
+        sock = getattr(dul.socket, "socket", None)
+        if sock is not None:
+            if isinstance(sock, ssl.SSLSocket) and sock.pending():
+                return  # decrypted data waiting: select cannot see it
+            if sock.fileno() >= 0:
+                fds.append(sock)
+        try:
+            select.select(fds, [], [], CEILING)
+            os.eventfd_read(self.dul_fd)
+        except BlockingIOError:
+            pass  # woken by the socket or the ceiling
+        except (OSError, ValueError):
+            time.sleep(0.001)  # a socket closed under us: poll as pynetdicom does
+
+    def wait_association(self) -> None:
+        self.association.wait(CEILING)
+        self.association.clear()  # before the loop looks: a later put sets it again
+
+
+class _WakingQueue(queue.Queue):
+    def __init__(self, wake) -> None:
+        super().__init__()
+        self._wake = wake
+
+    def put(self, item, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        self._wake()
+
+
+class _WakingEvent(threading.Event):
+    """``Association._reactor_checkpoint``: clearing it (to pause the reactor) wakes the reactor."""
+
+    def __init__(self, wake) -> None:
+        super().__init__()
+        self._wake = wake
+
+    def clear(self) -> None:
+        super().clear()
+        self._wake()
+
+
+class _ReactorClock:
+    """Stands in for the time module inside pynetdicom's dul and association modules."""
+
+    def __getattr__(self, name: str):
+        return getattr(time, name)
+
+    @staticmethod
+    def sleep(seconds: float) -> None:
+        loop = sys._getframe(1).f_code
+        if loop is _DUL_LOOP or loop is _ASSOCIATION_LOOP:
+            thread = threading.current_thread()
+            assoc = thread.assoc if loop is _DUL_LOOP else thread
+            wakeups = getattr(assoc, "_router_wakeups", None)
+            if wakeups is not None:
+                if loop is _DUL_LOOP:
+                    wakeups.wait_dul(thread)
+                else:
+                    wakeups.wait_association()
+                return
+        time.sleep(seconds)
+
+
+def wake_reactor(assoc: Association) -> None:
+    """Wake assoc's reactor now (e.g. to pause it before a send)."""
+    wakeups = getattr(assoc, "_router_wakeups", None)
+    if wakeups is not None:
+        wakeups.wake_association()
+
+
+def _wake_dul(dul: DULServiceProvider) -> None:
+    wakeups = getattr(dul.assoc, "_router_wakeups", None)
+    if wakeups is not None:
+        wakeups.wake_dul()
+
+
+def install() -> None:
+    """Make the reactors of associations created from now on wait for work (once per process)."""
+    if isinstance(dul_module.time, _ReactorClock):
+        return
+    original_init = Association.__init__
+
+    def init(self: Association, *args, **kwargs) -> None:
+        original_init(self, *args, **kwargs)
+        # Nothing runs yet: the queues are empty and may be swapped for waking ones.
+        wakeups = _Wakeups()
+        weakref.finalize(self, os.close, wakeups.dul_fd)
+        self.dul.to_provider_queue = _WakingQueue(wakeups.wake_dul)
+        self.dul.event_queue = _WakingQueue(wakeups.wake_dul)
+        self.dul.to_user_queue = _WakingQueue(wakeups.wake_association)
+        self.dimse.msg_queue = _WakingQueue(wakeups.wake_association)
+        checkpoint = _WakingEvent(wakeups.wake_association)
+        if self._reactor_checkpoint.is_set():
+            checkpoint.set()
+        self._reactor_checkpoint = checkpoint
+        self._router_wakeups = wakeups
+
+    original_kill_dul = DULServiceProvider.kill_dul
+    original_stop_dul = DULServiceProvider.stop_dul
+
+    def kill_dul(self: DULServiceProvider) -> None:
+        original_kill_dul(self)
+        _wake_dul(self)
+
+    def stop_dul(self: DULServiceProvider) -> bool:
+        if self.state_machine.current_state == "Sta1":
+            self._kill_thread = True  # as the original does, then waits for the thread to end
+            _wake_dul(self)
+        return original_stop_dul(self)
+
+    Association.__init__ = init
+    DULServiceProvider.kill_dul = kill_dul
+    DULServiceProvider.stop_dul = stop_dul
+    clock = _ReactorClock()
+    dul_module.time = clock
+    association_module.time = clock
