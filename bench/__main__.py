@@ -72,7 +72,7 @@ class Sizes:
         self.scaling = [100, 400] if quick else [250, 1000, 4000]
         self.ocr_ct = 6 if quick else 40
         self.ocr_us = 6 if quick else 40
-        self.clip_frames, self.clips = (6, 2) if quick else (20, 4)  # several clips: N workers take one each
+        self.clip_frames, self.clips = (6, 2) if quick else (20, 8)  # several clips per worker: a rate, not one round
         self.backpressure = 8 if quick else 24
 
 

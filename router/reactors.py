@@ -103,8 +103,8 @@ class _ReactorClock:
     def sleep(seconds: float) -> None:
         loop = sys._getframe(1).f_code
         if loop is _DUL_LOOP or loop is _ASSOCIATION_LOOP:
-            thread = threading.current_thread()
-            assoc = thread.assoc if loop is _DUL_LOOP else thread
+            thread = threading.current_thread()  # the DUL provider or the association
+            assoc = getattr(thread, "assoc", None) if loop is _DUL_LOOP else thread
             wakeups = getattr(assoc, "_router_wakeups", None)
             if wakeups is not None:
                 if loop is _DUL_LOOP:
