@@ -54,6 +54,10 @@ TEXT_VRS = frozenset({"LO", "SH", "ST", "LT", "UT", "UC", "PN"})
 DATE_VRS = frozenset({"DA", "DT"})
 NUMERIC_VRS = frozenset({"FL", "FD", "SL", "SS", "UL", "US", "SV", "UV", "AT"})
 BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
+#: Top-level sequences up to this size are de-identified once per process and patient
+#: (``Deidentifier._sequence_key``); this many are remembered.
+SEQUENCE_CACHE_BYTES = 16 * 1024
+SEQUENCE_CACHE_ENTRIES = 256
 #: Identifiers an audit crosswalk maps from original to pseudonym.
 CROSSWALK_TAGS = {"patient_id": 0x00100020, "accession": 0x00080050, "study_uid": 0x0020000D,
                   "series_uid": 0x0020000E, "sop_instance_uid": 0x00080018}
@@ -120,6 +124,12 @@ class _Patient:
     text_dates: str  # dates written in kept text: "keep", "shift" or "remove"
     new_uid: Callable[[str], str] | None  # UIDs written in kept text are remapped (None: kept)
 
+    @property
+    def signature(self) -> tuple:
+        """Everything about the patient that decides how a value is de-identified."""
+        return (self.key, self.shift_days, self.scrub.pattern if self.scrub is not None else None,
+                self.patterns.pattern if self.patterns is not None else None, self.text_dates, self.new_uid is not None)
+
     def needs_cleaning(self, text: str) -> bool:
         return _needs_cleaning(text, self.scrub, self.patterns, self.text_dates != "keep", self.new_uid is not None)
 
@@ -146,6 +156,9 @@ class Deidentifier:
         self.clean_pixels = "clean-pixel-data" in config.options
         self._pixels: tuple[int, PixelCleaner] | None = None  # (pid, cleaner): one per process
         self._marks: dict[bool, tuple[ConstantElement, ...]] = {}
+        #: Top-level sequences de-identified already, see ``_sequence_key``.
+        self._sequences: dict[tuple, ConstantElement] = {}
+        self._instance: Dataset | None = None  # the dataset being de-identified
         #: Return the original identifiers with each result (for an audit crosswalk).
         self.keep_originals = False
         #: Read the text of masked regions and return it with each result (for the audit store).
@@ -206,7 +219,11 @@ class Deidentifier:
         pixels = self._pixel_cleaner().clean(ds, identifying) if self.clean_pixels else None
         transfer_syntax = transfer_syntax_of(ds)  # after the pixel stage, which may re-encode
         patient = self._patient(ds, identifying)
-        self._apply(ds, patient)
+        self._instance = ds
+        try:
+            self._apply(ds, patient)
+        finally:
+            self._instance = None
         self._mark(ds, pixels_cleaned=bool(pixels and pixels.cleaned))
         sop_class = _text(ds, 0x00080016)
         sop_instance = _text(ds, 0x00080018)
@@ -347,11 +364,36 @@ class Deidentifier:
             ds[tag] = DataElement(tag, vr, _vm(cleaned))
 
     def _recurse(self, ds: Dataset, tag: int, patient: _Patient) -> None:
+        key = self._sequence_key(ds, tag, patient)
+        if key is not None:
+            done = self._sequences.get(key)
+            if done is not None:
+                ds._dict[tag] = done  # as it is: pydicom's setter would touch the shared items
+                return
         elem = ds[tag]
         if elem.VR != "SQ" or not elem.value:
             return
         for item in elem.value:
             self._apply(item, patient)
+        if key is not None:
+            if len(self._sequences) >= SEQUENCE_CACHE_ENTRIES:
+                self._sequences.clear()
+            done = ConstantElement(tag, "SQ", elem.value)
+            done.is_undefined_length = elem.is_undefined_length
+            ds._dict[tag] = self._sequences[key] = done
+
+    def _sequence_key(self, ds: Dataset, tag: int, patient: _Patient) -> tuple | None:
+        """What a top-level sequence's de-identified form depends on: its bytes, how they are
+        encoded, and the patient (pseudonyms, date shift, values cut from text). Series
+        repeat most of their sequences slice after slice (request attributes, procedure
+        codes, referenced images): each is de-identified once and its result reused."""
+        raw = _get(ds, tag)
+        if ds is not self._instance or not isinstance(raw, RawDataElement) or not isinstance(raw.value, bytes) \
+                or len(raw.value) > SEQUENCE_CACHE_BYTES:
+            return None
+        charset = ds._character_set
+        return (int(tag), raw.value, raw.is_implicit_VR, raw.is_little_endian,
+                charset if isinstance(charset, str) else tuple(charset), patient.signature)
 
     def _private(self, ds: Dataset, tags: list[int], patient: _Patient) -> None:
         """Remove private elements, except what retain-safe-private keeps by creator."""

@@ -464,3 +464,34 @@ def test_several_sop_instance_uids_are_refused(tmp_path):
     ds.save_as(path, enforce_file_format=True)
     with pytest.raises(InstanceRefused, match="several values"):
         read_instance(path)
+
+
+def test_repeated_sequences_are_reused_only_for_the_same_patient(tmp_path):
+    """A series repeats its sequences slice after slice; one engine de-identifies each once
+    per patient. What it reuses must be what it would have made afresh, for each patient."""
+    options = ("retain-longitudinal-modified-dates", "clean-descriptors")
+
+    def with_sequence(patient_id, name, sop):
+        ds = instance(patient_id=patient_id, name=name, sop=sop)
+        ds.RequestAttributesSequence = Sequence([item(
+            RequestedProcedureID="RP-1", ScheduledProcedureStepStartDate="20240104",
+            ReasonForTheRequestedProcedure="follow-up of Smith MRN-4711 from 2024-01-04",
+            ReferencedSOPClassUID=CT, ReferencedSOPInstanceUID="1.2.3.4.1.1.1")])
+        return ds
+
+    shared = engine(*options)
+    slices = [("MRN-4711", "Smith^John^Q", "1.2.3.4.1.1.1"), ("MRN-4711", "Smith^John^Q", "1.2.3.4.1.1.2"),
+              ("MRN-0815", "Doe^Jane", "1.2.3.4.1.1.3")]  # the same sequence bytes, another patient
+    outputs = []
+    for n, (patient_id, name, sop) in enumerate(slices):
+        ds = with_sequence(patient_id, name, sop)
+        _, reused = roundtrip(ds, shared, tmp_path / f"shared{n}")
+        _, fresh = roundtrip(ds, engine(*options), tmp_path / f"fresh{n}")
+        assert reused == fresh  # byte for byte
+        outputs.append(pydicom.dcmread(io.BytesIO(reused)))
+    assert len(shared._sequences) == 2  # one per patient
+    first, second, other = (o.RequestAttributesSequence[0] for o in outputs)
+    assert first.ScheduledProcedureStepStartDate == second.ScheduledProcedureStepStartDate != "20240104"
+    assert other.ScheduledProcedureStepStartDate != first.ScheduledProcedureStepStartDate  # its own shift
+    assert "Smith" not in first.ReasonForTheRequestedProcedure and "MRN-4711" not in first.ReasonForTheRequestedProcedure
+    assert first.ReferencedSOPInstanceUID == second.ReferencedSOPInstanceUID == outputs[0].SOPInstanceUID
