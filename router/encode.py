@@ -103,6 +103,39 @@ def meta_element(number: int, vr: str, value: str) -> bytes:
     return _explicit_short(0x0002, number, vr.encode("ascii"), len(data)) + data
 
 
+#: The file meta UIDs ``read_meta_uids`` returns, by element number.
+_META_UIDS = {0x0002: "MediaStorageSOPClassUID", 0x0003: "MediaStorageSOPInstanceUID", 0x0010: "TransferSyntaxUID"}
+_meta_header = struct.Struct("<HH2sH")
+
+
+def read_meta_uids(path) -> tuple[dict[str, str], int] | None:
+    """The SOP class, SOP instance and transfer syntax UIDs of a Part 10 file's meta group,
+    and where its dataset starts; None for a file not laid out as ``meta_group`` writes
+    (pydicom reads those). ~20 us instead of pydicom's ~300 us: the forwarder reads every
+    outgoing file's meta before it sends it."""
+    with open(path, "rb") as f:
+        head = f.read(2048)
+    if len(head) < 144 or head[128:132] != b"DICM" or head[132:140] != b"\x02\x00\x00\x00UL\x04\x00":
+        return None
+    end = 144 + struct.unpack_from("<I", head, 140)[0]
+    if end + 2 > len(head) or struct.unpack_from("<H", head, end)[0] == 0x0002:
+        return None  # a group longer than read, or a group length that stops short
+    values: dict[str, str] = {}
+    offset = 144
+    while offset < end:
+        group, number, vr, length = _meta_header.unpack_from(head, offset)
+        offset += 8
+        if vr in (b"OB", b"UN", b"UT", b"UC", b"UR"):  # 2 reserved bytes (read as length), then 4 of length
+            length = struct.unpack_from("<I", head, offset)[0]
+            offset += 4
+        if group != 0x0002:
+            return None
+        if number in _META_UIDS:
+            values[_META_UIDS[number]] = head[offset:offset + length].decode("ascii", "replace").rstrip("\0 ")
+        offset += length
+    return (values, end) if offset == end else None
+
+
 def part10_bytes(ds: Dataset, implicit: bool) -> list[bytes]:
     """Preamble, file meta and dataset of ``ds`` (meta from ``ds.file_meta``), as chunks."""
     group = file_meta_group(ds.file_meta)

@@ -44,10 +44,12 @@ from pydicom import dcmread
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config, build_context, evt
+from pynetdicom import association as association_module
 from pynetdicom.sop_class import Verification
 
 from router import commands, reactors
 from router.config import Config, Destination, NodeConfig
+from router.encode import read_meta_uids
 from router.deidentify import Routed, StartError, configure_logging, describe_exception
 from router.log import get_logger
 from router.receive import on_conn_open_nodelay
@@ -604,7 +606,8 @@ class Forwarder:
             # The file may have been replaced since it was queued (another instance with
             # the same SOP Instance UID): send what the file is, not what it was.
             try:
-                meta = read_file_meta_info(item.path)
+                uids = read_meta_uids(item.path)
+                meta = uids[0] if uids is not None else read_file_meta_info(item.path)
             except FileNotFoundError:
                 self._forget(item)
                 return
@@ -720,10 +723,35 @@ class Forwarder:
 
 def configure_sending() -> None:
     """Stream spool files to the network without decoding them (exact context match);
-    command sets encoded by hand."""
+    command sets encoded by hand, reactors that wait for work, file meta read by hand."""
     _config.STORE_SEND_CHUNKED_DATASET = True
     commands.install()
     reactors.install()
+    if not getattr(association_module.split_dataset, "router_hook", False):
+        original = association_module.split_dataset
+
+        def split_dataset(path):
+            uids = read_meta_uids(path)
+            return original(path) if uids is None else (_MetaUIDs(uids[0]), uids[1])
+
+        split_dataset.router_hook = True
+        association_module.split_dataset = split_dataset
+
+
+class _MetaUIDs:
+    """What ``send_c_store`` reads of a file's meta before streaming it: its UIDs."""
+
+    def __init__(self, values: dict[str, str]) -> None:
+        self._values = {k: UID(v) for k, v in values.items()}
+
+    def __contains__(self, keyword: str) -> bool:
+        return keyword in self._values
+
+    def __getattr__(self, keyword: str) -> UID:
+        try:
+            return self.__dict__["_values"][keyword]
+        except KeyError:
+            raise AttributeError(keyword) from None
 
 
 # ------------------------------------------------------------------ forwarder processes

@@ -223,3 +223,36 @@ def test_file_meta_group_is_what_pydicom_writes() -> None:
         assert ours == written.getvalue()
     meta.PrivateInformationCreatorUID = "1.2.3"
     assert file_meta_group(meta) is None  # anything else: pydicom writes it
+
+
+def test_meta_uids_read_by_hand_are_what_pynetdicom_reads(tmp_path: Path, deidentifier: Deidentifier) -> None:
+    """The forwarder reads an outgoing file's meta by hand: the same UIDs and dataset offset
+    as pynetdicom's split_dataset, or None (then pydicom reads it)."""
+    from pynetdicom.dsutils import split_dataset
+
+    from router.encode import read_meta_uids
+
+    checked = 0
+    for n, src in enumerate(corpus_files()):
+        for path in (src, tmp_path / f"{n}.dcm"):
+            if path != src:
+                try:
+                    deidentifier.process_file(src, path, durable=False)
+                except InstanceRefused:
+                    continue
+            read = read_meta_uids(path)
+            if read is None:
+                assert path == src  # everything the router writes is read by hand
+                continue
+            meta, offset = split_dataset(path)
+            assert read[1] == offset
+            assert read[0] == {k: str(meta[k].value).rstrip("\0 ") for k in read[0]}
+            assert set(read[0]) >= {"MediaStorageSOPClassUID", "TransferSyntaxUID"} & set(meta.dir())
+            checked += 1
+    assert checked > 50
+    data = (tmp_path / "0.dcm").read_bytes() if (tmp_path / "0.dcm").exists() else None
+    assert data is not None
+    (tmp_path / "cut.dcm").write_bytes(data[:150])  # the meta group cut short
+    assert read_meta_uids(tmp_path / "cut.dcm") is None
+    (tmp_path / "bare.dcm").write_bytes(data[132:])  # no preamble
+    assert read_meta_uids(tmp_path / "bare.dcm") is None
