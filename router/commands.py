@@ -120,14 +120,9 @@ def store_message(primitive: C_STORE) -> DIMSEMessage | None:
     return msg
 
 
-def store_primitive(msg: DIMSEMessage) -> C_STORE | None:
-    """The primitive of a received C-STORE message, as ``message_to_primitive`` makes it from
-    the decoded Dataset; None for anything but plain values of the usual elements."""
-    fields = _DECODED.get(type(msg))
-    if fields is None:
-        return None
-    data = msg.encoded_command_set.getvalue()
-    values = []
+def _elements(data: bytes) -> dict[int, bytes] | None:
+    """A command set's elements (element number -> value), None unless all are group 0000."""
+    elements = {}
     offset, end = 0, len(data)
     while offset < end:
         if offset + 8 > end:
@@ -136,28 +131,60 @@ def store_primitive(msg: DIMSEMessage) -> C_STORE | None:
         offset += 8
         value = data[offset:offset + length]
         offset += length
-        if group != 0 or len(value) != length:
+        if group != 0 or len(value) != length or element in elements:
             return None
+        elements[element] = value
+    return elements
+
+
+def _plain_values(elements: dict[int, bytes], fields: dict[int, tuple[str, str | None]]) -> dict[int, int | str] | None:
+    """The values of elements, converted as pydicom converts them; None for an element not
+    in fields or a value that is not plain (empty, several values, not ASCII)."""
+    values: dict[int, int | str] = {}
+    for element, value in elements.items():
         if element == 0x0000:
             continue  # group length
         vr_name = fields.get(element)
         if vr_name is None:
             return None
-        vr, name = vr_name
-        if name is None:
-            continue  # CommandField, CommandDataSetType: the message's class has them
+        vr = vr_name[0]
         if vr == "US":
-            if length != 2:
+            if len(value) != 2:
                 return None
-            values.append((name, _US.unpack(value)[0]))
+            values[element] = _US.unpack(value)[0]
         else:  # UI, AE
-            if not length or not value.isascii() or b"\\" in value:
+            if not value or not value.isascii() or b"\\" in value:
                 return None
             text = value.decode("ascii")
-            values.append((name, text.rstrip("\0 ") if vr == "UI" else text.strip()))
+            values[element] = text.rstrip("\0 ") if vr == "UI" else text.strip()
+    return values
+
+
+def store_request(data: bytes) -> tuple[str, str] | None:
+    """(SOP class, SOP instance) of an encoded command set that is a plain C-STORE request
+    with a data set to follow; None for anything else."""
+    elements = _elements(data)
+    values = _plain_values(elements, _DECODED[C_STORE_RQ]) if elements is not None else None
+    if not values or values.get(0x0100) != 0x0001 or values.get(0x0800, _NO_DATA_SET) == _NO_DATA_SET:
+        return None
+    return str(values.get(0x0002, "")), str(values.get(0x1000, ""))
+
+
+def store_primitive(msg: DIMSEMessage) -> C_STORE | None:
+    """The primitive of a received C-STORE message, as ``message_to_primitive`` makes it from
+    the decoded Dataset; None for anything but plain values of the usual elements."""
+    fields = _DECODED.get(type(msg))
+    if fields is None:
+        return None
+    elements = _elements(msg.encoded_command_set.getvalue())
+    values = _plain_values(elements, fields) if elements is not None else None
+    if values is None:
+        return None
     primitive = C_STORE()
-    for name, value in values:
-        setattr(primitive, name, value)  # the primitive's setters validate, as for pynetdicom
+    for element, value in sorted(values.items()):
+        name = fields[element][1]
+        if name is not None:  # CommandField, CommandDataSetType: the message's class has them
+            setattr(primitive, name, value)  # the primitive's setters validate, as for pynetdicom
     if type(msg) is C_STORE_RQ:
         primitive.DataSet = msg.data_set
     primitive._context_id = msg.context_id
