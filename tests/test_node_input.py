@@ -278,3 +278,49 @@ def new_uid_for(cwd: Path, original: str) -> str:
 
     secret = (cwd / "deid-router-spool" / "site-secret").read_bytes().strip()
     return Pseudonymizer(secret).uid(original)
+
+
+def test_command_sets_in_pieces_and_shared_pdus_are_received(tmp_path: Path, monkeypatch) -> None:
+    """PS3.8 lets a sender split a command set into several fragments and put a command and
+    data fragments in one P-DATA: the node reads the usual shape by hand, and these too."""
+    from pynetdicom.dimse_messages import DIMSEMessage
+    from pynetdicom.pdu_primitives import P_DATA
+
+    files = write_ct_series(tmp_path / "ct", 3)
+    out = tmp_path / "out"
+    shapes = iter(["split command", "command with data", "usual"])
+    original_encode = DIMSEMessage.encode_msg
+
+    def reshaped(self, context_id, max_pdu_length):
+        pdatas = [p.presentation_data_value_list[0] for p in original_encode(self, context_id, 16384)]
+        shape = next(shapes) if pdatas[0][1][0] == 0x03 and len(pdatas) > 1 else "usual"
+        if shape == "split command":
+            command = pdatas[0][1][1:]
+            pdatas[0:1] = [(context_id, b"\x01" + command[:10]), (context_id, b"\x01" + command[10:40]),
+                           (context_id, b"\x03" + command[40:])]
+        for at, pdv in enumerate(pdatas):
+            pdata = P_DATA()
+            pdata.presentation_data_value_list.append(pdv)
+            if shape == "command with data" and at == 0:
+                pdata.presentation_data_value_list.append(pdatas[1])  # one P-DATA, two PDVs
+            elif shape == "command with data" and at == 1:
+                continue
+            yield pdata
+
+    engine = Deidentifier(DeidConfig(secret=SECRET.encode(), options=frozenset(NODE_TEST_OPTIONS)), SECRET.encode())
+    expected = {engine.process_file(f, tmp_path / f"expected{n}.dcm", durable=False).sop_instance_uid:
+                dataset_bytes(tmp_path / f"expected{n}.dcm") for n, f in enumerate(files)}
+    with Router(tmp_path, [folder_destination("folder", out)]) as router:
+        ae = AE(ae_title="MODALITY")
+        meta = dcmread(files[0], stop_before_pixels=True).file_meta
+        assoc = ae.associate("127.0.0.1", router.port, ae_title=ROUTER_AET,
+                             contexts=[build_context(meta.MediaStorageSOPClassUID, [meta.TransferSyntaxUID])])
+        assert assoc.is_established
+        monkeypatch.setattr(DIMSEMessage, "encode_msg", reshaped)
+        assert [assoc.send_c_store(dcmread(f)).Status for f in files] == [0, 0, 0]
+        monkeypatch.undo()
+        assert next(shapes, "all sent") == "all sent"
+        assoc.release()
+        wait_until(lambda: len(delivered(out)) == 3, timeout=30, what="three instances delivered")
+        assert {uid: dataset_bytes(path) for uid, path in delivered(out).items()} == expected
+        assert router.stop() == 0
