@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 
 from pynetdicom import AE, evt
@@ -50,9 +49,8 @@ def test_idle_association_waits_instead_of_polling_and_still_answers(monkeypatch
         assoc.release()
         assert assoc.is_released
         deadline = time.monotonic() + 2
-        while time.monotonic() < deadline and any(t.name.startswith("Thread") and "run_reactor" in t.name
-                                                   for t in threading.enumerate()):
+        while time.monotonic() < deadline and (assoc.dul.is_alive() or server.active_associations):
             time.sleep(0.01)
-        assert not [t for t in threading.enumerate() if "run_reactor" in t.name]  # the reactors ended
+        assert not assoc.dul.is_alive() and not server.active_associations  # both sides' reactors ended
     finally:
         server.shutdown()
