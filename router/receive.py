@@ -260,7 +260,7 @@ def _start_store(msg: DIMSEMessage, primitive, assoc, receiver: Receiver) -> boo
     spool_file = SpoolFile(receiver.spool.tmp_path())
     msg._data_set_file, msg._data_set_path = spool_file, Path(spool_file.name)
     sop_class, sop_instance = request
-    spool_file.write(PREAMBLE + _meta_group(sop_class, sop_instance, transfer_syntax, _calling_ae(assoc)))
+    spool_file.write(file_meta_bytes(sop_class, sop_instance, transfer_syntax, _calling_ae(assoc)))
     return True
 
 

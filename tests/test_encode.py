@@ -87,29 +87,15 @@ def test_fast_writer_matches_pydicom(path: Path, deidentifier: Deidentifier):
 
 def command_sets() -> list[Dataset]:
     from pynetdicom.dimse_messages import C_ECHO_RQ, C_ECHO_RSP, C_STORE_RQ, C_STORE_RSP
-    from pynetdicom.dimse_primitives import C_ECHO, C_STORE
+    from pynetdicom.dimse_primitives import C_ECHO
 
     def message(kind, primitive):
         msg = kind()
         msg.primitive_to_message(primitive)
         return msg.command_set
 
-    sets = []
-    for odd in (False, True):
-        rq = C_STORE()
-        rq.MessageID, rq.Priority = 65535, 2
-        rq.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
-        rq.AffectedSOPInstanceUID = "1.2.3.4.5" + ("6" if odd else "")
-        if odd:
-            rq.MoveOriginatorApplicationEntityTitle, rq.MoveOriginatorMessageID = "MOVER", 3
-        sets.append(message(C_STORE_RQ, rq))
-        rsp = C_STORE()
-        rsp.MessageIDBeingRespondedTo = 1
-        rsp.AffectedSOPClassUID, rsp.AffectedSOPInstanceUID = rq.AffectedSOPClassUID, rq.AffectedSOPInstanceUID
-        rsp.Status = 0xA700 if odd else 0
-        if odd:
-            rsp.ErrorComment, rsp.OffendingElement = "out of space", [0x00100010, 0x00100020]
-        sets.append(message(C_STORE_RSP, rsp))
+    sets = [message(C_STORE_RSP if p.MessageIDBeingRespondedTo is not None else C_STORE_RQ, p)
+            for p in store_primitives()]
     echo = C_ECHO()
     echo.MessageID = 1
     sets.append(message(C_ECHO_RQ, echo))
@@ -118,8 +104,9 @@ def command_sets() -> list[Dataset]:
     return sets
 
 
-def store_primitives(spooled: Path):
-    """C-STORE requests and responses, plain and unusual."""
+def store_primitives(spooled: Path = Path("spooled.dcm")):
+    """C-STORE requests and responses, plain and unusual (one streamed from spooled, which
+    is read only when the message is encoded)."""
     from pynetdicom.dimse_primitives import C_STORE
 
     for odd in (False, True):
