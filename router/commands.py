@@ -13,17 +13,26 @@ compare both ways byte for byte and attribute for attribute.
 
 from __future__ import annotations
 
+import os
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from io import BytesIO
+from pathlib import Path
 
 from pydicom.dataset import Dataset
-from pynetdicom import dimse_messages, evt
+from pynetdicom import dimse_messages, evt, fsm
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import C_STORE_RQ, C_STORE_RSP, DIMSEMessage
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.pdu import P_DATA_TF
+from pynetdicom.pdu_primitives import P_DATA
 
 _header = struct.Struct("<HHI")
+#: A P-DATA-TF PDU with one PDV: PDU type, reserved, PDU length; item length, presentation
+#: context ID, message control header (PS3.8 9.3.5, E.2).
+_PDATA_HEADER = struct.Struct(">BBIIBB")
+#: Fragment size when the peer sets no maximum PDU length (0: unlimited).
+_UNLIMITED_FRAGMENT = 131072 - 6
 _US = struct.Struct("<H")
 _INTS = {"US": "H", "UL": "I", "SS": "h", "SL": "i"}
 _TEXT = frozenset({"AE", "CS", "LO", "SH", "ST", "LT", "UI"})
@@ -193,6 +202,63 @@ def store_primitive(msg: DIMSEMessage) -> C_STORE | None:
     return primitive
 
 
+class FileFragment(P_DATA):
+    """A fragment of a data set that is sent from a file, read only when its PDU is sent.
+
+    pynetdicom reads every fragment of a file's data set into its own P-DATA at once (the
+    whole data set waits in the DUL's queue), then copies it three more times (the PDV
+    item, the PDU, what is left after each partial socket send): ~10 ms of CPU and page
+    faults for a 29 MB clip on each send. Here the DUL reads each fragment into one buffer
+    per message just before sending it, and sends from that buffer.
+    """
+
+    def __init__(self, source: _FileSource, offset: int, length: int, last: bool):
+        super().__init__()
+        self.source = source
+        self.offset = offset
+        self.length = length
+        self.last = last
+
+    def encode(self) -> memoryview:
+        """The PDU's bytes; valid until the next fragment of the message is encoded (the DUL
+        sends each PDU before it encodes the next)."""
+        return self.source.pdu(self.offset, self.length, self.last)
+
+
+class _FileSource:
+    """A data set file being sent, and the one PDU buffer its fragments are read into."""
+
+    def __init__(self, path: Path | str, context_id: int, fragment_size: int):
+        self.file = open(path, "rb", buffering=0)  # noqa: SIM115 - closed after the last fragment
+        self.context_id = context_id
+        self.buffer = bytearray(_PDATA_HEADER.size + fragment_size)
+
+    def pdu(self, offset: int, length: int, last: bool) -> memoryview:
+        view = memoryview(self.buffer)[:_PDATA_HEADER.size + length]
+        _PDATA_HEADER.pack_into(self.buffer, 0, 0x04, 0, 6 + length, 2 + length, self.context_id, 0x02 if last else 0x00)
+        read = os.preadv(self.file.fileno(), [view[_PDATA_HEADER.size:]], offset)
+        if last:
+            self.file.close()
+        if read != length:  # outgoing files are replaced by rename, never changed in place
+            raise OSError(f"data set file shorter than when its sending began ({read} of {length} bytes)")
+        return view
+
+
+def file_fragments(path: Path | str, offset: int, context_id: int, max_pdu_length: int) -> Iterator[FileFragment]:
+    """The data set fragments of a message whose data set is the file path from offset on."""
+    size = os.path.getsize(path) - offset
+    fragment_size = max_pdu_length - 6 if max_pdu_length else _UNLIMITED_FRAGMENT
+    source = _FileSource(path, context_id, min(fragment_size, size))
+    for start in range(offset, offset + size, fragment_size):
+        length = min(fragment_size, offset + size - start)
+        yield FileFragment(source, start, length, start + length >= offset + size)
+
+
+def _p_data_tf(primitive: P_DATA) -> P_DATA_TF | FileFragment:
+    """pynetdicom's state machine makes each P-DATA's PDU with this: a file fragment is its own."""
+    return primitive if type(primitive) is FileFragment else P_DATA_TF(primitive)
+
+
 def install() -> None:
     """Use the hand encoders and decoders in pynetdicom (once per process)."""
     original_encode = dimse_messages.encode
@@ -214,8 +280,16 @@ def install() -> None:
         if type(primitive) is C_STORE and not self.assoc.get_handlers(evt.EVT_DIMSE_SENT):
             msg = store_message(primitive)
             if msg is not None:
+                path = msg._data_set_path
+                from_file = path is not None and os.path.getsize(path[0]) > path[1] and not (
+                    self.assoc.get_handlers(evt.EVT_PDU_SENT) or self.assoc.get_handlers(evt.EVT_DATA_SENT))
+                if from_file:
+                    msg._data_set_path = None  # encode_msg: the command set only
                 for pdata in msg.encode_msg(context_id, self.maximum_pdu_size):
                     self.dul.send_pdu(pdata)
+                if from_file:
+                    for fragment in file_fragments(path[0], path[1], context_id, self.maximum_pdu_size):
+                        self.dul.send_pdu(fragment)
                 return
         original_send(self, primitive, context_id)
 
@@ -227,3 +301,4 @@ def install() -> None:
     dimse_messages.encode = encode
     DIMSEServiceProvider.send_msg = send_msg
     DIMSEMessage.message_to_primitive = message_to_primitive
+    fsm.P_DATA_TF = _p_data_tf

@@ -173,6 +173,32 @@ def test_store_messages_encode_and_decode_as_pynetdicom_does(tmp_path: Path) -> 
     assert handled == 4  # all but the response carrying an error comment (pynetdicom's way)
 
 
+@pytest.mark.parametrize("max_pdu", [16382, 131072, 0])
+@pytest.mark.parametrize("size", [1, 16376, 16377, 40000])
+def test_file_fragments_are_the_pdus_pynetdicom_sends(tmp_path: Path, max_pdu: int, size: int) -> None:
+    """A data set streamed from a file: fragment PDUs byte for byte as pynetdicom encodes
+    them, each read only when it is encoded (the file may go once the last one is)."""
+    from pynetdicom.dimse_messages import C_STORE_RQ
+    from pynetdicom.pdu import P_DATA_TF
+
+    from router import commands
+
+    spooled = tmp_path / "spooled.dcm"
+    spooled.write_bytes(b"meta" + bytes(range(251)) * (size // 251) + bytes(size % 251))
+    message = C_STORE_RQ()
+    message.primitive_to_message(next(store_primitives(spooled)))
+    message.data_set, message._data_set_path = None, (spooled, 4)
+    theirs = [P_DATA_TF(p).encode() for p in message.encode_msg(3, max_pdu)][1:]  # after the command set
+    fragments = list(commands.file_fragments(spooled, 4, 3, max_pdu))
+    assert len(fragments) == len(theirs)
+    ours = []
+    for fragment in fragments:
+        assert commands._p_data_tf(fragment) is fragment  # the state machine sends it as it is
+        ours.append(bytes(fragment.encode()))
+    assert ours == theirs
+    spooled.unlink()  # nothing of it is read again
+
+
 def test_command_sets_encode_as_pynetdicom_does() -> None:
     from pynetdicom.dsutils import encode
 
