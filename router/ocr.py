@@ -16,6 +16,7 @@ An engine is not thread-safe.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import math
 from dataclasses import dataclass
@@ -30,6 +31,15 @@ DETECTION_MODEL = "PP-OCRv4_det_mobile.onnx"
 DETECTION_MODEL_SHA256 = "d2a7720d45a54257208b1e13e36a8479894cb74155a5efe29462512d42f49da9"
 #: Recognition: the model file inside the rapidocr wheel (rapidocr==3.10.0).
 RAPIDOCR_REC_MODEL = "PP-OCRv6_rec_small.onnx"
+#: Detector inputs above this many pixels (larger than ~1224x1224) give their working
+#: memory back after the call, so a worker keeps what usual images need (~0.4 GB), not
+#: what its largest image ever needed (~1 GB for a 2400-pixel radiograph).
+RELEASE_AFTER_PIXELS = 1_500_000
+#: glibc mallopt parameters: blocks up to MMAP_THRESHOLD come from the heap, and up to
+#: TRIM_THRESHOLD of free heap is kept for reuse (larger blocks are mapped and unmapped).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD = 32 * 1024 * 1024
+TRIM_THRESHOLD = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -118,8 +128,14 @@ class RapidOcrDetector:
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.enable_cpu_mem_arena = False
+        # ONNX Runtime's arena and a heap that keeps freed blocks let every call reuse the
+        # memory of the last one: without them each call mapped and page-faulted its tensors
+        # afresh (a fifth of a CT slice's OCR time was the kernel's: 183 -> 153 ms).
+        options.enable_cpu_mem_arena = True
         options.log_severity_level = 3
+        self._libc = _keep_freed_memory()
+        self._release = ort.RunOptions()
+        self._release.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         providers = ["CPUExecutionProvider"]
         try:
             self._det = ort.InferenceSession(str(det_path), options, providers=providers)
@@ -157,7 +173,10 @@ class RapidOcrDetector:
         interpolation = self._cv2.INTER_LINEAR if rh * rw >= h * w else self._cv2.INTER_AREA
         resized = self._cv2.resize(rgb, (rw, rh), interpolation=interpolation)
         tensor = (resized.astype(np.float32) * (2.0 / 255.0) - 1.0).transpose(2, 0, 1)[None]
-        pred = self._det.run(None, {self._det_input: tensor})[0]
+        large = rh * rw > RELEASE_AFTER_PIXELS
+        pred = self._det.run(None, {self._det_input: tensor}, self._release if large else None)[0]
+        if large and self._libc is not None:
+            self._libc.malloc_trim(0)
         quads, scores = self._post(pred, (h, w))
         boxes = []
         for quad, score in zip(quads, scores):
@@ -224,6 +243,18 @@ class RapidOcrDetector:
             end = chars[i + 1][1] if i + 1 < len(chars) else max(b, min(w, b + scale))
             spans.append((c, a, end))
         return text.strip(), (float(np.mean(probs)) if probs else 0.0), spans
+
+
+def _keep_freed_memory() -> ctypes.CDLL | None:
+    """Tune glibc's allocator of this process (a worker's) for repeated same-sized images;
+    None where the C library is not glibc (then nothing changes)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+        libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+    except (OSError, AttributeError):
+        return None
+    return libc
 
 
 def _as_rgb_uint8(image: np.ndarray) -> np.ndarray:
