@@ -20,6 +20,7 @@ import functools
 import ipaddress
 import os
 import socket
+import struct
 import threading
 import time
 import weakref
@@ -30,6 +31,9 @@ from pathlib import Path
 from pynetdicom import AE, _config, dimse_messages, evt
 from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
 from pynetdicom.dsutils import decode
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu import P_DATA_TF
+from pynetdicom.pdu_items import PresentationDataValueItem
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import AssociationSocket
 
@@ -233,6 +237,7 @@ def install_receive_hooks() -> None:
     decode_msg.router_hook = True
     DIMSEMessage.decode_msg = decode_msg
     AssociationSocket.recv = read_exactly
+    DULServiceProvider._read_pdu_data = read_pdu
     dimse_messages.NamedTemporaryFile = temporary_file
     dimse_messages.create_file_meta = create_file_meta
     dimse_messages.write_file_meta_info = write_file_meta_info
@@ -281,6 +286,96 @@ def read_exactly(self: AssociationSocket, nr_bytes: int) -> bytearray:
     if nr_read < nr_bytes:
         del buffer[nr_read:]
     return buffer
+
+
+_PDU_HEADER = struct.Struct(">BBL")
+_ITEM_LENGTH = struct.Struct(">L")
+#: pynetdicom's own PDU reader, for PDUs other than P-DATA-TF and anything unusual.
+pynetdicom_read_pdu = DULServiceProvider._read_pdu_data
+
+
+def read_pdu(self: DULServiceProvider) -> None:
+    """``DULServiceProvider._read_pdu_data``: a P-DATA-TF PDU is read into one buffer and its
+    values are views of it.
+
+    pynetdicom copied every PDU five times before the data set fragment reached the spool
+    file (appending to the header, bytes() of that, the PDU's variable part, each item, the
+    value after its control header): ~40 ms of CPU for a 29 MB clip. Command fragments
+    become bytes, as pynetdicom has them. Another PDU type, an EVT_DATA_RECV handler (it
+    wants the raw bytes) or items that do not add up go pynetdicom's way, with its events.
+    """
+    if self.assoc.get_handlers(evt.EVT_DATA_RECV):
+        return pynetdicom_read_pdu(self)
+    try:
+        header = self.socket.recv(6)
+        if len(header) == 6 and header[0] == 0x04:
+            length = _PDU_HEADER.unpack(header)[2]
+            body = self.socket.recv(length)
+            if len(body) != length:
+                log.error("receive_failed", error="connection closed inside a PDU")
+                self.event_queue.put("Evt17")
+                return
+            pdu = _p_data_tf(body)
+            if pdu is None:
+                _decode_whole(self, bytes(header) + bytes(body))
+                return
+            evt.trigger(self.assoc, evt.EVT_PDU_RECV, {"pdu": pdu})
+            self.event_queue.put("Evt10")
+            self._recv_pdu.put(pdu)
+            return
+    except (OSError, TimeoutError):
+        self.event_queue.put("Evt17")
+        return
+    if len(header) < 6:
+        self.event_queue.put("Evt17")
+        return
+    pdu_type, _, length = _PDU_HEADER.unpack(header)
+    if pdu_type not in (0x01, 0x02, 0x03, 0x05, 0x06, 0x07):
+        log.error("receive_failed", error=f"unknown PDU type 0x{pdu_type:02X}")
+        self.event_queue.put("Evt19")
+        return
+    try:
+        body = self.socket.recv(length)
+    except (OSError, TimeoutError):
+        self.event_queue.put("Evt17")
+        return
+    if len(body) != length:
+        self.event_queue.put("Evt17")
+        return
+    _decode_whole(self, bytes(header) + bytes(body))
+
+
+def _decode_whole(dul: DULServiceProvider, data: bytes) -> None:
+    """The end of pynetdicom's ``_read_pdu_data``: decode, then queue the event and the PDU."""
+    try:
+        pdu, event = dul._decode_pdu(bytearray(data))
+        dul.event_queue.put(event)
+    except Exception as exc:  # noqa: BLE001 - pynetdicom's answer to any undecodable PDU
+        log.error("receive_failed", error=f"undecodable PDU ({type(exc).__name__})")
+        dul.event_queue.put("Evt19")
+        return
+    dul._recv_pdu.put(pdu)
+
+
+def _p_data_tf(body: bytearray) -> P_DATA_TF | None:
+    """The P-DATA-TF PDU whose variable part is body, data set values as views of it; None
+    if its items do not exactly fill it."""
+    pdu = P_DATA_TF()
+    view = memoryview(body)
+    offset, end = 0, len(body)
+    while offset < end:
+        if offset + 6 > end:
+            return None
+        item_end = offset + 4 + _ITEM_LENGTH.unpack_from(body, offset)[0]
+        if item_end > end or item_end < offset + 6:
+            return None
+        item = PresentationDataValueItem()
+        item.presentation_context_id = body[offset + 4]
+        value = view[offset + 5:item_end]
+        item.presentation_data_value = bytes(value) if value[0] & 1 else value  # command: bytes
+        pdu.presentation_data_value_items.append(item)
+        offset = item_end
+    return pdu if pdu.presentation_data_value_items else None
 
 
 #: A-ABORT PDU (PS3.8 9.3.8): source 2 (service provider), reason 0 (not specified).

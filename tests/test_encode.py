@@ -269,3 +269,35 @@ def test_meta_uids_read_by_hand_are_what_pynetdicom_reads(tmp_path: Path, deiden
     assert read_meta_uids(tmp_path / "cut.dcm") is None
     (tmp_path / "bare.dcm").write_bytes(data[132:])  # no preamble
     assert read_meta_uids(tmp_path / "bare.dcm") is None
+
+
+def test_p_data_pdus_are_read_as_pynetdicom_reads_them() -> None:
+    """P-DATA-TF PDUs read without copying: the same primitive as pynetdicom's decoder makes
+    (command values as bytes, data set values as views), and nothing for items that do not
+    add up (pynetdicom's decoder then decides)."""
+    import struct
+
+    from pynetdicom.pdu import P_DATA_TF
+
+    from router.receive import _p_data_tf
+
+    def item(context_id: int, value: bytes) -> bytes:
+        return struct.pack(">LB", len(value) + 1, context_id) + value
+
+    shapes = [
+        item(1, b"\x03" + bytes(range(40))),  # a whole command set
+        item(1, b"\x02" + bytes(range(256)) * 64),  # a data set's last fragment
+        item(3, b"\x01" + b"cmd") + item(3, b"\x03" + b"set") + item(3, b"\x00" + b"data"),  # several items
+        item(5, b"\x00"),  # an empty fragment
+    ]
+    for body in shapes:
+        theirs = P_DATA_TF()
+        theirs.decode(struct.pack(">BBL", 4, 0, len(body)) + body)
+        ours = _p_data_tf(bytearray(body))
+        assert ours is not None
+        got = ours.to_primitive().presentation_data_value_list
+        assert [(c, bytes(v)) for c, v in got] == theirs.to_primitive().presentation_data_value_list
+        for _, value in got:
+            assert isinstance(value, bytes) == bool(value[0] & 1)  # commands are bytes, data views
+    for broken in (b"", item(1, b"\x02abc")[:-1], item(1, b"\x02abc") + b"\x00\x00", struct.pack(">LB", 1, 1)):
+        assert _p_data_tf(bytearray(broken)) is None
