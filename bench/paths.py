@@ -29,6 +29,7 @@ from router.forward import install_checkpoint
 METADATA_OPTIONS = sorted(DEFAULT_OPTIONS - {"clean-pixel-data"})
 PASS_THROUGH = "pass-through"
 ORTHANC = "storescu -> Orthanc"
+ORTHANC_NO_FSYNC = "storescu -> Orthanc, no fsync"
 ROUTER = "deid-router"
 
 
@@ -56,18 +57,20 @@ def network(work: Path, files: list[Path], workers: int, *, path: str = "network
         finally:
             passthrough.stop()
         scp.clear()
-        orthanc = OrthancPeer(work / "orthanc")
-        try:
-            rows.append(measure(path, ORTHANC + label, files, port=orthanc.port, aet=orthanc.aet,
-                                delivered=orthanc.count, tree_pid=orthanc.process.pid, senders=senders,
-                                note="ingest only"))
-        finally:
-            orthanc.stop()
+        for name, sync, note in ((ORTHANC, True, "ingest only, as shipped: each file fsynced before the answer"),
+                                 (ORTHANC_NO_FSYNC, False, "ingest only, SyncStorageArea false: not durable")):
+            orthanc = OrthancPeer(work / ("orthanc" if sync else "orthanc-no-fsync"), sync=sync)
+            try:
+                rows.append(measure(path, name + label, files, port=orthanc.port, aet=orthanc.aet,
+                                    delivered=orthanc.count, tree_pid=orthanc.process.pid, senders=senders,
+                                    note=note))
+            finally:
+                orthanc.stop()
         router = Node(work / "router", scp, "router", options=METADATA_OPTIONS, workers=workers)
         try:
             rows.append(measure(path, ROUTER + label, files, port=router.port, aet=router.aet, delivered=scp.count,
                                 tree_pid=router.pid, node=router, scp=scp, senders=senders,
-                                baselines=(PASS_THROUGH + label, ORTHANC + label),
+                                baselines=(PASS_THROUGH + label, ORTHANC + label, ORTHANC_NO_FSYNC + label),
                                 note=f"all default options but clean-pixel-data, {_plural(workers, 'worker')}"))
         finally:
             router.stop()
