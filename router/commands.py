@@ -24,6 +24,7 @@ from pynetdicom import dimse_messages, evt, fsm
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import C_STORE_RQ, C_STORE_RSP, DIMSEMessage
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import decode
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
 
@@ -295,7 +296,11 @@ def install() -> None:
 
     def message_to_primitive(self: DIMSEMessage):
         primitive = store_primitive(self)
-        return primitive if primitive is not None else pynetdicom_message_to_primitive(self)
+        if primitive is not None:
+            return primitive
+        if not len(self.command_set) and self.encoded_command_set.tell():  # read by hand only, so far
+            self.command_set = decode(self.encoded_command_set, True, True)
+        return pynetdicom_message_to_primitive(self)
 
     encode.router_hook = True
     dimse_messages.encode = encode

@@ -260,7 +260,8 @@ def _start_store(msg: DIMSEMessage, primitive, assoc, receiver: Receiver) -> boo
     transfer_syntax = str(assoc._accepted_cx[context_id].transfer_syntax[0])
     msg.encoded_command_set.write(data[1:])
     msg.context_id = context_id
-    msg.command_set = decode(msg.encoded_command_set, True, True)  # kept, for pynetdicom's own handlers
+    if assoc.get_handlers(evt.EVT_DIMSE_RECV):  # they read the Dataset; the primitive comes from the bytes
+        msg.command_set = decode(msg.encoded_command_set, True, True)
     msg.__class__ = C_STORE_RQ
     spool_file = SpoolFile(receiver.spool.tmp_path())
     msg._data_set_file, msg._data_set_path = spool_file, Path(spool_file.name)
