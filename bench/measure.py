@@ -185,7 +185,10 @@ def measure(path: str, name: str, files: list[Path], *, port: int, aet: str, del
         rss.start()
     forwarded_before = len(node.events("forwarded")) if node and node.kind == "router" else 0
     started = time.perf_counter()
-    acked_seconds = storescu(port, aet, files, senders)
+    try:
+        acked_seconds = storescu(port, aet, files, senders)
+    except RuntimeError as exc:
+        raise RuntimeError(f"{path}/{name}: {exc}") from None
     wait_for(lambda: delivered() >= len(files), 3600, f"{path}/{name}: {len(files)} instances at the destination")
     seconds = time.perf_counter() - started
     if rss:

@@ -205,10 +205,12 @@ def storescu(port: int, aet: str, files: list[Path], senders: int = 1) -> float:
     started = time.perf_counter()
     shares = [files[i::senders] for i in range(senders)]
     processes = [subprocess.Popen([STORESCU, "-aec", aet, "--max-pdu", str(PDU), "127.0.0.1", str(port),
-                                   *map(str, share)], env=DCMTK_ENV, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.PIPE) for share in shares if share]
+                                   *map(str, share)], env=DCMTK_ENV, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT) for share in shares if share]
     for process in processes:
-        _out, err = process.communicate(timeout=3600)
+        out, _err = process.communicate(timeout=3600)
         if process.returncode != 0:
-            raise RuntimeError(f"storescu failed: {err.decode(errors='replace')[-1500:]}")
+            # exit code 167 with no message: a C-STORE was answered with a failure status
+            raise RuntimeError(f"storescu failed (exit code {process.returncode}): "
+                               f"{out.decode(errors='replace')[-1500:]}")
     return time.perf_counter() - started
