@@ -51,8 +51,9 @@ _STORE_RSP = ((0x0002, "UI", "AffectedSOPClassUID"), (0x0100, "US", None), (0x01
 _DECODED = {C_STORE_RQ: {e: (vr, name) for e, vr, name in _STORE_RQ},
             C_STORE_RSP: {e: (vr, name) for e, vr, name in _STORE_RSP if e not in (0x0901, 0x0902)}}
 _NO_DATA_SET = 0x0101
-#: pynetdicom's own decoder, for what the hand decoder leaves to it.
+#: pynetdicom's own decoders, for what the hand decoders leave to them.
 pynetdicom_message_to_primitive = DIMSEMessage.message_to_primitive
+pynetdicom_decode_msg = DIMSEMessage.decode_msg
 
 
 def _encode_elements(elements: Iterable[tuple[int, str, object]]) -> bytes | None:
@@ -122,12 +123,44 @@ def store_message(primitive: C_STORE) -> DIMSEMessage | None:
     if encoded is None:
         return None
     response = primitive.MessageIDBeingRespondedTo is not None
-    msg = DIMSEMessage()  # the base class sets up no command elements
-    msg.__class__ = C_STORE_RSP if response else C_STORE_RQ
+    msg = _bare_message(C_STORE_RSP if response else C_STORE_RQ)
     msg.command_set = EncodedCommandSet(encoded)
     msg.data_set = BytesIO() if response else primitive.DataSet
     msg._data_set_path = getattr(primitive, "_dataset_path", None)
     return msg
+
+
+def _bare_message(cls: type[DIMSEMessage]) -> DIMSEMessage:
+    """A message with the attributes ``DIMSEMessage.__init__`` sets, but not its empty
+    command set Dataset (filled attribute by attribute, ~40 us, and replaced at once)."""
+    msg = cls.__new__(cls)
+    msg.context_id = None
+    msg.encoded_command_set = BytesIO()
+    msg.data_set = BytesIO()
+    msg._data_set_path = None
+    msg._data_set_file = None
+    return msg
+
+
+def decode_store_response(msg: DIMSEMessage, primitive: P_DATA) -> bool:
+    """Take a C-STORE response that arrives whole in one PDV as pynetdicom's ``decode_msg``
+    would, without decoding its command set into a Dataset (``message_to_primitive`` reads
+    it by hand); False (pynetdicom's way) for anything else."""
+    pdvs = primitive.presentation_data_value_list
+    if len(pdvs) != 1 or msg.encoded_command_set.tell():
+        return False
+    context_id, data = pdvs[0]
+    if data[0] & 3 != 3:  # not a command set's last (and only) fragment
+        return False
+    command = bytes(data[1:])
+    elements = _elements(command)
+    values = _plain_values(elements, _DECODED[C_STORE_RSP]) if elements is not None else None
+    if not values or values.get(0x0100) != 0x8001 or values.get(0x0800) != _NO_DATA_SET:
+        return False
+    msg.encoded_command_set.write(command)
+    msg.context_id = context_id
+    msg.__class__ = C_STORE_RSP
+    return True
 
 
 def _elements(data: bytes) -> dict[int, bytes] | None:
@@ -302,8 +335,17 @@ def install() -> None:
             self.command_set = decode(self.encoded_command_set, True, True)
         return pynetdicom_message_to_primitive(self)
 
+    original_decode_msg = DIMSEMessage.decode_msg
+
+    def decode_msg(self: DIMSEMessage, primitive, assoc=None) -> bool:
+        if (type(primitive) is P_DATA and assoc is not None and assoc.is_requestor
+                and not assoc.get_handlers(evt.EVT_DIMSE_RECV) and decode_store_response(self, primitive)):
+            return True
+        return original_decode_msg(self, primitive, assoc)
+
     encode.router_hook = True
     dimse_messages.encode = encode
+    DIMSEMessage.decode_msg = decode_msg
     DIMSEServiceProvider.send_msg = send_msg
     DIMSEMessage.message_to_primitive = message_to_primitive
     fsm.P_DATA_TF = _p_data_tf

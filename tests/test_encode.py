@@ -301,3 +301,32 @@ def test_p_data_pdus_are_read_as_pynetdicom_reads_them() -> None:
             assert isinstance(value, bytes) == bool(value[0] & 1)  # commands are bytes, data views
     for broken in (b"", item(1, b"\x02abc")[:-1], item(1, b"\x02abc") + b"\x00\x00", struct.pack(">LB", 1, 1)):
         assert _p_data_tf(bytearray(broken)) is None
+
+
+def test_store_responses_are_taken_by_hand_as_pynetdicom_takes_them(tmp_path: Path) -> None:
+    """A C-STORE response read by hand on the sending side: the same primitive as pynetdicom's
+    decode_msg and message_to_primitive give; anything unusual is left to pynetdicom."""
+    from pynetdicom.dimse_messages import DIMSEMessage
+
+    from router import commands
+
+    commands.install()
+    taken = 0
+    for primitive in store_primitives(tmp_path / "spooled.dcm"):
+        if primitive.MessageIDBeingRespondedTo is None:
+            continue
+        message = commands.store_message(primitive)
+        pdata = next(iter(message.encode_msg(5, 16382)))
+        ours, theirs = DIMSEMessage(), DIMSEMessage()
+        by_hand = commands.decode_store_response(ours, pdata)
+        assert commands.pynetdicom_decode_msg(theirs, pdata)
+        if not by_hand:
+            assert not ours.encoded_command_set.tell()  # untouched: pynetdicom's way follows
+            continue
+        taken += 1
+        assert (type(ours), ours.context_id) == (type(theirs), theirs.context_id)
+        mine, pynetdicoms = ours.message_to_primitive(), commands.pynetdicom_message_to_primitive(theirs)
+        for field in ("MessageIDBeingRespondedTo", "AffectedSOPClassUID", "AffectedSOPInstanceUID", "Status",
+                      "ErrorComment", "OffendingElement", "_context_id"):
+            assert getattr(mine, field) == getattr(pynetdicoms, field), field
+    assert taken == 2  # the plain response and the one without UIDs; not the one with an error comment
