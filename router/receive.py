@@ -291,6 +291,7 @@ def read_exactly(self: AssociationSocket, nr_bytes: int) -> bytearray:
 
 _PDU_HEADER = struct.Struct(">BBL")
 _ITEM_LENGTH = struct.Struct(">L")
+_MIN_PDU_LIMIT = 16 * 1024 * 1024
 #: pynetdicom's own PDU reader, for PDUs other than P-DATA-TF and anything unusual.
 pynetdicom_read_pdu = DULServiceProvider._read_pdu_data
 
@@ -309,6 +310,12 @@ def read_pdu(self: DULServiceProvider) -> None:
         return pynetdicom_read_pdu(self)
     try:
         header = self.socket.recv(6)
+        if len(header) == 6 and _PDU_HEADER.unpack(header)[2] > _largest_pdu(self.assoc):
+            # far beyond the maximum we announced: a broken or hostile peer (reading would
+            # first allocate that many bytes); the association is aborted
+            log.error("receive_failed", error=f"PDU of {_PDU_HEADER.unpack(header)[2]} bytes announced")
+            self.event_queue.put("Evt19")
+            return
         if len(header) == 6 and header[0] == 0x04:
             length = _PDU_HEADER.unpack(header)[2]
             body = self.socket.recv(length)
@@ -344,6 +351,14 @@ def read_pdu(self: DULServiceProvider) -> None:
         self.event_queue.put("Evt17")
         return
     _decode_whole(self, bytes(header) + bytes(body))
+
+
+def _largest_pdu(assoc) -> float:
+    """The largest PDU taken from the peer: 4x the maximum length we announced, at least
+    16 MiB (a peer must stay within the maximum; this only stops absurd lengths); no limit
+    if we announced none."""
+    ours = (assoc.acceptor if assoc.is_acceptor else assoc.requestor).maximum_length
+    return max(4 * ours, _MIN_PDU_LIMIT) if ours else float("inf")
 
 
 def _decode_whole(dul: DULServiceProvider, data: bytes) -> None:

@@ -324,3 +324,31 @@ def test_command_sets_in_pieces_and_shared_pdus_are_received(tmp_path: Path, mon
         wait_until(lambda: len(delivered(out)) == 3, timeout=30, what="three instances delivered")
         assert {uid: dataset_bytes(path) for uid, path in delivered(out).items()} == expected
         assert router.stop() == 0
+
+
+def test_an_absurd_pdu_length_aborts_the_association_not_the_node(tmp_path: Path, corpus_dir: Path) -> None:
+    """A peer announcing a 1 GiB P-DATA PDU (the node offered 128 KiB) is aborted at once,
+    before anything is allocated or read; the node goes on taking instances."""
+    import struct
+
+    from pynetdicom.sop_class import CTImageStorage, Verification
+
+    out = tmp_path / "out"
+    with Router(tmp_path, [folder_destination("folder", out)]) as router:
+        ae = AE(ae_title="GOODSCU")
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", router.port, ae_title=ROUTER_AET)
+        assert assoc.is_established
+        assoc.dul.socket.socket.sendall(struct.pack(">BBL", 0x04, 0, 1 << 30) + b"\x00" * 64)
+        wait_until(lambda: not assoc.is_alive(), 10, what="the association ends")
+        assert assoc.is_aborted
+        errors = [e["error"] for e in router.events("receive_failed")]
+        assert f"PDU of {1 << 30} bytes announced" in errors, errors
+        ae = AE(ae_title="GOODSCU")
+        ae.add_requested_context(CTImageStorage)
+        assoc = ae.associate("127.0.0.1", router.port, ae_title=ROUTER_AET)
+        assert assoc.is_established
+        status = assoc.send_c_store(dcmread(corpus_dir / "pydicom__CT_small.dcm"))
+        assoc.release()
+        assert status.Status == 0x0000
+        wait_until(lambda: len(delivered(out)) == 1, 30, what="the instance delivered")
