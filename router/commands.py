@@ -32,8 +32,11 @@ _header = struct.Struct("<HHI")
 #: A P-DATA-TF PDU with one PDV: PDU type, reserved, PDU length; item length, presentation
 #: context ID, message control header (PS3.8 9.3.5, E.2).
 _PDATA_HEADER = struct.Struct(">BBIIBB")
-#: Fragment size when the peer sets no maximum PDU length (0: unlimited).
+#: Fragment size when the peer sets no maximum PDU length (0: unlimited), and the largest
+#: sent whatever the peer allows (each message's buffer is one fragment: a peer announcing
+#: a 4 GB maximum must not make a 4 GB buffer).
 _UNLIMITED_FRAGMENT = 131072 - 6
+_LARGEST_FRAGMENT = 4 * 1024 * 1024 - 6
 _US = struct.Struct("<H")
 _INTS = {"US": "H", "UL": "I", "SS": "h", "SL": "i"}
 _TEXT = frozenset({"AE", "CS", "LO", "SH", "ST", "LT", "UI"})
@@ -281,7 +284,7 @@ class _FileSource:
 def file_fragments(path: Path | str, offset: int, context_id: int, max_pdu_length: int) -> Iterator[FileFragment]:
     """The data set fragments of a message whose data set is the file path from offset on."""
     size = os.path.getsize(path) - offset
-    fragment_size = max_pdu_length - 6 if max_pdu_length else _UNLIMITED_FRAGMENT
+    fragment_size = min(max_pdu_length - 6, _LARGEST_FRAGMENT) if max_pdu_length else _UNLIMITED_FRAGMENT
     source = _FileSource(path, context_id, min(fragment_size, size))
     for start in range(offset, offset + size, fragment_size):
         length = min(fragment_size, offset + size - start)

@@ -199,6 +199,20 @@ def test_file_fragments_are_the_pdus_pynetdicom_sends(tmp_path: Path, max_pdu: i
     spooled.unlink()  # nothing of it is read again
 
 
+def test_file_fragments_stay_small_whatever_the_peer_allows(tmp_path: Path) -> None:
+    """A peer announcing a huge maximum PDU length gets fragments of at most 4 MiB (the
+    message's one buffer is one fragment), which together are the whole data set."""
+    from router import commands
+
+    spooled = tmp_path / "spooled.dcm"
+    spooled.write_bytes(b"meta" + bytes(range(256)) * (40 * 1024 * 1024 // 256))
+    fragments = list(commands.file_fragments(spooled, 4, 1, 2**32 - 1))
+    assert [f.length for f in fragments] == [4 * 1024 * 1024 - 6] * 10 + [60]
+    assert len(fragments[0].source.buffer) == 4 * 1024 * 1024 + 6
+    data = b"".join(bytes(f.encode())[12:] for f in fragments)
+    assert data == spooled.read_bytes()[4:]
+
+
 def test_command_sets_encode_as_pynetdicom_does() -> None:
     from pynetdicom.dsutils import encode
 
