@@ -303,54 +303,42 @@ def read_pdu(self: DULServiceProvider) -> None:
     pynetdicom copied every PDU five times before the data set fragment reached the spool
     file (appending to the header, bytes() of that, the PDU's variable part, each item, the
     value after its control header): ~40 ms of CPU for a 29 MB clip. Command fragments
-    become bytes, as pynetdicom has them. Another PDU type, an EVT_DATA_RECV handler (it
-    wants the raw bytes) or items that do not add up go pynetdicom's way, with its events.
+    become bytes, as pynetdicom has them. Other PDU types and items that do not add up are
+    decoded by pynetdicom, with its events; an EVT_DATA_RECV handler (it wants the raw
+    bytes) gets pynetdicom's reader. A length far beyond the maximum the node announced
+    aborts the association before anything is allocated (pynetdicom would wait for it all).
     """
     if self.assoc.get_handlers(evt.EVT_DATA_RECV):
         return pynetdicom_read_pdu(self)
     try:
         header = self.socket.recv(6)
-        if len(header) == 6 and _PDU_HEADER.unpack(header)[2] > _largest_pdu(self.assoc):
-            # far beyond the maximum we announced: a broken or hostile peer (reading would
-            # first allocate that many bytes); the association is aborted
-            log.error("receive_failed", error=f"PDU of {_PDU_HEADER.unpack(header)[2]} bytes announced")
+        if len(header) < 6:
+            self.event_queue.put("Evt17")  # closed
+            return
+        pdu_type, _, length = _PDU_HEADER.unpack(header)
+        if pdu_type not in (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07):
+            log.error("receive_failed", error=f"unknown PDU type 0x{pdu_type:02X}")
             self.event_queue.put("Evt19")
             return
-        if len(header) == 6 and header[0] == 0x04:
-            length = _PDU_HEADER.unpack(header)[2]
-            body = self.socket.recv(length)
-            if len(body) != length:
-                log.error("receive_failed", error="connection closed inside a PDU")
-                self.event_queue.put("Evt17")
-                return
-            pdu = _p_data_tf(body)
-            if pdu is None:
-                _decode_whole(self, bytes(header) + bytes(body))
-                return
-            evt.trigger(self.assoc, evt.EVT_PDU_RECV, {"pdu": pdu})
-            self.event_queue.put("Evt10")
-            self._recv_pdu.put(pdu)
+        if length > _largest_pdu(self.assoc):
+            log.error("receive_failed", error=f"PDU of {length} bytes announced")
+            self.event_queue.put("Evt19")
             return
-    except (OSError, TimeoutError):
-        self.event_queue.put("Evt17")
-        return
-    if len(header) < 6:
-        self.event_queue.put("Evt17")
-        return
-    pdu_type, _, length = _PDU_HEADER.unpack(header)
-    if pdu_type not in (0x01, 0x02, 0x03, 0x05, 0x06, 0x07):
-        log.error("receive_failed", error=f"unknown PDU type 0x{pdu_type:02X}")
-        self.event_queue.put("Evt19")
-        return
-    try:
         body = self.socket.recv(length)
     except (OSError, TimeoutError):
         self.event_queue.put("Evt17")
         return
     if len(body) != length:
+        log.error("receive_failed", error="connection closed inside a PDU")
         self.event_queue.put("Evt17")
         return
-    _decode_whole(self, bytes(header) + bytes(body))
+    pdu = _p_data_tf(body) if pdu_type == 0x04 else None
+    if pdu is None:
+        _decode_whole(self, header + body)
+        return
+    evt.trigger(self.assoc, evt.EVT_PDU_RECV, {"pdu": pdu})
+    self.event_queue.put("Evt10")
+    self._recv_pdu.put(pdu)
 
 
 def _largest_pdu(assoc) -> float:
@@ -361,10 +349,10 @@ def _largest_pdu(assoc) -> float:
     return max(4 * ours, _MIN_PDU_LIMIT) if ours else float("inf")
 
 
-def _decode_whole(dul: DULServiceProvider, data: bytes) -> None:
+def _decode_whole(dul: DULServiceProvider, data: bytearray) -> None:
     """The end of pynetdicom's ``_read_pdu_data``: decode, then queue the event and the PDU."""
     try:
-        pdu, event = dul._decode_pdu(bytearray(data))
+        pdu, event = dul._decode_pdu(data)
         dul.event_queue.put(event)
     except Exception as exc:  # noqa: BLE001 - pynetdicom's answer to any undecodable PDU
         log.error("receive_failed", error=f"undecodable PDU ({type(exc).__name__})")
