@@ -8,7 +8,9 @@ ends them: data on the socket or a PDU to send (the DUL reactor), a message or a
 indication received, or a paused reactor wanted (the association reactor); and a DUL
 reactor being stopped is woken. The timers the loops also check (ARTIM, idle) and the
 end of the other thread are seen within ``CEILING`` seconds.
-Every other sleep in pynetdicom is left as it is.
+Every other sleep in pynetdicom is left as it is. Sockets are watched with poll, not
+select: select fails on descriptors of 1024 and more, where pynetdicom then took the
+connection for closed.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pynetdicom import association as association_module
 from pynetdicom import dul as dul_module
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.transport import AssociationSocket
 
 #: Longest wait between two polls of an idle association (the 1 ms sleeps it replaces).
 CEILING = 0.05
@@ -41,6 +44,8 @@ class _Wakeups:
     def __init__(self) -> None:
         self.dul_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.association = threading.Event()
+        self._poller = select.poll()
+        self._polled_fd = -2  # the socket descriptor _poller watches (-1: none)
 
     def wake_dul(self) -> None:
         try:
@@ -52,15 +57,20 @@ class _Wakeups:
         self.association.set()
 
     def wait_dul(self, dul: DULServiceProvider) -> None:
-        fds = [self.dul_fd]
         sock = getattr(dul.socket, "socket", None)
+        fd = -1
         if sock is not None:
             if isinstance(sock, ssl.SSLSocket) and sock.pending():
-                return  # decrypted data waiting: select cannot see it
-            if sock.fileno() >= 0:
-                fds.append(sock)
+                return  # decrypted data waiting: poll cannot see it
+            fd = sock.fileno()
         try:
-            select.select(fds, [], [], CEILING)
+            if fd != self._polled_fd:  # connected (or closed) since the last wait
+                self._poller = select.poll()
+                self._poller.register(self.dul_fd, select.POLLIN)
+                if fd >= 0:
+                    self._poller.register(fd, select.POLLIN)
+                self._polled_fd = fd
+            self._poller.poll(CEILING * 1000)
             os.eventfd_read(self.dul_fd)
         except BlockingIOError:
             pass  # woken by the socket or the ceiling
@@ -157,6 +167,29 @@ class _ReactorClock:
         time.sleep(seconds)
 
 
+def socket_ready(self: AssociationSocket) -> bool:
+    """``AssociationSocket.ready`` with poll instead of select: select fails on descriptors
+    of 1024 and more (pynetdicom then takes the connection for closed), which a busy node
+    reaches (the service allows 65,536)."""
+    sock = self.socket
+    if sock is None or self._is_connected is False:
+        return False
+    try:
+        fd = sock.fileno()
+        cached = getattr(self, "_router_poller", None)
+        if cached is None or cached[0] != fd:
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            cached = self._router_poller = (fd, poller)
+        ready = bool(cached[1].poll(0))
+    except (OSError, TimeoutError, ValueError):
+        self.event_queue.put("Evt17")  # transport closed, as pynetdicom does
+        return False
+    if isinstance(sock, ssl.SSLSocket):
+        return ready or bool(sock.pending())  # decrypted data poll cannot see
+    return ready
+
+
 def wake_reactor(assoc: Association) -> None:
     """Wake assoc's reactor now (e.g. to pause it before a send)."""
     wakeups = getattr(assoc, "_router_wakeups", None)
@@ -207,6 +240,7 @@ def install() -> None:
         return original_stop_dul(self)
 
     Association.__init__ = init
+    AssociationSocket.ready = property(socket_ready)
     DULServiceProvider.kill_dul = kill_dul
     DULServiceProvider.stop_dul = stop_dul
     clock = _ReactorClock()

@@ -54,3 +54,40 @@ def test_idle_association_waits_instead_of_polling_and_still_answers(monkeypatch
         assert not assoc.dul.is_alive() and not server.active_associations  # both sides' reactors ended
     finally:
         server.shutdown()
+
+
+def test_associations_on_descriptors_above_1024_work() -> None:
+    """select() fails on descriptors of 1024 and more, and pynetdicom then took every new
+    connection for closed; a busy node reaches that many (its service allows 65,536)."""
+    import os
+    import resource
+
+    reactors.install()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 2048:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(2048, hard), hard))
+    filler = []
+    scp = AE(ae_title="SCP")
+    scp.add_supported_context(Verification)
+    try:
+        null = os.open(os.devnull, os.O_RDONLY)
+        filler.append(null)
+        while max(filler) < 1100:
+            filler.append(os.dup(null))
+        server = scp.start_server(("127.0.0.1", 0), block=False)
+        try:
+            scu = AE(ae_title="SCU")
+            scu.add_requested_context(Verification)
+            assoc = scu.associate("127.0.0.1", server.server_address[1], ae_title="SCP")
+            assert assoc.is_established
+            assert assoc.dul.socket.socket.fileno() > 1024
+            for _ in range(5):
+                status = assoc.send_c_echo()
+                assert status and status.Status == 0x0000
+            assoc.release()
+            assert assoc.is_released
+        finally:
+            server.shutdown()
+    finally:
+        for fd in filler:
+            os.close(fd)
