@@ -145,17 +145,26 @@ def _bare_message(cls: type[DIMSEMessage]) -> DIMSEMessage:
     return msg
 
 
+def whole_command(msg: DIMSEMessage, primitive: P_DATA) -> tuple[int, bytes] | None:
+    """(presentation context ID, command set) of a P-DATA whose one PDV is a message's whole
+    command set, nothing of it received before; None for anything else."""
+    pdvs = primitive.presentation_data_value_list
+    if len(pdvs) != 1 or msg.encoded_command_set.tell():
+        return None
+    context_id, data = pdvs[0]
+    if data[0] & 3 != 3:  # not a command set's last (and only) fragment
+        return None
+    return context_id, bytes(data[1:])
+
+
 def decode_store_response(msg: DIMSEMessage, primitive: P_DATA) -> bool:
     """Take a C-STORE response that arrives whole in one PDV as pynetdicom's ``decode_msg``
     would, without decoding its command set into a Dataset (``message_to_primitive`` reads
     it by hand); False (pynetdicom's way) for anything else."""
-    pdvs = primitive.presentation_data_value_list
-    if len(pdvs) != 1 or msg.encoded_command_set.tell():
+    whole = whole_command(msg, primitive)
+    if whole is None:
         return False
-    context_id, data = pdvs[0]
-    if data[0] & 3 != 3:  # not a command set's last (and only) fragment
-        return False
-    command = bytes(data[1:])
+    context_id, command = whole
     elements = _elements(command)
     values = _plain_values(elements, _DECODED[C_STORE_RSP]) if elements is not None else None
     if not values or values.get(0x0100) != 0x8001 or values.get(0x0800) != _NO_DATA_SET:
@@ -282,16 +291,17 @@ class _FileSource:
 
 
 def file_fragments(path: Path | str, offset: int, context_id: int, max_pdu_length: int) -> Iterator[FileFragment]:
-    """The data set fragments of a message whose data set is the file path from offset on."""
+    """The data set fragments of a message whose data set is the file path from offset on
+    (an empty data set is one empty last fragment, as pynetdicom sends it)."""
     size = os.path.getsize(path) - offset
     fragment_size = min(max_pdu_length - 6, _LARGEST_FRAGMENT) if max_pdu_length else _UNLIMITED_FRAGMENT
     source = _FileSource(path, context_id, min(fragment_size, size))
-    for start in range(offset, offset + size, fragment_size):
+    for start in range(offset, offset + max(size, 1), fragment_size):
         length = min(fragment_size, offset + size - start)
         yield FileFragment(source, start, length, start + length >= offset + size)
 
 
-def _p_data_tf(primitive: P_DATA) -> P_DATA_TF | FileFragment:
+def _pdu_to_send(primitive: P_DATA) -> P_DATA_TF | FileFragment:
     """pynetdicom's state machine makes each P-DATA's PDU with this: a file fragment is its own."""
     return primitive if type(primitive) is FileFragment else P_DATA_TF(primitive)
 
@@ -318,7 +328,7 @@ def install() -> None:
             msg = store_message(primitive)
             if msg is not None:
                 path = msg._data_set_path
-                from_file = path is not None and os.path.getsize(path[0]) > path[1] and not (
+                from_file = path is not None and not (
                     self.assoc.get_handlers(evt.EVT_PDU_SENT) or self.assoc.get_handlers(evt.EVT_DATA_SENT))
                 if from_file:
                     msg._data_set_path = None  # encode_msg: the command set only
@@ -351,4 +361,4 @@ def install() -> None:
     DIMSEMessage.decode_msg = decode_msg
     DIMSEServiceProvider.send_msg = send_msg
     DIMSEMessage.message_to_primitive = message_to_primitive
-    fsm.P_DATA_TF = _p_data_tf
+    fsm.P_DATA_TF = _pdu_to_send

@@ -248,17 +248,15 @@ def _start_store(msg: DIMSEMessage, primitive, assoc, receiver: Receiver) -> boo
     read by hand (pynetdicom converts them through pydicom, ~0.3 ms per instance), and
     open the spool file its data set streams into. False (pynetdicom's way) for any other
     message, or a command set not in one piece."""
-    pdvs = primitive.presentation_data_value_list
-    if len(pdvs) != 1 or msg.encoded_command_set.tell() or not _config.STORE_RECV_CHUNKED_DATASET:
+    whole = commands.whole_command(msg, primitive) if _config.STORE_RECV_CHUNKED_DATASET else None
+    if whole is None:
         return False
-    context_id, data = pdvs[0]
-    if data[0] & 3 != 3:  # not the command set's last (and only) fragment
-        return False
-    request = commands.store_request(data[1:])
+    context_id, command = whole
+    request = commands.store_request(command)
     if request is None:
         return False
     transfer_syntax = str(assoc._accepted_cx[context_id].transfer_syntax[0])
-    msg.encoded_command_set.write(data[1:])
+    msg.encoded_command_set.write(command)
     msg.context_id = context_id
     if assoc.get_handlers(evt.EVT_DIMSE_RECV):  # they read the Dataset; the primitive comes from the bytes
         msg.command_set = decode(msg.encoded_command_set, True, True)
@@ -332,7 +330,7 @@ def read_pdu(self: DULServiceProvider) -> None:
         log.error("receive_failed", error="connection closed inside a PDU")
         self.event_queue.put("Evt17")
         return
-    pdu = _p_data_tf(body) if pdu_type == 0x04 else None
+    pdu = _received_p_data(body) if pdu_type == 0x04 else None
     if pdu is None:
         _decode_whole(self, header + body)
         return
@@ -361,7 +359,7 @@ def _decode_whole(dul: DULServiceProvider, data: bytearray) -> None:
     dul._recv_pdu.put(pdu)
 
 
-def _p_data_tf(body: bytearray) -> P_DATA_TF | None:
+def _received_p_data(body: bytearray) -> P_DATA_TF | None:
     """The P-DATA-TF PDU whose variable part is body, data set values as views of it; None
     if its items do not exactly fill it."""
     pdu = P_DATA_TF()

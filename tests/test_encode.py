@@ -193,7 +193,7 @@ def test_file_fragments_are_the_pdus_pynetdicom_sends(tmp_path: Path, max_pdu: i
     assert len(fragments) == len(theirs)
     ours = []
     for fragment in fragments:
-        assert commands._p_data_tf(fragment) is fragment  # the state machine sends it as it is
+        assert commands._pdu_to_send(fragment) is fragment  # the state machine sends it as it is
         ours.append(bytes(fragment.encode()))
     assert ours == theirs
     spooled.unlink()  # nothing of it is read again
@@ -293,7 +293,7 @@ def test_p_data_pdus_are_read_as_pynetdicom_reads_them() -> None:
 
     from pynetdicom.pdu import P_DATA_TF
 
-    from router.receive import _p_data_tf
+    from router.receive import _received_p_data
 
     def item(context_id: int, value: bytes) -> bytes:
         return struct.pack(">LB", len(value) + 1, context_id) + value
@@ -307,14 +307,14 @@ def test_p_data_pdus_are_read_as_pynetdicom_reads_them() -> None:
     for body in shapes:
         theirs = P_DATA_TF()
         theirs.decode(struct.pack(">BBL", 4, 0, len(body)) + body)
-        ours = _p_data_tf(bytearray(body))
+        ours = _received_p_data(bytearray(body))
         assert ours is not None
         got = ours.to_primitive().presentation_data_value_list
         assert [(c, bytes(v)) for c, v in got] == theirs.to_primitive().presentation_data_value_list
         for _, value in got:
             assert isinstance(value, bytes) == bool(value[0] & 1)  # commands are bytes, data views
     for broken in (b"", item(1, b"\x02abc")[:-1], item(1, b"\x02abc") + b"\x00\x00", struct.pack(">LB", 1, 1)):
-        assert _p_data_tf(bytearray(broken)) is None
+        assert _received_p_data(bytearray(broken)) is None
 
 
 def test_store_responses_are_taken_by_hand_as_pynetdicom_takes_them(tmp_path: Path) -> None:
