@@ -1,0 +1,111 @@
+"""The de-identify stage on its own: real worker processes, a real spool, no network."""
+
+from __future__ import annotations
+
+import multiprocessing
+import shutil
+import threading
+import time
+from pathlib import Path
+
+from test_node_support import NODE_TEST_OPTIONS
+
+from bench.synthetic import write_ct_series
+from router import config as config_module
+from router.deidentify import DeidStage, Routed, _Worker
+from router.spool import Spool
+
+
+def _config(spool_dir: Path, workers: int):
+    options = ", ".join(f'"{o}"' for o in NODE_TEST_OPTIONS)
+    return config_module.parse(f"""
+[node]
+spool_dir = "{spool_dir}"
+workers = {workers}
+[deid]
+secret = "stage-tests-secret-0123456789abcdef"
+options = [{options}]
+[[destinations]]
+name = "pacs"
+ae_title = "PACS"
+host = "127.0.0.1"
+port = 11112
+""")
+
+
+def _incoming(spool: Spool, files: list[Path]) -> list[Path]:
+    paths = []
+    for i, src in enumerate(files):
+        path = spool.incoming / f"{i:032x}.dcm"
+        shutil.copyfile(src, path)
+        paths.append(path)
+    return paths
+
+
+def test_every_instance_is_routed_durably_then_leaves_incoming(tmp_path: Path) -> None:
+    """Workers hand outputs to their syncer ("computed") and take the next instance; each
+    output still reaches outgoing/ whole, is reported once, and only then does its
+    incoming file go."""
+    config = _config(tmp_path / "spool", workers=2)
+    spool = Spool(config.node.spool_dir, ["pacs"])
+    spool.create()
+    files = write_ct_series(tmp_path / "ct", 40, patient_id="PID-STAGE-1")
+    routed: list[Routed] = []
+    lock = threading.Lock()
+
+    def on_routed(dest: str, item: Routed) -> None:
+        with lock:
+            routed.append(item)
+
+    stage = DeidStage(config, b"k" * 32, spool, on_routed)
+    stage.start()
+    try:
+        for path in _incoming(spool, files):
+            stage.submit(path)
+        deadline = time.monotonic() + 120
+        while (stage.pending() or list(spool.incoming.iterdir())) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert stage.pending() == 0
+        assert stage.in_flight_bytes() == 0
+    finally:
+        assert stage.stop() == 0
+    assert len(routed) == len(files) == len({r.sop_instance_uid for r in routed})
+    assert list(spool.incoming.iterdir()) == []
+    assert sorted(p.name for p in spool.outgoing("pacs").iterdir()) == sorted(r.path.name for r in routed)
+    assert all(r.path.stat().st_size == r.bytes > 0 for r in routed)
+    assert list(spool.tmp.iterdir()) == []
+    assert stage.stats["deidentified"] == len(files)
+
+
+def test_a_dead_worker_blames_only_the_instance_it_was_computing(tmp_path: Path) -> None:
+    """Instances a dead worker had computed (its syncer had not reported them yet) are
+    done again without counting a crash against them; the one it was computing counts
+    one, and a second crash quarantines it."""
+    config = _config(tmp_path / "spool", workers=1)
+    spool = Spool(config.node.spool_dir, ["pacs"])
+    spool.create()
+    computing, synced = _incoming(spool, write_ct_series(tmp_path / "ct", 2, patient_id="PID-STAGE-2"))
+    stage = DeidStage(config, b"k" * 32, spool, lambda dest, item: None)
+    dead = multiprocessing.get_context("fork").Process(target=lambda: None)
+    dead.start()
+    dead.join()
+    parent, _child = multiprocessing.Pipe()
+    stage._feeding = False  # no restarts: this worker is not real
+    stage._closed = True
+
+    for crash in (1, 2):
+        worker = _Worker(0, dead, parent)
+        worker.task = (computing.stem, computing, time.monotonic())
+        worker.syncing = {synced.stem: (synced, synced.stat().st_size)}
+        stage._workers = [worker]
+        stage._queue.clear()
+        stage._died(worker)
+        assert stage._crashes.get(synced, 0) == 0
+        if crash == 1:
+            assert list(stage._queue) == [computing, synced]
+            assert stage._crashes[computing] == 1
+        else:
+            assert list(stage._queue) == [synced]
+            assert not computing.exists()
+            assert [p.name for p in spool.quarantine_dir("deidentify").glob("*.dcm")] == [computing.name]
+    assert synced.exists()
