@@ -242,7 +242,7 @@ def process_one(deid, spool: Spool, config: Config, spool_id: str, src: Path, wo
     started = time.perf_counter()
     dst = spool.tmp / f"{spool_id}.deid{SUFFIX}"
     try:
-        result = deid.process_file(src, dst, durable=False)  # the syncer fsyncs it
+        result = deid.process_file(src, dst, durable=False, reuse=spool.reuse)  # the syncer fsyncs it
     except InstanceRefused as exc:
         return _quarantine(spool, src, dst, spool_id, exc.reason, "InstanceRefused", worker_log)
     except OSError:
@@ -521,7 +521,7 @@ class DeidStage:
             self._retire_since = time.monotonic()
             return
         for path, _routes in batch:
-            _unlink(path)
+            self.spool.recycle(path)
             self._forget(path)
 
     def _assign(self) -> None:

@@ -42,6 +42,7 @@ from router.config import BASIC_PROFILE_CODE, OPTIONS, DeidConfig
 from router.encode import ConstantElement, fast_syntax, part10_bytes
 from router.pseudonyms import Pseudonymizer
 from router.rules import Action, Profile
+from router.spool import reusable
 
 if TYPE_CHECKING:
     from router.pixels import PixelCleaner
@@ -189,17 +190,20 @@ class Deidentifier:
 
     # -- files ---------------------------------------------------------------------------
 
-    def process_file(self, src: Path, dst: Path | Callable[[InstanceResult], Path], durable: bool = True) -> InstanceResult:
+    def process_file(self, src: Path, dst: Path | Callable[[InstanceResult], Path], durable: bool = True,
+                     reuse: Callable[[Path, int], bool] | None = None) -> InstanceResult:
         """Read the Part 10 (or raw dataset) file src, de-identify it, write Part 10 dst.
 
         dst is a path, or a function naming the path from the (pseudonymous) result. It is
-        written completely (and, if durable, fsynced) or not at all. Raises InstanceRefused for anything
-        in the input that cannot be read, de-identified or written back.
+        written completely (and, if durable, fsynced) or not at all. ``reuse`` (the spool's)
+        may give the file to write over, see ``write_instance``. Raises InstanceRefused for
+        anything in the input that cannot be read, de-identified or written back.
         """
         ds = read_instance(src)
         try:
             result = self.deidentify(ds)
-            size = write_instance(ds, Path(dst(result) if callable(dst) else dst), durable)
+            size = write_instance(ds, Path(dst(result) if callable(dst) else dst), durable,
+                                  reuse=reuse, size_hint=os.path.getsize(src))
         except InstanceRefused:
             raise
         except (ValueError, TypeError, KeyError, NotImplementedError, OverflowError, EOFError, struct.error, OSError) as exc:
@@ -568,19 +572,27 @@ def transfer_syntax_of(ds: Dataset) -> UID:
     return ExplicitVRLittleEndian if little else ExplicitVRBigEndian
 
 
-def write_instance(ds: Dataset, dst: Path, durable: bool = True) -> int:
-    """Write ds as a Part 10 file, atomically: a temporary file, fsync if durable, rename."""
+def write_instance(ds: Dataset, dst: Path, durable: bool = True,
+                   reuse: Callable[[Path, int], bool] | None = None, size_hint: int = 0) -> int:
+    """Write ds as a Part 10 file, atomically: a temporary file, fsync if durable, rename.
+
+    ``reuse(tmp, size_hint)``, if given, may rename a recycled file to tmp (``Spool.reuse``):
+    it is written over from its start and cut to the new length (checked).
+    """
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
     ts = ds.file_meta.TransferSyntaxUID
     implicit = fast_syntax(ts)
+    recycled = reuse is not None and reuse(tmp, size_hint)
     try:
-        with open(tmp, "wb") as out:
+        with open(tmp, "r+b" if recycled else "wb") as out:
             if implicit is not None:
                 out.writelines(part10_bytes(ds, implicit))
             else:
                 ds.save_as(out, implicit_vr=False, little_endian=ts != ExplicitVRBigEndian, enforce_file_format=True)
             out.flush()
+            if recycled:
+                reusable(out.fileno(), out.tell())
             if durable:
                 os.fsync(out.fileno())
         os.replace(tmp, dst)

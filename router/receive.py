@@ -16,6 +16,7 @@ Unknown callers are rejected at association (allow-lists of AE titles and networ
 from __future__ import annotations
 
 import ctypes
+import errno
 import functools
 import ipaddress
 import os
@@ -42,7 +43,7 @@ from router.config import NodeConfig
 from router.log import get_logger
 from router import commands, reactors
 from router.encode import PREAMBLE, meta_group
-from router.spool import Spool, fsync_file, is_out_of_space, new_id
+from router.spool import Spool, fsync_file, is_out_of_space, new_id, reusable
 from router.tls import finish_handshake, server_context
 
 log = get_logger("router.receive")
@@ -132,12 +133,16 @@ def _start_writeback(fd: int, offset: int, count: int) -> None:
 
 class SpoolFile:
     """A received dataset's file in the spool's tmp/, as pynetdicom's chunked receive uses
-    it (``write``, ``file.flush``, ``close``, ``name``). Writes go straight to the file."""
+    it (``write``, ``file.flush``, ``close``, ``name``). Writes go straight to the file: a
+    recycled one where the spool has one (``Spool.reuse``), cut to length by ``finish``."""
 
-    def __init__(self, path: Path):
+    def __init__(self, spool: Spool):
+        path = spool.tmp_path()
         self.name = str(path)
         self.file = self
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self._recycled = spool.reuse(path)
+        flags = os.O_WRONLY if self._recycled else os.O_WRONLY | os.O_CREAT | os.O_EXCL
+        self._fd = os.open(path, flags, 0o600)
         self._written = self._started = 0
 
     def write(self, data) -> int:
@@ -154,6 +159,14 @@ class SpoolFile:
 
     def flush(self) -> None:
         """Nothing buffered."""
+
+    def finish(self) -> int:
+        """The data set is complete: cut a recycled file to what was written (raises OSError
+        if that fails). Returns the file's size."""
+        if self._recycled:
+            reusable(self._fd, self._written)
+            self._recycled = False
+        return self._written
 
     def fileno(self) -> int:
         return self._fd
@@ -220,7 +233,7 @@ def install_receive_hooks() -> None:
         receiver = _receiving.receiver
         if receiver is None:
             return original_temporary(*args, **kwargs)
-        return SpoolFile(receiver.spool.tmp_path())
+        return SpoolFile(receiver.spool)
 
     def create_file_meta(*, sop_class_uid, sop_instance_uid, transfer_syntax):
         if _receiving.receiver is None:
@@ -261,7 +274,7 @@ def _start_store(msg: DIMSEMessage, primitive, assoc, receiver: Receiver) -> boo
     if assoc.get_handlers(evt.EVT_DIMSE_RECV):  # they read the Dataset; the primitive comes from the bytes
         msg.command_set = decode(msg.encoded_command_set, True, True)
     msg.__class__ = C_STORE_RQ
-    spool_file = SpoolFile(receiver.spool.tmp_path())
+    spool_file = SpoolFile(receiver.spool)
     msg._data_set_file, msg._data_set_path = spool_file, Path(spool_file.name)
     sop_class, sop_instance = request
     spool_file.write(file_meta_bytes(sop_class, sop_instance, transfer_syntax, _calling_ae(assoc)))
@@ -552,11 +565,12 @@ class Receiver:
         request = event.request
         sop_class = str(request.AffectedSOPClassUID or "")
         transfer_syntax = str(event.context.transfer_syntax)
+        spool_file = getattr(request, "_dataset_file", None)
         try:
-            incoming = os.path.getsize(event.dataset_path)
+            incoming = spool_file.finish() if isinstance(spool_file, SpoolFile) else os.path.getsize(event.dataset_path)
         except (OSError, TypeError):
-            incoming = 0  # no file: refused below
-        problem = self.spool.capacity_problem(self.node.max_spool_bytes, self.node.min_free_bytes, incoming,
+            incoming = -1  # no file, or a recycled one not cut to length: refused below
+        problem = self.spool.capacity_problem(self.node.max_spool_bytes, self.node.min_free_bytes, max(0, incoming),
                                               self.reserved_bytes())
         if problem:
             self.refused += 1
@@ -568,6 +582,8 @@ class Receiver:
         try:
             if tmp.parent != self.spool.tmp:
                 raise OSError("the dataset was not received into the spool")  # the hooks are not installed
+            if incoming < 0:
+                raise OSError(errno.EIO, "the received data set's file could not be completed")
             fsync_file(tmp)
             size = incoming
             final = self.spool.commit_incoming(tmp, spool_id)

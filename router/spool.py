@@ -9,6 +9,7 @@ Layout under ``node.spool_dir`` (one file system, so renames and hard links are 
     quarantine/<where>/<name>.dcm + <name>.reason.json
                               instances that could not be de-identified ("deidentify"),
                               routed nowhere ("unrouted") or delivered ("<dest>")
+    recycle/<bytes>-<id>      files no stage needs any more, kept to be written over
 
 ``<id>`` is a random uuid4 hex, ``<uid>`` the NEW (pseudonymous) SOP Instance UID: no
 original identifier ever appears in a file name. A file is written completely and fsynced
@@ -17,6 +18,13 @@ crash at any moment leaves every acknowledged instance in at least one stage. A 
 between two renames can leave an instance in two stages (say incoming/ and outgoing/):
 de-identification is deterministic (keyed pseudonyms), so processing it again yields the
 same file under the same name, and the duplicate is harmless.
+
+Files leave a stage by a rename into recycle/ (a few, up to RECYCLE_BYTES) or are deleted.
+A new file in tmp/ is, where one is there, a recycled file written over from its start and
+cut to its new length: writing over pages the kernel already caches costs a third of
+filling new ones (~0.3 vs ~0.9 ms per MB here, and deleting a file costs as much again),
+and an fsync of blocks already allocated has less to commit. ``reusable`` cuts and checks
+the length, so nothing of the file's previous content can follow the new one.
 
 Reason files hold a PHI-free reason (exception types, status codes, stage, attempts),
 never a header value.
@@ -41,6 +49,11 @@ INCOMING = "incoming"
 OUTGOING = "outgoing"
 DONE = "done"
 QUARANTINE = "quarantine"
+RECYCLE = "recycle"
+#: What recycle/ may hold: files, bytes, and the largest file kept.
+RECYCLE_FILES = 128
+RECYCLE_BYTES = 96 * 1024 * 1024
+RECYCLE_MAX_FILE_BYTES = 32 * 1024 * 1024
 
 #: Quarantine folders used by stages (destination names must not collide with them).
 DEIDENTIFY_QUARANTINE = "deidentify"
@@ -133,6 +146,7 @@ class Spool:
         self.outgoing_root = self.root / OUTGOING
         self.done_root = self.root / DONE
         self.quarantine_root = self.root / QUARANTINE
+        self.recycle_dir = self.root / RECYCLE
         self._lock = threading.Lock()
         self._usage = 0
         self._incoming_sync = DirSyncer(self.incoming)
@@ -149,7 +163,7 @@ class Spool:
 
     def create(self) -> None:
         """Make every stage directory (and make their creation durable)."""
-        dirs = [self.tmp, self.incoming, self.outgoing_root, self.quarantine_root,
+        dirs = [self.tmp, self.incoming, self.outgoing_root, self.quarantine_root, self.recycle_dir,
                 self.quarantine_dir(DEIDENTIFY_QUARANTINE), self.quarantine_dir(UNROUTED_QUARANTINE)]
         for dest in self.destinations:
             dirs += [self.outgoing(dest), self.quarantine_dir(dest)]
@@ -189,6 +203,47 @@ class Spool:
 
     def tmp_path(self, suffix: str = SUFFIX) -> Path:
         return self.tmp / f"{new_id()}{suffix}"
+
+    # ---------------------------------------------------------------- recycling
+    def recycle(self, path: Path, size: int | None = None) -> None:
+        """Remove ``path`` from its stage: into recycle/ while that has room, else deleted."""
+        try:
+            if size is None:
+                size = os.stat(path).st_size
+            if 0 < size <= RECYCLE_MAX_FILE_BYTES:
+                names = os.listdir(self.recycle_dir)
+                held = sum(_recycled_size(name) for name in names)
+                if len(names) < RECYCLE_FILES and held + size <= RECYCLE_BYTES:
+                    os.rename(path, self.recycle_dir / f"{size}-{new_id()}")
+                    return
+        except FileNotFoundError:
+            return
+        except OSError:
+            pass  # no recycle/ (an older spool), or it failed: delete
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+    def reuse(self, target: Path, size_hint: int = 0) -> bool:
+        """Rename a recycled file (the closest in size to ``size_hint``) to ``target`` (in
+        tmp/, not existing). False if there is none: create ``target`` instead. The caller
+        must write it from its start and then call ``reusable`` (or delete it)."""
+        try:
+            names = os.listdir(self.recycle_dir)
+        except OSError:
+            return False
+        if size_hint:
+            names.sort(key=lambda name: abs(_recycled_size(name) - size_hint))
+        for name in names:
+            try:
+                os.rename(self.recycle_dir / name, target)
+                return True
+            except FileNotFoundError:
+                continue  # another process took it
+            except OSError:
+                return False
+        return False
 
     # ------------------------------------------------------------- accounting
     @property
@@ -288,6 +343,8 @@ class Spool:
                 target_dir = self.done(dest)
                 target_dir.mkdir(parents=True, exist_ok=True)
                 os.replace(path, target_dir / path.name)
+            elif st.st_nlink <= 1:
+                self.recycle(path, st.st_size)
             else:
                 try:
                     os.unlink(path)
@@ -351,6 +408,21 @@ def _oldest_first(folder: Path) -> list[Path]:
             entries.append((st.st_mtime_ns, entry.name, Path(entry.path)))
     entries.sort()
     return [path for _m, _n, path in entries]
+
+
+def _recycled_size(name: str) -> int:
+    try:
+        return int(name.split("-", 1)[0])
+    except ValueError:
+        return 0
+
+
+def reusable(fd: int, length: int) -> None:
+    """Cut a file written over from its start to the ``length`` bytes just written, and check
+    it: no byte of what it held before may follow (a recycled file held another instance)."""
+    os.ftruncate(fd, length)
+    if os.fstat(fd).st_size != length:
+        raise OSError(errno.EIO, "a recycled spool file could not be cut to its new length")
 
 
 def fsync_file(path: Path) -> None:
