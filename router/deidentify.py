@@ -40,7 +40,7 @@ from pathlib import Path
 
 from router.config import Config, Destination
 from router.log import get_logger
-from router.spool import DEIDENTIFY_QUARANTINE, SUFFIX, UNROUTED_QUARANTINE, Spool, fsync_file, safe_name
+from router.spool import DEIDENTIFY_QUARANTINE, SUFFIX, UNROUTED_QUARANTINE, Spool, fsync_file, is_out_of_space, safe_name
 
 log = get_logger("router.deidentify")
 
@@ -245,10 +245,12 @@ def process_one(deid, spool: Spool, config: Config, spool_id: str, src: Path, wo
         result = deid.process_file(src, dst, durable=False, reuse=spool.reuse)  # the syncer fsyncs it
     except InstanceRefused as exc:
         return _quarantine(spool, src, dst, spool_id, exc.reason, "InstanceRefused", worker_log)
-    except OSError:
+    except OSError as exc:
         # A real I/O failure (disk full, EIO) is the node's problem, not the instance's:
         # the main process retries it later (and quarantines it if that keeps failing).
         _unlink(dst)
+        if is_out_of_space(exc):
+            spool.drain_recycled()
         raise
     except Exception as exc:
         return _quarantine(spool, src, dst, spool_id, "de-identification failed: " + describe_exception(exc),

@@ -593,6 +593,8 @@ class Receiver:
                 tmp.unlink()
             except OSError:
                 pass
+            if is_out_of_space(exc):
+                self.spool.drain_recycled()
             reason = "out of space" if is_out_of_space(exc) else f"write failed: {exc.strerror or type(exc).__name__}"
             self._refused("disk_full" if is_out_of_space(exc) else "write_failed", calling)
             log.error("refused", reason=reason, status="0xA700", calling_ae=calling, peer=address, spool_id=spool_id)
@@ -623,6 +625,8 @@ class Receiver:
     def _write_failed(self, exc: OSError) -> None:
         self.refused += 1
         kind = "disk_full" if is_out_of_space(exc) else "write_failed"
+        if kind == "disk_full":
+            self.spool.drain_recycled()
         self._refused(kind)
         log.error("refused", reason=("out of space" if kind == "disk_full" else
                                      f"write failed: {exc.strerror or type(exc).__name__}"),

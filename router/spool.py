@@ -225,6 +225,21 @@ class Spool:
         except FileNotFoundError:
             pass
 
+    def drain_recycled(self) -> int:
+        """Delete every recycled file (the file system is short of space). Returns how many."""
+        count = 0
+        try:
+            names = os.listdir(self.recycle_dir)
+        except OSError:
+            return 0
+        for name in names:
+            try:
+                os.unlink(self.recycle_dir / name)
+                count += 1
+            except OSError:
+                pass
+        return count
+
     def reuse(self, target: Path, size_hint: int = 0) -> bool:
         """Rename a recycled file (the closest in size to ``size_hint``) to ``target`` (in
         tmp/, not existing). False if there is none: create ``target`` instead. The caller
@@ -290,6 +305,8 @@ class Spool:
             return f"spool holds {held} bytes (with those being de-identified), limit {max_spool_bytes}"
         if min_free_bytes:
             free = self.free_bytes()
+            if free < min_free_bytes and self.drain_recycled():
+                free = self.free_bytes()
             if free < min_free_bytes:
                 return f"file system has {free} bytes free, minimum {min_free_bytes}"
         return None

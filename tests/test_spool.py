@@ -96,3 +96,13 @@ def test_recycle_keeps_a_bounded_pool_and_deletes_the_rest(tmp_path: Path, monke
     target = spool.tmp / "taken"
     assert spool.reuse(target, size_hint=900)
     assert target.stat().st_size == 1000
+
+
+def test_a_file_system_short_of_space_gets_the_recycled_files_back(tmp_path: Path) -> None:
+    spool = _spool(tmp_path)
+    _recycled(spool)
+    free = spool.free_bytes()
+    # more free space asked for than there is: the pool is emptied before refusing
+    assert spool.capacity_problem(0, free + 10 * 1024**3) is not None
+    assert list(spool.recycle_dir.iterdir()) == []
+    assert spool.capacity_problem(0, 1) is None
