@@ -74,7 +74,7 @@ class Sizes:
         self.ocr_ct = 6 if quick else 40
         self.ocr_us = 6 if quick else 40
         # 16 clips: 8 rounds per worker with 2, so filling and draining the pipeline (receiving
-        # the first 29 MB clip, sending the last) is a small part of the rate measured
+        # the first 18 MB clip, sending the last) is a small part of the rate measured
         self.clip_frames, self.clips = (6, 2) if quick else (20, 16)
         self.backpressure = 8 if quick else 24
 

@@ -21,9 +21,9 @@ same file under the same name, and the duplicate is harmless.
 
 Files leave a stage by a rename into recycle/ (a few, up to RECYCLE_BYTES) or are deleted.
 A new file in tmp/ is, where one is there, a recycled file written over from its start and
-cut to its new length: writing over pages the kernel already caches costs a third of
-filling new ones (~0.3 vs ~0.9 ms per MB here, and deleting a file costs as much again),
-and an fsync of blocks already allocated has less to commit. ``reusable`` cuts and checks
+cut to its new length: writing over pages the kernel already caches costs ~0.2 ms per MB
+here, against 0.4-0.9 ms per MB to fill new pages and later delete them, and an fsync of
+blocks already allocated has less to commit. ``reusable`` cuts and checks
 the length, so nothing of the file's previous content can follow the new one.
 
 Reason files hold a PHI-free reason (exception types, status codes, stage, attempts),
