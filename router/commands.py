@@ -254,7 +254,7 @@ class FileFragment(P_DATA):
     pynetdicom reads every fragment of a file's data set into its own P-DATA at once (the
     whole data set waits in the DUL's queue), then copies it three more times (the PDV
     item, the PDU, what is left after each partial socket send): ~10 ms of CPU and page
-    faults for a 29 MB clip on each send. Here the DUL reads each fragment into one buffer
+    faults for an 18 MB clip on each send. Here the DUL reads each fragment into one buffer
     per message just before sending it, and sends from that buffer.
     """
 

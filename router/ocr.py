@@ -37,7 +37,7 @@ RAPIDOCR_REC_MODEL = "PP-OCRv6_rec_small.onnx"
 RELEASE_AFTER_PIXELS = 1_500_000
 #: glibc mallopt parameters: blocks up to MMAP_THRESHOLD (glibc's largest) come from the
 #: heap, and up to TRIM_THRESHOLD of free heap is kept for reuse (larger blocks are mapped
-#: and unmapped). A 29 MB clip frees ~90 MB at once (file, decoded frames, re-encoded
+#: and unmapped). An 18 MB clip frees ~55-90 MB at once (file, decoded frames, re-encoded
 #: frames): with 64 MiB, that was given back and page-faulted in again for the next clip
 #: (~60 MB of faults, ~20 ms per clip here).
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3

@@ -313,7 +313,7 @@ def read_pdu(self: DULServiceProvider) -> None:
 
     pynetdicom copied every PDU five times before the data set fragment reached the spool
     file (appending to the header, bytes() of that, the PDU's variable part, each item, the
-    value after its control header): ~40 ms of CPU for a 29 MB clip. Command fragments
+    value after its control header): ~40 ms of CPU for an 18 MB clip. Command fragments
     become bytes, as pynetdicom has them. Other PDU types and items that do not add up are
     decoded by pynetdicom, with its events; an EVT_DATA_RECV handler (it wants the raw
     bytes) gets pynetdicom's reader. A length far beyond the maximum the node announced
