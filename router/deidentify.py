@@ -316,8 +316,12 @@ class _Worker:
         self.deadline = 0.0
         self.dead = False
 
-    def busy(self) -> bool:
-        return self.task is not None or bool(self.syncing)
+    def held(self) -> int:
+        """Instances this worker holds: the one it computes, and those its syncer finishes."""
+        return (self.task is not None) + len(self.syncing)
+
+    def held_bytes(self) -> int:
+        return (self.task_bytes if self.task is not None else 0) + sum(size for _path, size in self.syncing.values())
 
 
 class DeidStage:
@@ -347,7 +351,7 @@ class DeidStage:
         self._closed = False
         self._thread: threading.Thread | None = None
         self._restart_after: dict[int, float] = {}
-        self._retire: list[tuple[Path, list[str]]] = []
+        self._retire: list[tuple[Path, list[str], int]] = []  # incoming path, destinations, size
         self._retire_since = 0.0
         self._idle_deaths: dict[int, int] = {}
         self.stats = collections.Counter()
@@ -388,8 +392,7 @@ class DeidStage:
 
     def in_flight_bytes(self) -> int:
         """Input bytes of the instances now in workers (each writes its output first)."""
-        return sum((w.task_bytes if w.task is not None else 0) + sum(size for _p, size in w.syncing.values())
-                   for w in self._workers)
+        return sum(w.held_bytes() for w in self._workers)
 
     def submit(self, path: Path) -> None:
         with self._lock:
@@ -410,7 +413,7 @@ class DeidStage:
 
     def pending(self) -> int:
         with self._lock:
-            return len(self._queue) + len(self._delayed) + sum(bool(w.task) + len(w.syncing) for w in self._workers)
+            return len(self._queue) + len(self._delayed) + sum(w.held() for w in self._workers)
 
     def stop(self, timeout: float = 30.0) -> int:
         """Stop feeding, let the workers finish what they hold (bounded), stop them.
@@ -422,7 +425,7 @@ class DeidStage:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self._lock:
-                busy = [w for w in self._workers if w.busy() and not w.dead]
+                busy = [w for w in self._workers if w.held() and not w.dead]
             if not busy:
                 break
             time.sleep(0.02)
@@ -440,9 +443,7 @@ class DeidStage:
         for worker in self._workers:
             worker.process.join(timeout=max(0.1, deadline - time.monotonic()))
         self._kill_all()
-        with self._lock:
-            left = len(self._queue) + len(self._delayed) + sum(bool(w.task) + len(w.syncing) for w in self._workers)
-        return left
+        return self.pending()
 
     def _kill_all(self) -> None:
         for worker in self._workers:
@@ -516,14 +517,14 @@ class DeidStage:
         """Make a batch's outgoing links durable, then remove their incoming files."""
         batch, self._retire = self._retire, []
         try:
-            self.spool.sync_outgoing(sorted({dest for _path, routes in batch for dest in routes}))
+            self.spool.sync_outgoing(sorted({dest for _path, routes, _size in batch for dest in routes}))
         except OSError as exc:
             log.error("sync_failed", error=describe_exception(exc), action="incoming files kept")
             self._retire = batch + self._retire
             self._retire_since = time.monotonic()
             return
-        for path, _routes in batch:
-            self.spool.recycle(path)
+        for path, _routes, size in batch:
+            self.spool.recycle(path, size)
             self._forget(path)
 
     def _assign(self) -> None:
@@ -595,7 +596,7 @@ class DeidStage:
                     log.error("notify_failed", destination=dest, error=describe_exception(exc))
             if not self._retire:
                 self._retire_since = time.monotonic()
-            self._retire.append((path, info["routes"]))
+            self._retire.append((path, info["routes"], info["bytes_in"]))
             if self.events:
                 self.events.deidentified(spool_id, info)
         elif kind in ("quarantined", "unrouted"):

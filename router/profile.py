@@ -200,17 +200,18 @@ class Deidentifier:
         anything in the input that cannot be read, de-identified or written back.
         """
         ds = read_instance(src)
+        size_in = os.path.getsize(src)
         try:
             result = self.deidentify(ds)
             size = write_instance(ds, Path(dst(result) if callable(dst) else dst), durable,
-                                  reuse=reuse, size_hint=os.path.getsize(src))
+                                  reuse=reuse, size_hint=size_in)
         except InstanceRefused:
             raise
         except (ValueError, TypeError, KeyError, NotImplementedError, OverflowError, EOFError, struct.error, OSError) as exc:
             if isinstance(exc, OSError) and exc.errno is not None:
                 raise  # a real I/O failure (disk full...) is the node's problem, not the instance's
             raise InstanceRefused(f"malformed element or value: {_safe_message(exc)}") from None
-        return _with_sizes(result, os.path.getsize(src), size)
+        return _with_sizes(result, size_in, size)
 
     # -- datasets ------------------------------------------------------------------------
 

@@ -593,10 +593,11 @@ class Receiver:
                 tmp.unlink()
             except OSError:
                 pass
-            if is_out_of_space(exc):
+            full = is_out_of_space(exc)
+            if full:
                 self.spool.drain_recycled()
-            reason = "out of space" if is_out_of_space(exc) else f"write failed: {exc.strerror or type(exc).__name__}"
-            self._refused("disk_full" if is_out_of_space(exc) else "write_failed", calling)
+            reason = "out of space" if full else f"write failed: {exc.strerror or type(exc).__name__}"
+            self._refused("disk_full" if full else "write_failed", calling)
             log.error("refused", reason=reason, status="0xA700", calling_ae=calling, peer=address, spool_id=spool_id)
             return STATUS_OUT_OF_RESOURCES
         except Exception as exc:  # never let a handler exception become pynetdicom's 0xC211
