@@ -210,16 +210,17 @@ class Spool:
         try:
             if size is None:
                 size = os.stat(path).st_size
+        except FileNotFoundError:
+            return
+        try:
             if 0 < size <= RECYCLE_MAX_FILE_BYTES:
                 names = os.listdir(self.recycle_dir)
                 held = sum(_recycled_size(name) for name in names)
                 if len(names) < RECYCLE_FILES and held + size <= RECYCLE_BYTES:
                     os.rename(path, self.recycle_dir / f"{size}-{new_id()}")
                     return
-        except FileNotFoundError:
-            return
         except OSError:
-            pass  # no recycle/ (an older spool), or it failed: delete
+            pass  # no recycle/ (deleted, or an older spool), or the rename failed: delete
         try:
             os.unlink(path)
         except FileNotFoundError:

@@ -106,3 +106,15 @@ def test_a_file_system_short_of_space_gets_the_recycled_files_back(tmp_path: Pat
     assert spool.capacity_problem(0, free + 10 * 1024**3) is not None
     assert list(spool.recycle_dir.iterdir()) == []
     assert spool.capacity_problem(0, 1) is None
+
+
+def test_a_deleted_recycle_folder_still_removes_files_from_their_stage(tmp_path: Path) -> None:
+    """recycle/ may be deleted at any time: files leaving a stage are then deleted."""
+    spool = _spool(tmp_path)
+    spool.recycle_dir.rmdir()
+    for size in (None, len(OLD)):
+        path = spool.incoming / "done.dcm"
+        path.write_bytes(OLD)
+        spool.recycle(path, size)
+        assert not path.exists()
+    assert not spool.reuse(spool.tmp / "new")
