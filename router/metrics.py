@@ -68,7 +68,7 @@ class NodeMetrics:
         self._counters: dict[tuple[str, tuple], float] = {}
         self._histograms: dict[tuple[str, tuple], Histogram] = {}
         self._state = {d: ("up", None, None) for d in destinations}  # state, detail, since
-        self._errors: deque[tuple[str, str, str]] = deque(maxlen=LAST_ERRORS)
+        self._errors: deque[tuple[str, str, str, int]] = deque(maxlen=LAST_ERRORS)  # time, stage, message, times
         self._probe: Callable[[], Probe] = lambda: Probe({}, 0)
         for dest in destinations:  # zero rows exist from the start
             for name in ("deid_router_instances_forwarded_total", "deid_router_instances_retried_total"):
@@ -118,8 +118,16 @@ class NodeMetrics:
             self._state[dest] = (state, detail, _now())
 
     def error(self, stage: str, message: str) -> None:
+        """Record an error; a repeat of one still listed moves it up with a count, so an
+        outage retried every minute does not push every other error off the page."""
         with self._lock:
-            self._errors.append((_now(), stage, message))
+            times = 1
+            for index, (_time, listed_stage, listed_message, listed_times) in enumerate(self._errors):
+                if listed_stage == stage and listed_message == message:
+                    times += listed_times
+                    del self._errors[index]
+                    break
+            self._errors.append((_now(), stage, message, times))
 
     def set_probe(self, probe: Callable[[], Probe]) -> None:
         self._probe = probe
@@ -133,7 +141,8 @@ class NodeMetrics:
             values = {(n, labels): v for (n, labels), v in self._counters.items()}
             histograms = {key: (h.count, h.total, list(h.counts)) for key, h in self._histograms.items()}
             states = dict(self._state)
-            errors = list(self._errors)
+            errors = [(time_, stage, message if times == 1 else f"{message} ({times} times)")
+                      for time_, stage, message, times in self._errors]
         for stage, depth in probe.queues.items():
             values[("deid_router_queue_depth", (("stage", stage),))] = depth
         values[("deid_router_spool_bytes", ())] = probe.spool_bytes

@@ -102,6 +102,22 @@ def test_counters_are_thread_safe():
     assert metrics.value("deid_router_instances_forwarded_total", destination="a") == 16000
 
 
+def test_repeated_errors_are_counted_not_listed_again():
+    metrics = NodeMetrics(["a", "b"])
+    metrics.error("deidentify", "quarantined in deidentify: malformed element")
+    for _ in range(60):  # two destinations down for an hour, retried every minute
+        metrics.error("forward", "a unavailable: connection refused")
+        metrics.error("forward", "b unavailable: connection refused")
+    errors = metrics.snapshot()["errors"]
+    assert [message for _time, _stage, message in errors] == [
+        "quarantined in deidentify: malformed element",
+        "a unavailable: connection refused (60 times)",
+        "b unavailable: connection refused (60 times)",
+    ]
+    metrics.error("deidentify", "quarantined in deidentify: malformed element")
+    assert metrics.snapshot()["errors"][-1][2] == "quarantined in deidentify: malformed element (2 times)"
+
+
 def test_endpoints_and_escaping(tmp_path: Path):
     metrics = NodeMetrics(["dest<1>"])
     metrics.error("forward", '<script>alert("x")</script> & more')
