@@ -348,13 +348,11 @@ def install() -> None:
             self.command_set = decode(self.encoded_command_set, True, True)
         return pynetdicom_message_to_primitive(self)
 
-    original_decode_msg = DIMSEMessage.decode_msg
-
     def decode_msg(self: DIMSEMessage, primitive, assoc=None) -> bool:
         if (type(primitive) is P_DATA and assoc is not None and assoc.is_requestor
                 and not assoc.get_handlers(evt.EVT_DIMSE_RECV) and decode_store_response(self, primitive)):
             return True
-        return original_decode_msg(self, primitive, assoc)
+        return pynetdicom_decode_msg(self, primitive, assoc)
 
     encode.router_hook = True
     dimse_messages.encode = encode

@@ -40,7 +40,7 @@ from pathlib import Path
 
 from router.config import Config, Destination
 from router.log import get_logger
-from router.spool import DEIDENTIFY_QUARANTINE, SUFFIX, UNROUTED_QUARANTINE, Spool, fsync_file, is_out_of_space, safe_name
+from router.spool import DEIDENTIFY_QUARANTINE, SUFFIX, UNROUTED_QUARANTINE, Spool, fsync_file, safe_name
 
 log = get_logger("router.deidentify")
 
@@ -233,6 +233,11 @@ class _Syncer:
         return ("ok", output.spool_id, {**output.info, "seconds": seconds})
 
 
+def _output_path(spool: Spool, spool_id: str) -> Path:
+    """Where a worker writes an instance's output in tmp/ (the same for every attempt)."""
+    return spool.tmp / f"{spool_id}.deid{SUFFIX}"
+
+
 def process_one(deid, spool: Spool, config: Config, spool_id: str, src: Path, worker_log,
                 syncer: _Syncer) -> tuple:
     """De-identify one incoming file into tmp/ and hand it to the syncer ("computed"), or
@@ -240,7 +245,7 @@ def process_one(deid, spool: Spool, config: Config, spool_id: str, src: Path, wo
     from router.profile import InstanceRefused
 
     started = time.perf_counter()
-    dst = spool.tmp / f"{spool_id}.deid{SUFFIX}"
+    dst = _output_path(spool, spool_id)
     try:
         result = deid.process_file(src, dst, durable=False, reuse=spool.reuse)  # the syncer fsyncs it
     except InstanceRefused as exc:
@@ -249,8 +254,7 @@ def process_one(deid, spool: Spool, config: Config, spool_id: str, src: Path, wo
         # A real I/O failure (disk full, EIO) is the node's problem, not the instance's:
         # the main process retries it later (and quarantines it if that keeps failing).
         _unlink(dst)
-        if is_out_of_space(exc):
-            spool.drain_recycled()
+        spool.write_failed(exc)
         raise
     except Exception as exc:
         return _quarantine(spool, src, dst, spool_id, "de-identification failed: " + describe_exception(exc),
@@ -640,7 +644,7 @@ class DeidStage:
             pass
         for spool_id, (path, _size) in worker.syncing.items():
             # Computed, not yet reported: done again by another worker (same output file).
-            _unlink(self.spool.tmp / f"{spool_id}.deid{SUFFIX}")
+            _unlink(_output_path(self.spool, spool_id))
             if path.exists():
                 with self._lock:
                     self._queue.appendleft(path)
@@ -654,7 +658,7 @@ class DeidStage:
             with self._lock:
                 crashes = self._crashes.get(path, 0) + 1
                 self._crashes[path] = crashes
-            _unlink(self.spool.tmp / f"{spool_id}.deid{SUFFIX}")
+            _unlink(_output_path(self.spool, spool_id))
             if not path.exists():
                 self._forget(path)  # it had finished, only the report was lost
             elif crashes >= MAX_CRASHES_PER_INSTANCE:

@@ -43,7 +43,7 @@ from router.config import NodeConfig
 from router.log import get_logger
 from router import commands, reactors
 from router.encode import PREAMBLE, meta_group
-from router.spool import Spool, fsync_file, is_out_of_space, new_id, reusable
+from router.spool import Spool, fsync_file, new_id, reusable
 from router.tls import finish_handshake, server_context
 
 log = get_logger("router.receive")
@@ -593,11 +593,8 @@ class Receiver:
                 tmp.unlink()
             except OSError:
                 pass
-            full = is_out_of_space(exc)
-            if full:
-                self.spool.drain_recycled()
-            reason = "out of space" if full else f"write failed: {exc.strerror or type(exc).__name__}"
-            self._refused("disk_full" if full else "write_failed", calling)
+            kind, reason = self._write_failure(exc)
+            self._refused(kind, calling)
             log.error("refused", reason=reason, status="0xA700", calling_ae=calling, peer=address, spool_id=spool_id)
             return STATUS_OUT_OF_RESOURCES
         except Exception as exc:  # never let a handler exception become pynetdicom's 0xC211
@@ -625,13 +622,16 @@ class Receiver:
 
     def _write_failed(self, exc: OSError) -> None:
         self.refused += 1
-        kind = "disk_full" if is_out_of_space(exc) else "write_failed"
-        if kind == "disk_full":
-            self.spool.drain_recycled()
+        kind, reason = self._write_failure(exc)
         self._refused(kind)
-        log.error("refused", reason=("out of space" if kind == "disk_full" else
-                                     f"write failed: {exc.strerror or type(exc).__name__}"),
-                  status="A-ABORT", note="the sender keeps the instance and retries")
+        log.error("refused", reason=reason, status="A-ABORT", note="the sender keeps the instance and retries")
+
+    def _write_failure(self, exc: OSError) -> tuple[str, str]:
+        """(kind, PHI-free reason) of a failed spool write; a full file system gets the
+        recycled files back (``Spool.write_failed``)."""
+        if self.spool.write_failed(exc):
+            return "disk_full", "out of space"
+        return "write_failed", f"write failed: {exc.strerror or type(exc).__name__}"
 
     def _refused(self, kind: str, calling_ae: str | None = None) -> None:
         if self.events:

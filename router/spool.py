@@ -228,6 +228,14 @@ class Spool:
         except FileNotFoundError:
             pass
 
+    def write_failed(self, exc: OSError) -> bool:
+        """A write into the spool failed: if the file system is full, give the recycled files
+        back first (they are the spool's own slack). True if it is full."""
+        full = is_out_of_space(exc)
+        if full:
+            self.drain_recycled()
+        return full
+
     def drain_recycled(self) -> int:
         """Delete every recycled file (the file system is short of space). Returns how many."""
         count = 0
