@@ -24,7 +24,7 @@ from pydicom import config as pydicom_config
 from pydicom import dcmread
 from pydicom.charset import decode_bytes
 from pydicom.datadict import dictionary_VM, dictionary_VR
-from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.sequence import Sequence
@@ -219,7 +219,7 @@ class Deidentifier:
         """De-identify ds in place (header, sequences, private tags, file meta)."""
         meta = getattr(ds, "file_meta", None) or FileMetaDataset()
         source_ae = str(meta.get("SourceApplicationEntityTitle", "") or "").strip()
-        identifying = identifying_values(ds)
+        identifying = identifying_values(ds, institution="retain-institution-identity" not in self.config.options)
         originals = {kind: _text(ds, tag) for kind, tag in CROSSWALK_TAGS.items()} if self.keep_originals else None
         pixels = self._pixel_cleaner().clean(ds, identifying) if self.clean_pixels else None
         transfer_syntax = transfer_syntax_of(ds)  # after the pixel stage, which may re-encode
@@ -606,13 +606,47 @@ def write_instance(ds: Dataset, dst: Path, durable: bool = True,
 # -- values ----------------------------------------------------------------------------
 
 
-def identifying_values(ds: Dataset) -> set[str]:
-    """Values of the instance's own identifying elements, to be cut out of kept text."""
+#: Identifiers of the patient and the visit: cut out of kept text wherever they appear.
+_ID_TAGS = (0x00100020, 0x00101000, 0x00080050, 0x00101090, 0x00102154, 0x00380010)
+#: Identifiers of the order and the procedure (top level and Request Attributes items).
+#: Often short numbers: kept numbers shorter than ``_MIN_ORDER_DIGITS`` are not cut.
+_ORDER_TAGS = (0x00200010, 0x00401001, 0x00402016, 0x00402017, 0x00400009, 0x00400253, 0x00380060)
+_MIN_ORDER_DIGITS = 5
+#: Where the patient lives and stays: the whole value and each comma-separated part.
+_RESIDENCE_TAGS = (0x00101040, 0x00102152, 0x00380300, 0x00380400)
+#: The institution's name and address, likewise (kept with retain-institution-identity).
+#: Not the department: its name ("Radiology") is a word of kept descriptions, not PHI.
+_INSTITUTION_TAGS = (0x00080080, 0x00080081)
+
+
+def identifying_values(ds: Dataset, institution: bool = True) -> set[str]:
+    """Values of the instance's own identifying elements, to be cut out of kept text.
+
+    ``institution``: include the institution's name and address (False where they are kept).
+    """
     values: set[str] = set()
-    for tag in (0x00100020, 0x00101000, 0x00080050, 0x00101090, 0x00102154, 0x00380010):
+    for tag in _ID_TAGS:
         values.update(_strings(_get(ds, tag)))  # IDs, accession, record locator, phone
     for item in _items(ds, 0x00101002):  # Other Patient IDs Sequence
         values.update(_strings(_get(item, 0x00100020)))
+    values.update(_order_numbers(ds))
+    request = _get(ds, 0x00400275)
+    if isinstance(request, RawDataElement) and len(request.value or b"") <= SEQUENCE_CACHE_BYTES:  # read once a series
+        charset = ds.original_character_set or ds._character_set
+        values.update(_request_order_numbers(request._replace(value_tell=0),
+                                             charset if isinstance(charset, str) else tuple(charset)))
+    else:
+        for item in _items(ds, 0x00400275):
+            values.update(_order_numbers(item))
+    places: set[str] = set()
+    for tag in _RESIDENCE_TAGS + (_INSTITUTION_TAGS if institution else ()):
+        for place in _decoded(ds, tag):
+            places.add(place)
+            places.update(part.strip() for part in re.split(r"[,;\r\n]+", place))
+    if not institution:  # the patient's town is often the hospital's: its kept name stays whole
+        kept = " ".join(v for tag in _INSTITUTION_TAGS for v in _decoded(ds, tag)).lower()
+        places = {p for p in places if p.lower() not in kept}
+    values |= places
     person_names = [tag for tag, raw in ds._dict.items() if not tag >> 16 & 1 and _vr(raw, tag) == "PN"]
     for tag in person_names:  # the patient's names and every other person named in the header
         for name in _decoded(ds, tag):
@@ -621,6 +655,20 @@ def identifying_values(ds: Dataset) -> set[str]:
     for birth_date in _strings(_get(ds, 0x00100030)):
         values.update(date_spellings(birth_date))
     return {v for v in values if v.strip("^= ")}
+
+
+def _order_numbers(ds: Dataset) -> list[str]:
+    return [v for tag in _ORDER_TAGS for v in _strings(_get(ds, tag)) if not v.isdigit() or len(v) >= _MIN_ORDER_DIGITS]
+
+
+@functools.lru_cache(maxsize=64)
+def _request_order_numbers(raw: RawDataElement, charset: str | tuple[str, ...]) -> tuple[str, ...]:
+    """The order numbers in a Request Attributes Sequence, from its bytes."""
+    try:
+        items = convert_raw_data_element(raw, encoding=charset if isinstance(charset, str) else list(charset)).value
+    except Exception:  # noqa: BLE001 - an unreadable sequence has no usable items
+        return ()
+    return tuple(v for item in items if isinstance(item, Dataset) for v in _order_numbers(item))
 
 
 def date_spellings(value: str) -> set[str]:
@@ -819,10 +867,15 @@ def _text(ds: Dataset, tag: int) -> str:
 
 
 def _items(ds: Dataset, tag: int) -> list[Dataset]:
-    if tag not in ds._dict:
+    """A sequence's items, read without converting the element in ds (which would keep a
+    repeated sequence from being de-identified once and reused, see ``_sequence_key``)."""
+    elem = ds._dict.get(tag)
+    if elem is None:
         return []
     try:
-        value = ds[tag].value
+        if isinstance(elem, RawDataElement):
+            elem = convert_raw_data_element(elem, encoding=ds.original_character_set or ds._character_set, ds=ds)
+        value = elem.value
     except Exception:  # noqa: BLE001 - an unreadable sequence has no usable items
         return []
     return list(value) if isinstance(value, Sequence) else []

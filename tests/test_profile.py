@@ -249,6 +249,21 @@ def test_free_text_not_listed_is_scrubbed_of_identifiers(tmp_path):
     assert b"1951-08-29" not in data and b"MRN-4711" not in data
 
 
+def test_kept_text_loses_places_and_order_numbers(tmp_path):
+    ds = instance()
+    ds.RequestAttributesSequence = [item(RequestedProcedureID="RP-5521", ScheduledProcedureStepID="7")]
+    ds.StudyID = "4411"
+    ds.InstitutionName = "Shelbyville General Hospital"
+    ds.ImageComments = ("Series 7 of study 4411 (RP-5521) at Shelbyville General Hospital, "
+                        "patient lives at 12 Elm Street")
+    out, data = roundtrip(ds, engine("clean-descriptors"), tmp_path)
+    assert out.ImageComments == "Series 7 of study 4411 () at , patient lives at"  # short numbers stay
+    assert b"Elm Street" not in data and b"RP-5521" not in data and b"General Hospital" not in data
+    # A site that keeps its institution's identity keeps its name in text as well.
+    out, _ = roundtrip(ds, engine("clean-descriptors", "retain-institution-identity"), tmp_path / "kept")
+    assert "at Shelbyville General Hospital," in out.ImageComments
+
+
 def test_unlisted_person_names_are_replaced(tmp_path):
     ds = instance()
     ds.add_new(0x00142006, "PN", "Evaluator^Eve")  # Evaluator Name: not in Table E.1-1
