@@ -606,14 +606,15 @@ def write_instance(ds: Dataset, dst: Path, durable: bool = True,
 # -- values ----------------------------------------------------------------------------
 
 
-#: Identifiers of the patient and the visit: cut out of kept text wherever they appear.
-_ID_TAGS = (0x00100020, 0x00101000, 0x00080050, 0x00101090, 0x00102154, 0x00380010)
+#: Identifiers of the patient and the visit, and telephone numbers: cut out of kept text.
+_ID_TAGS = (0x00100020, 0x00101000, 0x00080050, 0x00101090, 0x00102154, 0x00380010, 0x00080094, 0x00401103)
 #: Identifiers of the order and the procedure (top level and Request Attributes items).
 #: Often short numbers: kept numbers shorter than ``_MIN_ORDER_DIGITS`` are not cut.
 _ORDER_TAGS = (0x00200010, 0x00401001, 0x00402016, 0x00402017, 0x00400009, 0x00400253, 0x00380060)
 _MIN_ORDER_DIGITS = 5
-#: Where the patient lives and stays: the whole value and each comma-separated part.
-_RESIDENCE_TAGS = (0x00101040, 0x00102152, 0x00380300, 0x00380400)
+#: Where the patient lives and stays, and the addresses of people named in the header:
+#: the whole value and each comma-separated part.
+_RESIDENCE_TAGS = (0x00101040, 0x00102152, 0x00380300, 0x00380400, 0x00080092, 0x00401102)
 #: The institution's name and address, likewise (kept with retain-institution-identity).
 #: Not the department: its name ("Radiology") is a word of kept descriptions, not PHI.
 _INSTITUTION_TAGS = (0x00080080, 0x00080081)
@@ -626,7 +627,7 @@ def identifying_values(ds: Dataset, institution: bool = True) -> set[str]:
     """
     values: set[str] = set()
     for tag in _ID_TAGS:
-        values.update(_strings(_get(ds, tag)))  # IDs, accession, record locator, phone
+        values.update(_strings(_get(ds, tag)))  # IDs, accession, record locator, phones
     for item in _items(ds, 0x00101002):  # Other Patient IDs Sequence
         values.update(_strings(_get(item, 0x00100020)))
     values.update(_order_numbers(ds))
