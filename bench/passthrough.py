@@ -5,9 +5,10 @@ de-identification, no routing, no retries. The handler streams each dataset to a
 file (pynetdicom's ``STORE_RECV_CHUNKED_DATASET``), acknowledges it, and one thread sends
 the files on a kept-open association, streamed from the file
 (``STORE_SEND_CHUNKED_DATASET``). Prints ``acked UID TIME`` per instance, from which the
-benchmark computes acknowledgement-to-delivery latency. TCP_NODELAY, 128 KiB PDUs, pynetdicom's log handlers off and the router's fix for
-pynetdicom's send race on both sides, as in the router, so that the comparison is about
-what the router adds (durable spool, de-identification, routing, retries). A send that
+benchmark computes acknowledgement-to-delivery latency. TCP_NODELAY, 128 KiB PDUs, pynetdicom's log handlers off and a fix for pynetdicom's send
+race (``install_checkpoint``), so that the comparison is about what the router adds
+(durable spool, de-identification, routing, retries; its forwarders send on their own
+thread, ``router.association``, not with pynetdicom's SCU). A send that
 gets no response is resent on a new association.
 
     python -m bench.passthrough PORT DEST_HOST DEST_PORT DEST_AET
@@ -28,7 +29,62 @@ from pathlib import Path
 from pynetdicom import AE, _config, build_context, evt
 from pynetdicom.sop_class import Verification
 
-from router.forward import install_checkpoint
+from router import reactors
+
+
+class _Checkpoint:
+    """A drop-in for ``Association._reactor_checkpoint`` that really parks the reactor.
+
+    pynetdicom 3.0.4 pauses its reactor before a send by clearing an Event and polling
+    ``_is_paused``; but ``_is_paused`` is set *before* the reactor waits on the Event, so
+    the sender can see it set while the reactor is already past the wait, and the reactor
+    then takes the C-STORE response off the queue ("Received unexpected C-STORE service
+    message"): the send waits out the DIMSE timeout and the association aborts. Here
+    ``clear()`` returns only once the reactor is blocked inside ``wait()``.
+    """
+
+    def __init__(self, assoc):
+        self._assoc = assoc
+        self._cond = threading.Condition()
+        self._open = True
+        self._parked = False
+
+    def is_set(self) -> bool:
+        return self._open
+
+    def set(self) -> None:
+        with self._cond:
+            self._open = True
+            self._cond.notify_all()
+
+    def clear(self) -> None:
+        with self._cond:
+            self._open = False
+            if threading.current_thread() is self._assoc:
+                return  # the reactor itself: nothing to wait for
+            reactors.wake_reactor(self._assoc)
+            deadline = time.monotonic() + 5.0
+            while not self._parked and time.monotonic() < deadline:
+                if not self._assoc.is_alive() or getattr(self._assoc, "_kill", False):
+                    return
+                self._cond.wait(0.05)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        with self._cond:
+            if self._open:
+                return True
+            self._parked = True
+            self._cond.notify_all()
+            try:
+                self._cond.wait_for(lambda: self._open, timeout)
+            finally:
+                self._parked = False
+            return self._open
+
+
+def install_checkpoint(assoc) -> None:
+    assoc._reactor_checkpoint = _Checkpoint(assoc)
+
 
 
 def nodelay(event) -> None:

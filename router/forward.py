@@ -1,8 +1,9 @@
 """The export stage: one forwarder per destination, working through outgoing/<dest>/.
 
-DICOM destinations: a pynetdicom SCU (our calling AE title toward it:
-``Destination.calling_ae_title``) keeps one association open across instances and releases
-it after ``idle_timeout_seconds`` without work. Its presentation contexts are built from
+DICOM destinations: a C-STORE SCU on the forwarder's own thread (``router.association``;
+our calling AE title toward it: ``Destination.calling_ae_title``) keeps one association
+open across instances and releases it after ``idle_timeout_seconds`` without work; one the
+destination ended while idle is noticed before the next send and made again. Its presentation contexts are built from
 what is waiting to be sent (SOP class x {the file's transfer syntax, Explicit VR LE,
 Implicit VR LE}, at most 128); a new SOP class or transfer syntax means a new association.
 An instance goes in its own transfer syntax, streamed from the spool file without decoding
@@ -43,14 +44,15 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, _config, build_context, evt
-from pynetdicom import association as association_module
+from pynetdicom import AE, evt
+from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import Verification
 
-from router import commands, reactors
+from router.association import AssociationError, Lost, StoreAssociation, bytes_pdus, file_pdus
 from router.config import Config, Destination, NodeConfig
 from router.encode import read_meta_uids
 from router.deidentify import Routed, StartError, configure_logging, describe_exception
+from router.profile import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
 from router.log import get_logger
 from router.receive import on_conn_open_nodelay
 from router.spool import SUFFIX, Spool, fsync_dir, safe_name
@@ -93,61 +95,6 @@ def status_text(status: int) -> str:
     except ImportError:
         pass
     return f"0x{status:04X}"
-
-
-# ------------------------------------------------------------- pynetdicom send race fix
-class _Checkpoint:
-    """A drop-in for ``Association._reactor_checkpoint`` that really parks the reactor.
-
-    pynetdicom 3.0.4 pauses its reactor before a send by clearing an Event and polling
-    ``_is_paused``; but ``_is_paused`` is set *before* the reactor waits on the Event, so
-    the sender can see it set while the reactor is already past the wait, and the reactor
-    then takes the C-STORE response off the queue ("Received unexpected C-STORE service
-    message"): the send waits out the DIMSE timeout and the association aborts. Here
-    ``clear()`` returns only once the reactor is blocked inside ``wait()``.
-    """
-
-    def __init__(self, assoc):
-        self._assoc = assoc
-        self._cond = threading.Condition()
-        self._open = True
-        self._parked = False
-
-    def is_set(self) -> bool:
-        return self._open
-
-    def set(self) -> None:
-        with self._cond:
-            self._open = True
-            self._cond.notify_all()
-
-    def clear(self) -> None:
-        with self._cond:
-            self._open = False
-            if threading.current_thread() is self._assoc:
-                return  # the reactor itself: nothing to wait for
-            reactors.wake_reactor(self._assoc)
-            deadline = time.monotonic() + 5.0
-            while not self._parked and time.monotonic() < deadline:
-                if not self._assoc.is_alive() or getattr(self._assoc, "_kill", False):
-                    return
-                self._cond.wait(0.05)
-
-    def wait(self, timeout: float | None = None) -> bool:
-        with self._cond:
-            if self._open:
-                return True
-            self._parked = True
-            self._cond.notify_all()
-            try:
-                self._cond.wait_for(lambda: self._open, timeout)
-            finally:
-                self._parked = False
-            return self._open
-
-
-def install_checkpoint(assoc) -> None:
-    assoc._reactor_checkpoint = _Checkpoint(assoc)
 
 
 # ------------------------------------------------------------------------------- echo
@@ -227,16 +174,12 @@ class Outcome:
 
 # -------------------------------------------------------------------------- senders
 class DicomSender:
-    """One kept-open association toward a DICOM destination."""
+    """One kept-open association toward a DICOM destination (``router.association``)."""
 
     def __init__(self, dest: Destination, node: NodeConfig):
         self.dest = dest
-        self.ae = AE(ae_title=dest.calling_ae_title or node.ae_title)
-        self.ae.maximum_pdu_size = MAX_PDU
-        t = dest.timeout_seconds
-        self.ae.acse_timeout = self.ae.dimse_timeout = self.ae.network_timeout = t
-        self.ae.connection_timeout = t
-        self.assoc = None
+        self.calling_ae = dest.calling_ae_title or node.ae_title
+        self.assoc: StoreAssociation | None = None
         self.tls_args = client_context(dest) if dest.tls else None
         self.covered: set[tuple[str, str]] = set()
         self.accepted: dict[str, set[str]] = {}
@@ -248,38 +191,32 @@ class DicomSender:
 
     @property
     def connected(self) -> bool:
-        return self.assoc is not None and self.assoc.is_established
+        return self.assoc is not None and self.assoc.open
 
     def close(self, reason: str = "idle") -> None:
         assoc, self.assoc = self.assoc, None
         self.covered, self.accepted = set(), {}
-        if assoc is None:
+        if assoc is None or not assoc.open:
             return
-        try:
-            if assoc.is_established:
-                assoc.release()
-                log.info("association_released", destination=self.dest.name, reason=reason,
-                         instances=self.sent_on_assoc)
-            else:
-                assoc.abort()
-        except Exception as exc:
-            log.warning("association_close_failed", destination=self.dest.name, error=describe_exception(exc))
+        assoc.release()
+        log.info("association_released", destination=self.dest.name, reason=reason, instances=self.sent_on_assoc)
 
-    def plan(self, pairs: list[tuple[str, str]]):
+    def plan(self, pairs: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], set[tuple[str, str]]]:
         """Presentation contexts for pairs (head first), at most 128, and the pairs covered."""
         by_class: dict[str, list[str]] = {}
         for sop, ts in pairs:
             by_class.setdefault(sop, [])
             if ts not in by_class[sop]:
                 by_class[sop].append(ts)
-        contexts, covered = [], set()
+        contexts: list[tuple[str, str]] = []
+        covered = set()
         for sop, syntaxes in by_class.items():
             wanted = [ts for ts in syntaxes if ts not in UNCOMPRESSED] + list(UNCOMPRESSED)
             if len(contexts) + len(wanted) > MAX_CONTEXTS:
                 if contexts:
                     continue
                 wanted = wanted[:MAX_CONTEXTS]
-            contexts += [build_context(sop, [ts]) for ts in wanted]
+            contexts += [(sop, ts) for ts in wanted]
             covered.update((sop, ts) for ts in syntaxes)
         return contexts, covered
 
@@ -288,31 +225,35 @@ class DicomSender:
         self.close(reason="new presentation contexts")
         contexts, covered = self.plan(pairs)
         try:
-            assoc = self.ae.associate(self.dest.host, self.dest.port, contexts=contexts, ae_title=self.dest.ae_title,
-                                      max_pdu=MAX_PDU, evt_handlers=[(evt.EVT_CONN_OPEN, on_conn_open_nodelay)],
-                                      tls_args=self.tls_args)
+            assoc = StoreAssociation.request(
+                self.dest.host, self.dest.port, self.calling_ae, self.dest.ae_title, contexts,
+                timeout=self.dest.timeout_seconds, max_pdu=MAX_PDU,
+                implementation=(IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION), tls=self.tls_args)
         except ssl.SSLError as exc:
-            return f"TLS handshake failed: {exc.reason or type(exc).__name__}"
-        except (OSError, RuntimeError, ValueError) as exc:
-            return f"cannot associate: {type(exc).__name__}"
-        if not assoc.is_established:
             failure = self.tls_args[0].take_failure() if self.tls_args else None
-            return f"TLS handshake failed: {failure}" if failure else _association_failure(assoc)
-        install_checkpoint(assoc)
+            return f"TLS handshake failed: {failure or exc.reason or type(exc).__name__}"
+        except AssociationError as exc:
+            return str(exc)
         self.assoc = assoc
         self.covered = covered
         self.accepted = {}
-        for cx in assoc.accepted_contexts:
-            self.accepted.setdefault(str(cx.abstract_syntax), set()).add(str(cx.transfer_syntax[0]))
+        for sop, ts in assoc.contexts:
+            self.accepted.setdefault(sop, set()).add(ts)
         self.sent_on_assoc = 0
         self.last_used = time.monotonic()
         log.info("association_opened", destination=self.dest.name, proposed=len(contexts),
-                 accepted=len(assoc.accepted_contexts))
+                 accepted=len(assoc.contexts))
         return None
 
     def send(self, item: Item, lookahead) -> Outcome:
         info = item.info
         pair = (info.sop_class_uid, info.transfer_syntax_uid)
+        if self.connected:
+            try:
+                self.assoc.check_idle()
+            except Lost as exc:
+                self.close(reason="lost")
+                log.info("association_lost", destination=self.dest.name, reason=str(exc))
         if not self.connected or pair not in self.covered:
             wanted = dict.fromkeys([pair, *lookahead(), *reversed(self.recent)])
             problem = self.connect(list(wanted))
@@ -325,44 +266,62 @@ class DicomSender:
         accepted = self.accepted.get(info.sop_class_uid, set())
         if info.transfer_syntax_uid in accepted:
             mode = "as-is"
+            syntax = info.transfer_syntax_uid
         elif accepted & set(UNCOMPRESSED):
             mode = "decompressed" if _is_compressed(info.transfer_syntax_uid) else "re-encoded"
+            syntax = next(ts for ts in UNCOMPRESSED if ts in accepted)
         else:
             return Outcome("failed", "the destination accepted no presentation context for this SOP class "
                                      f"({info.sop_class_uid}) in {info.transfer_syntax_uid} or uncompressed")
+        assoc = self.assoc
+        context_id = assoc.contexts[(info.sop_class_uid, syntax)]
         try:
             if mode == "as-is":
-                payload = item.path
+                source = open(item.path, "rb", buffering=0)  # noqa: SIM115 - closed below
+                fragments = file_pdus(source, _dataset_offset(item.path), context_id, assoc.fragment_size)
             else:
-                payload = load_uncompressed(item.path)
+                source = None
+                fragments = bytes_pdus(encode_dataset(load_uncompressed(item.path), syntax), context_id,
+                                       assoc.fragment_size)
         except FileNotFoundError:
             raise
         except Exception as exc:
             return Outcome("failed", f"the destination takes SOP class {info.sop_class_uid} only uncompressed and "
                                      f"converting from {info.transfer_syntax_uid} failed: {describe_exception(exc)}")
-        assoc = self.assoc
         try:
-            status = assoc.send_c_store(payload)
-        except RuntimeError:
-            # The association ended just before the send (e.g. the peer's idle time-out).
+            response = assoc.send(context_id, info.sop_class_uid, info.sop_instance_uid, fragments)
+        except Lost as exc:
             self.close(reason="lost")
-            return Outcome("retry", "association lost before the send")
-        except FileNotFoundError:
-            raise
-        except (OSError, ValueError, AttributeError) as exc:
-            self.close(reason="send error")
+            return Outcome("failed", f"no response ({exc})", mode=mode)
+        except ValueError as exc:
             return Outcome("failed", f"send failed: {describe_exception(exc)}", mode=mode)
+        finally:
+            if source is not None:
+                source.close()
         self.last_used = time.monotonic()
-        code = status.get("Status") if status is not None else None
-        if code is None:
-            # DIMSE time-out, abort or connection lost: the association is gone.
-            self.close(reason="no response")
-            return Outcome("failed", "no response (association aborted or timed out)", mode=mode)
-        code = int(code)
         self.sent_on_assoc += 1
+        code = response.status
         if status_category(code) in ("success", "warning"):
             return Outcome("delivered", status=code, mode=mode)
         return Outcome("failed", f"destination answered {status_text(code)}", status=code, mode=mode)
+
+
+def _dataset_offset(path: Path) -> int:
+    """Where the data set starts in a Part 10 file (after its meta group)."""
+    uids = read_meta_uids(path)
+    if uids is not None:
+        return uids[1]
+    with open(path, "rb") as f:
+        read_file_meta_info(f)  # pydicom's reader leaves the file at the data set
+        return f.tell()
+
+
+def encode_dataset(ds, syntax: str) -> bytes:
+    """ds encoded in an uncompressed little endian transfer syntax, for the network."""
+    encoded = encode(ds, syntax == ImplicitVRLittleEndian, True)
+    if encoded is None:
+        raise ValueError("the data set could not be encoded")
+    return encoded
 
 
 def _is_compressed(syntax: str) -> bool:
@@ -721,50 +680,16 @@ class Forwarder:
         self._outage_backoff = 0.0
 
 
-def configure_sending() -> None:
-    """Stream spool files to the network without decoding them (exact context match);
-    command sets encoded by hand, reactors that wait for work, file meta read by hand."""
-    _config.STORE_SEND_CHUNKED_DATASET = True
-    commands.install()
-    reactors.install()
-    if not getattr(association_module.split_dataset, "router_hook", False):
-        original = association_module.split_dataset
-
-        def split_dataset(path):
-            uids = read_meta_uids(path)
-            return original(path) if uids is None else (_MetaUIDs(uids[0]), uids[1])
-
-        split_dataset.router_hook = True
-        association_module.split_dataset = split_dataset
-
-
-class _MetaUIDs:
-    """What ``send_c_store`` reads of a file's meta before streaming it: its UIDs."""
-
-    def __init__(self, values: dict[str, str]) -> None:
-        self._values = {k: UID(v) for k, v in values.items()}
-
-    def __contains__(self, keyword: str) -> bool:
-        return keyword in self._values
-
-    def __getattr__(self, keyword: str) -> UID:
-        try:
-            return self.__dict__["_values"][keyword]
-        except KeyError:
-            raise AttributeError(keyword) from None
-
-
 # ------------------------------------------------------------------ forwarder processes
 def forwarder_main(conn, config: Config, spool_root: str, dest_name: str) -> None:
     """A destination's forwarder process: instances come in on the pipe, events go out.
 
-    Sending costs the CPU of a pynetdicom SCU per instance; in a process of its own it does
-    not compete with the receive side for the main process's GIL.
+    In a process of its own, sending does not compete with the receive side for the main
+    process's GIL.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides when we stop
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     configure_logging(config)
-    configure_sending()
     dest = next(d for d in config.destinations if d.name == dest_name)
     spool = Spool(spool_root, [d.name for d in config.destinations], config.node.keep_delivered)
     lock = threading.Lock()

@@ -175,13 +175,13 @@ def test_store_messages_encode_and_decode_as_pynetdicom_does(tmp_path: Path) -> 
 
 @pytest.mark.parametrize("max_pdu", [16382, 131072, 0])
 @pytest.mark.parametrize("size", [1, 16376, 16377, 40000])
-def test_file_fragments_are_the_pdus_pynetdicom_sends(tmp_path: Path, max_pdu: int, size: int) -> None:
-    """A data set streamed from a file: fragment PDUs byte for byte as pynetdicom encodes
-    them, each read only when it is encoded (the file may go once the last one is)."""
+def test_forwarded_data_sets_are_the_pdus_pynetdicom_sends(tmp_path: Path, max_pdu: int, size: int) -> None:
+    """A data set streamed from a file or sent from memory by the forwarders' association:
+    P-DATA-TF PDUs byte for byte as pynetdicom encodes them."""
     from pynetdicom.dimse_messages import C_STORE_RQ
     from pynetdicom.pdu import P_DATA_TF
 
-    from router import commands
+    from router.association import bytes_pdus, file_pdus, fragment_size
 
     spooled = tmp_path / "spooled.dcm"
     spooled.write_bytes(b"meta" + bytes(range(251)) * (size // 251) + bytes(size % 251))
@@ -189,28 +189,25 @@ def test_file_fragments_are_the_pdus_pynetdicom_sends(tmp_path: Path, max_pdu: i
     message.primitive_to_message(next(store_primitives(spooled)))
     message.data_set, message._data_set_path = None, (spooled, 4)
     theirs = [P_DATA_TF(p).encode() for p in message.encode_msg(3, max_pdu)][1:]  # after the command set
-    fragments = list(commands.file_fragments(spooled, 4, 3, max_pdu))
-    assert len(fragments) == len(theirs)
-    ours = []
-    for fragment in fragments:
-        assert commands._pdu_to_send(fragment) is fragment  # the state machine sends it as it is
-        ours.append(bytes(fragment.encode()))
-    assert ours == theirs
-    spooled.unlink()  # nothing of it is read again
+    with open(spooled, "rb") as file:
+        assert [bytes(pdu) for pdu in file_pdus(file, 4, 3, fragment_size(max_pdu))] == theirs
+    assert list(bytes_pdus(spooled.read_bytes()[4:], 3, fragment_size(max_pdu))) == theirs
 
 
-def test_file_fragments_stay_small_whatever_the_peer_allows(tmp_path: Path) -> None:
-    """A peer announcing a huge maximum PDU length gets fragments of at most 4 MiB (the
-    message's one buffer is one fragment), which together are the whole data set."""
-    from router import commands
+def test_forwarded_fragments_stay_small_whatever_the_peer_allows(tmp_path: Path) -> None:
+    """A peer announcing a huge maximum PDU length gets fragments of at most 4 MiB (each is
+    read into one buffer), which together are the whole data set."""
+    from router.association import file_pdus, fragment_size
 
     spooled = tmp_path / "spooled.dcm"
     spooled.write_bytes(b"meta" + bytes(range(256)) * (40 * 1024 * 1024 // 256))
-    fragments = list(commands.file_fragments(spooled, 4, 1, 2**32 - 1))
-    assert [f.length for f in fragments] == [4 * 1024 * 1024 - 6] * 10 + [60]
-    assert len(fragments[0].source.buffer) == 4 * 1024 * 1024 + 6
-    data = b"".join(bytes(f.encode())[12:] for f in fragments)
-    assert data == spooled.read_bytes()[4:]
+    lengths, data = [], []
+    with open(spooled, "rb") as file:
+        for pdu in file_pdus(file, 4, 1, fragment_size(2**32 - 1)):
+            lengths.append(len(pdu) - 12)
+            data.append(bytes(pdu[12:]))
+    assert lengths == [4 * 1024 * 1024 - 6] * 10 + [60]
+    assert b"".join(data) == spooled.read_bytes()[4:]
 
 
 def test_command_sets_encode_as_pynetdicom_does() -> None:
@@ -315,32 +312,3 @@ def test_p_data_pdus_are_read_as_pynetdicom_reads_them() -> None:
             assert isinstance(value, bytes) == bool(value[0] & 1)  # commands are bytes, data views
     for broken in (b"", item(1, b"\x02abc")[:-1], item(1, b"\x02abc") + b"\x00\x00", struct.pack(">LB", 1, 1)):
         assert _received_p_data(bytearray(broken)) is None
-
-
-def test_store_responses_are_taken_by_hand_as_pynetdicom_takes_them(tmp_path: Path) -> None:
-    """A C-STORE response read by hand on the sending side: the same primitive as pynetdicom's
-    decode_msg and message_to_primitive give; anything unusual is left to pynetdicom."""
-    from pynetdicom.dimse_messages import DIMSEMessage
-
-    from router import commands
-
-    commands.install()
-    taken = 0
-    for primitive in store_primitives(tmp_path / "spooled.dcm"):
-        if primitive.MessageIDBeingRespondedTo is None:
-            continue
-        message = commands.store_message(primitive)
-        pdata = next(iter(message.encode_msg(5, 16382)))
-        ours, theirs = DIMSEMessage(), DIMSEMessage()
-        by_hand = commands.decode_store_response(ours, pdata)
-        assert commands.pynetdicom_decode_msg(theirs, pdata)
-        if not by_hand:
-            assert not ours.encoded_command_set.tell()  # untouched: pynetdicom's way follows
-            continue
-        taken += 1
-        assert (type(ours), ours.context_id) == (type(theirs), theirs.context_id)
-        mine, pynetdicoms = ours.message_to_primitive(), commands.pynetdicom_message_to_primitive(theirs)
-        for field in ("MessageIDBeingRespondedTo", "AffectedSOPClassUID", "AffectedSOPInstanceUID", "Status",
-                      "ErrorComment", "OffendingElement", "_context_id"):
-            assert getattr(mine, field) == getattr(pynetdicoms, field), field
-    assert taken == 2  # the plain response and the one without UIDs; not the one with an error comment
