@@ -683,6 +683,10 @@ def date_spellings(value: str) -> set[str]:
     for sep in "-/.":
         spellings |= {sep.join((y, m, dd)), sep.join((m, dd, y)), sep.join((dd, m, y))}
     spellings |= {f"{d.month}/{d.day}/{y}", f"{d.day}.{d.month}.{y}", f"{d.day}/{d.month}/{y}"}
+    for month in {_MONTHS[d.month - 1], _MONTHS[d.month - 1][:3]}:  # 29 Aug 1951, August 29, 1951 ...
+        for day in {dd, str(d.day)}:
+            spellings |= {f"{day} {month} {y}", f"{day}-{month}-{y}", f"{day}{month}{y}", f"{month} {day}, {y}",
+                          f"{month} {day} {y}"}
     return spellings
 
 
@@ -722,17 +726,26 @@ _TEXT_UID = re.compile(r"(?<![\w.])[0-2](?:\.(?:0|[1-9]\d*)){4,}(?![\w.])")
 
 #: Dates as people write them in free text: 08/29/1951, 29.08.1951, 1951-08-29, 19510829,
 #: 8/29/51. Each match is checked to be a real date before it is touched.
+_MONTHS = ("january", "february", "march", "april", "may", "june", "july", "august", "september", "october",
+           "november", "december")
+_MONTH = r"(?:jan(?:uary)?|feb(?:ruary)?|mar(?:ch)?|apr(?:il)?|may|june?|july?|aug(?:ust)?|sep(?:t(?:ember)?)?" \
+         r"|oct(?:ober)?|nov(?:ember)?|dec(?:ember)?)"
 _TEXT_DATE = re.compile(
     r"(?<![\d.])(?:(?P<y1>(?:19|20)\d\d)(?P<s1>[-/.])(?P<m1>\d{1,2})(?P=s1)(?P<d1>\d{1,2})"
     r"|(?P<a2>\d{1,2})(?P<s2>[-/.])(?P<b2>\d{1,2})(?P=s2)(?P<y2>(?:19|20)\d\d)"
     r"|(?P<a3>\d{1,2})/(?P<b3>\d{1,2})/(?P<y3>\d\d)"
     r"|(?P<y4>(?:19|20)\d\d)(?P<m4>0[1-9]|1[0-2])(?P<d4>0[1-9]|[12]\d|3[01]))(?![\d.])"
+    # 17 May 2023, 17-MAY-2023, 17MAY2023; May 17, 2023, Sept. 3rd 2021
+    rf"|(?<![\w.])(?P<d5>\d{{1,2}})[ -]?(?P<n5>(?i:{_MONTH}))\.?[ ,-]*(?P<y5>(?:19|20)\d\d)(?!\d)"
+    rf"|(?<![\w.])(?P<n6>(?i:{_MONTH}))\.? ?(?P<d6>\d{{1,2}})(?P<o6>st|nd|rd|th)?,? (?P<y6>(?:19|20)\d\d)(?!\d)"
 )
 
 
 def _replace_text_date(m: re.Match[str], shift_days: int | None) -> str:
     """A date found in free text, shifted in its own spelling (or removed without a shift)."""
     g = m.groupdict()
+    if g["n5"] or g["n6"]:
+        return _replace_named_month_date(m, shift_days)
     if g["y1"]:
         order, year, parts, sep = "ymd", int(g["y1"]), (int(g["m1"]), int(g["d1"])), g["s1"]
     elif g["y4"]:
@@ -759,6 +772,33 @@ def _replace_text_date(m: re.Match[str], shift_days: int | None) -> str:
     if order == "mdy":
         return sep.join((f"{new.month:0{width(0)}d}", f"{new.day:0{width(1)}d}", year_text))
     return sep.join((f"{new.day:0{width(0)}d}", f"{new.month:0{width(1)}d}", year_text))
+
+
+def _replace_named_month_date(m: re.Match[str], shift_days: int | None) -> str:
+    """"17 May 2023", "May 17, 2023" ...: shifted in place, the month in its own spelling."""
+    n = "5" if m.group("n5") else "6"
+    day, name, year = m.group(f"d{n}"), m.group(f"n{n}"), m.group(f"y{n}")
+    month = next(i for i, full in enumerate(_MONTHS, 1) if full.startswith(name.lower()[:3]))
+    try:
+        original = dt.date(int(year), month, int(day))
+    except ValueError:
+        return m.group(0)
+    if shift_days is None:
+        return ""
+    new = original - dt.timedelta(days=shift_days)
+    full = _MONTHS[new.month - 1]
+    spelled = full if len(name) > 4 or name.lower() == full else full[:3]
+    spelled = spelled.upper() if name.isupper() else spelled.capitalize() if name[0].isupper() else spelled
+    start = m.start()
+    text = m.group(0)
+    parts = [(f"d{n}", f"{new.day:0{len(day)}d}"), (f"n{n}", spelled), (f"y{n}", f"{new.year:04d}")]
+    if n == "6" and m.group("o6"):
+        suffix = "th" if 10 <= new.day % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(new.day % 10, "th")
+        parts.append(("o6", suffix.upper() if m.group("o6").isupper() else suffix))
+    for group, value in sorted(parts, key=lambda gv: m.start(gv[0]), reverse=True):
+        a, b = m.start(group) - start, m.end(group) - start
+        text = text[:a] + value + text[b:]
+    return text
 
 
 #: The value representations of PS3.5 6.2: an explicit VR outside them means the data set

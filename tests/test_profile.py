@@ -421,6 +421,24 @@ def test_dates_written_in_kept_text_follow_the_date_option(tmp_path):
     assert kept.StudyDescription == ds.StudyDescription
 
 
+def test_dates_with_month_names_in_kept_text_follow_the_date_option(tmp_path):
+    ds = instance(study_date="20240105")  # born 19510829
+    ds.StudyDescription = "CT of 5 January 2024 (prior Dec. 1st, 2023; 03-NOV-2023), born Aug 29, 1951, May 2023"
+    shifted, _ = roundtrip(ds, engine("clean-descriptors", "retain-longitudinal-modified-dates"), tmp_path / "a")
+    offset = (dt.date(2024, 1, 5) - dt.datetime.strptime(shifted.StudyDate, "%Y%m%d").date()).days
+
+    def moved(y: int, m: int, d: int) -> dt.date:
+        return dt.date(y, m, d) - dt.timedelta(days=offset)
+
+    study, prior, other = moved(2024, 1, 5), moved(2023, 12, 1), moved(2023, 11, 3)
+    ordinal = "th" if 10 <= prior.day <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(prior.day % 10, "th")
+    assert shifted.StudyDescription == (
+        f"CT of {study.day} {study:%B} {study.year} (prior {prior:%b}. {prior.day}{ordinal}, {prior.year}; "
+        f"{other:%d}-{other:%b}-{other.year}".replace(f"{other:%b}-", f"{other:%b}-".upper()) + "), born , May 2023")
+    removed, _ = roundtrip(ds, engine("clean-descriptors"), tmp_path / "b")
+    assert removed.StudyDescription == "CT of (prior ; ), born , May 2023"  # a month and year alone stay
+
+
 def test_identifier_patterns_are_cut_from_kept_text(tmp_path):
     ds = instance()
     ds.StudyDescription = "CT CHEST, call Dr. Gregory House (555) 123-4567, MRN 00012345678, 12.5 mGy"
