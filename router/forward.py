@@ -45,7 +45,7 @@ from pydicom import dcmread
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
-from pynetdicom.dsutils import encode
+from pynetdicom.dsutils import encode, split_dataset
 from pynetdicom.sop_class import Verification
 
 from router.association import AssociationError, Lost, StoreAssociation, bytes_pdus, file_pdus
@@ -275,19 +275,26 @@ class DicomSender:
                                      f"({info.sop_class_uid}) in {info.transfer_syntax_uid} or uncompressed")
         assoc = self.assoc
         context_id = assoc.contexts[(info.sop_class_uid, syntax)]
-        try:
-            if mode == "as-is":
-                source = open(item.path, "rb", buffering=0)  # noqa: SIM115 - closed below
-                fragments = file_pdus(source, _dataset_offset(item.path), context_id, assoc.fragment_size)
-            else:
-                source = None
+        source = None
+        if mode == "as-is":
+            try:
+                offset = _dataset_offset(item.path)
+            except FileNotFoundError:
+                raise
+            except Exception as exc:
+                return Outcome("failed", f"outgoing file unreadable: {describe_exception(exc)}")
+            source = open(item.path, "rb", buffering=0)  # noqa: SIM115 - closed below
+            fragments = file_pdus(source, offset, context_id, assoc.fragment_size)
+        else:
+            try:
                 fragments = bytes_pdus(encode_dataset(load_uncompressed(item.path), syntax), context_id,
                                        assoc.fragment_size)
-        except FileNotFoundError:
-            raise
-        except Exception as exc:
-            return Outcome("failed", f"the destination takes SOP class {info.sop_class_uid} only uncompressed and "
-                                     f"converting from {info.transfer_syntax_uid} failed: {describe_exception(exc)}")
+            except FileNotFoundError:
+                raise
+            except Exception as exc:
+                return Outcome("failed", f"the destination takes SOP class {info.sop_class_uid} only uncompressed "
+                                         f"and converting from {info.transfer_syntax_uid} failed: "
+                                         f"{describe_exception(exc)}")
         try:
             response = assoc.send(context_id, info.sop_class_uid, info.sop_instance_uid, fragments)
         except Lost as exc:
@@ -309,11 +316,7 @@ class DicomSender:
 def _dataset_offset(path: Path) -> int:
     """Where the data set starts in a Part 10 file (after its meta group)."""
     uids = read_meta_uids(path)
-    if uids is not None:
-        return uids[1]
-    with open(path, "rb") as f:
-        read_file_meta_info(f)  # pydicom's reader leaves the file at the data set
-        return f.tell()
+    return uids[1] if uids is not None else split_dataset(path)[1]
 
 
 def encode_dataset(ds, syntax: str) -> bytes:
