@@ -179,6 +179,9 @@ def measure(path: str, name: str, files: list[Path], *, port: int, aet: str, del
     router (its ``forwarded`` events carry ``latency_ms``) and for the pass-through (its
     acknowledgement times against storescp's file times, matched by SOP Instance UID).
     """
+    # The previous row's files are still being written back (~1 GB for a clip row): flush
+    # them first, so that their writeback does not share this row's two cores.
+    os.sync()
     load_before = os.getloadavg()[0]
     rss = RssSampler(tree_pid) if tree_pid else None
     if rss:
