@@ -613,7 +613,7 @@ _ID_TAGS = (0x00100020, 0x00101000, 0x00080050, 0x00101090, 0x00102154, 0x003800
 _ORDER_TAGS = (0x00200010, 0x00401001, 0x00402016, 0x00402017, 0x00400009, 0x00400253, 0x00380060)
 _MIN_ORDER_DIGITS = 5
 #: Where the patient lives and stays, and the addresses of people named in the header:
-#: the whole value and each comma-separated part.
+#: the whole value and each comma-separated part of 4 characters or more.
 _RESIDENCE_TAGS = (0x00101040, 0x00102152, 0x00380300, 0x00380400, 0x00080092, 0x00401102)
 #: The institution's name and address, likewise (kept with retain-institution-identity).
 #: Not the department: its name ("Radiology") is a word of kept descriptions, not PHI.
@@ -643,7 +643,9 @@ def identifying_values(ds: Dataset, institution: bool = True) -> set[str]:
     for tag in _RESIDENCE_TAGS + (_INSTITUTION_TAGS if institution else ()):
         for place in _decoded(ds, tag):
             places.add(place)
-            places.update(part.strip() for part in re.split(r"[,;\r\n]+", place))
+            # parts as short as a state or country code ("IN", "OR", "US") are words of
+            # kept text too: only longer parts are cut on their own
+            places.update(part.strip() for part in re.split(r"[,;\r\n]+", place) if len(part.strip()) >= 4)
     if not institution:  # the patient's town is often the hospital's: its kept name stays whole
         kept = " ".join(v for tag in _INSTITUTION_TAGS for v in _decoded(ds, tag)).lower()
         places = {p for p in places if p.lower() not in kept}

@@ -254,12 +254,14 @@ def test_kept_text_loses_places_and_order_numbers(tmp_path):
     ds.RequestAttributesSequence = [item(RequestedProcedureID="RP-5521", ScheduledProcedureStepID="7")]
     ds.StudyID = "4411"
     ds.InstitutionName = "Shelbyville General Hospital"
-    ds.ReferringPhysicianAddress = "3 Oak Road, Ogdenville"
+    ds.ReferringPhysicianAddress = "3 Oak Road, Ogdenville, IN, US"
     ds.ImageComments = ("Series 7 of study 4411 (RP-5521) at Shelbyville General Hospital, "
                         "patient lives at 12 Elm Street, sent by a doctor in Ogdenville")
+    ds.StudyDescription = "US ABDOMEN"
     out, data = roundtrip(ds, engine("clean-descriptors"), tmp_path)
-    # short numbers stay
+    # short numbers stay, and so do words as short as a state or country code
     assert out.ImageComments == "Series 7 of study 4411 () at , patient lives at , sent by a doctor in"
+    assert out.StudyDescription == "US ABDOMEN"
     assert b"Elm Street" not in data and b"RP-5521" not in data and b"General Hospital" not in data
     assert b"Ogdenville" not in data
     # A site that keeps its institution's identity keeps its name in text as well.
