@@ -57,11 +57,13 @@ class Rejected(AssociationError):
 
 class Lost(AssociationError):
     """The association ended (abort, release, closed connection, time-out); ``sent`` is
-    whether a request was under way (its outcome unknown)."""
+    whether a request was under way (its outcome unknown), ``released`` whether the peer
+    ended it in order (an A-RELEASE-RQ: its idle time-out crossing our request)."""
 
-    def __init__(self, reason: str, sent: bool = False):
+    def __init__(self, reason: str, sent: bool = False, released: bool = False):
         super().__init__(reason)
         self.sent = sent
+        self.released = released
 
 
 @dataclass(frozen=True)
@@ -177,7 +179,7 @@ class StoreAssociation:
         if kind == _A_RELEASE_RQ:
             self._send_quietly(_PDU_HEADER.pack(_A_RELEASE_RP, 0, 4) + bytes(4))
             self._close()
-            raise Lost("the peer released the association")
+            raise Lost("the peer released the association", released=True)
         if kind == _A_ABORT:
             self._close()
             raise Lost("the peer aborted the association")
@@ -220,6 +222,10 @@ class StoreAssociation:
             if kind == _A_ABORT:
                 self._close()
                 raise Lost("the peer aborted the association during the C-STORE", sent=True)
+            if kind == _A_RELEASE_RQ:
+                self._send_quietly(_PDU_HEADER.pack(_A_RELEASE_RP, 0, 4) + bytes(4))
+                self._close()
+                raise Lost("the peer released the association during the C-STORE", sent=True, released=True)
             if kind != _P_DATA:
                 self.abort()
                 raise Lost(f"unexpected PDU type 0x{kind:02X} during the C-STORE", sent=True)

@@ -299,6 +299,8 @@ class DicomSender:
             response = assoc.send(context_id, info.sop_class_uid, info.sop_instance_uid, fragments)
         except Lost as exc:
             self.close(reason="lost")
+            if exc.released:  # it ended the association in order, unanswered: send again, free
+                return Outcome("retry", str(exc), mode=mode)
             return Outcome("failed", f"no response ({exc})", mode=mode)
         except ValueError as exc:
             return Outcome("failed", f"send failed: {describe_exception(exc)}", mode=mode)

@@ -275,6 +275,14 @@ def test_a_broken_answer_aborts_the_association(ct_file, answer, why) -> None:
     assert lost.value.sent and not assoc.open
 
 
+def test_a_release_crossing_the_request_is_answered_and_reported(ct_file) -> None:
+    peer = RawPeer(lambda mid: struct.pack(">BBI", 5, 0, 4) + bytes(4))  # A-RELEASE-RQ, not a response
+    assoc = associate(peer.port, called="RAW")
+    with pytest.raises(Lost, match="released the association during the C-STORE") as lost:
+        store(assoc, *ct_file)
+    assert lost.value.sent and lost.value.released and not assoc.open
+
+
 def test_a_plain_raw_answer_is_taken(ct_file) -> None:
     peer = RawPeer(lambda mid: response(mid, status=0xB000))
     assoc = associate(peer.port, called="RAW")
