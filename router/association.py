@@ -20,7 +20,6 @@ import socket
 import ssl
 import struct
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from typing import BinaryIO
 
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
@@ -64,12 +63,6 @@ class Lost(AssociationError):
         super().__init__(reason)
         self.sent = sent
         self.released = released
-
-
-@dataclass(frozen=True)
-class StoreResponse:
-    status: int
-    error_comment: str = ""
 
 
 class StoreAssociation:
@@ -187,9 +180,10 @@ class StoreAssociation:
         raise Lost(f"unexpected PDU type 0x{kind:02X} while idle")
 
     def send(self, context_id: int, sop_class: str, sop_instance: str, data: Iterable[memoryview | bytes]
-             ) -> StoreResponse:
+             ) -> int:
         """C-STORE a data set given as its P-DATA-TF PDUs (``file_pdus``, ``bytes_pdus`` with
-        this association's ``fragment_size``); the answer, or Lost."""
+        this association's ``fragment_size``); the status answered, or Lost. (The answer's
+        Error Comment is not read: it is the peer's text, and may quote the instance.)"""
         self._message_id = self._message_id % 0xFFFF + 1
         body = commands.encode_elements([
             (0x00000002, "UI", sop_class), (0x00000100, "US", 0x0001), (0x00000110, "US", self._message_id),
@@ -215,7 +209,7 @@ class StoreAssociation:
             self.abort()
             raise Lost(f"connection lost during the C-STORE: {_why(exc)}", sent=True) from None
 
-    def _response(self) -> StoreResponse:
+    def _response(self) -> int:
         command = bytearray()
         while True:
             kind, body = _read_pdu(self._sock)
@@ -246,7 +240,7 @@ class StoreAssociation:
                 self.abort()
                 raise Lost("malformed P-DATA-TF from the peer", sent=True)
 
-    def _store_response(self, command: bytes) -> StoreResponse:
+    def _store_response(self, command: bytes) -> int:
         elements = commands.command_elements(command)
         if elements is None or len(elements.get(0x0900, b"")) != 2 or elements.get(0x0100) != b"\x01\x80":
             self.abort()
@@ -255,8 +249,7 @@ class StoreAssociation:
         if responding_to is not None and struct.unpack("<H", responding_to)[0] != self._message_id:
             self.abort()
             raise Lost("the peer answered another message ID", sent=True)
-        comment = elements.get(0x0902, b"").decode("ascii", "replace").strip("\0 ")
-        return StoreResponse(struct.unpack("<H", elements[0x0900])[0], comment)
+        return struct.unpack("<H", elements[0x0900])[0]
 
     # ------------------------------------------------------------------ ending
     def release(self) -> None:

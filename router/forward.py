@@ -296,7 +296,7 @@ class DicomSender:
                                          f"and converting from {info.transfer_syntax_uid} failed: "
                                          f"{describe_exception(exc)}")
         try:
-            response = assoc.send(context_id, info.sop_class_uid, info.sop_instance_uid, fragments)
+            code = assoc.send(context_id, info.sop_class_uid, info.sop_instance_uid, fragments)
         except Lost as exc:
             self.close(reason="lost")
             if exc.released:  # it ended the association in order, unanswered: send again, free
@@ -309,7 +309,6 @@ class DicomSender:
                 source.close()
         self.last_used = time.monotonic()
         self.sent_on_assoc += 1
-        code = response.status
         if status_category(code) in ("success", "warning"):
             return Outcome("delivered", status=code, mode=mode)
         return Outcome("failed", f"destination answered {status_text(code)}", status=code, mode=mode)
