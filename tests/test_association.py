@@ -211,7 +211,8 @@ class RawPeer:
             assert kind == 1
             context = b"\x01\x00\x00\x00" + item(0x40, EXPLICIT.encode())
             user = item(0x50, item(0x51, struct.pack(">I", 131072)))
-            ac = struct.pack(">HH", 1, 0) + body[4:68] + item(0x10, b"1.2.840.10008.3.1.1.1") + item(0x21, context) + user
+            application = item(0x10, b"1.2.840.10008.3.1.1.1")
+            ac = struct.pack(">HH", 1, 0) + body[4:68] + application + item(0x21, context) + user
             conn.sendall(struct.pack(">BBI", 2, 0, len(ac)) + ac)
             command = b""
             while True:
