@@ -266,8 +266,8 @@ class StoreAssociation:
                     self._sock.sendall(_PDU_HEADER.pack(_A_RELEASE_RP, 0, 4) + bytes(4))
                 elif kind != _P_DATA:
                     break
-        except (OSError, EOFError):
-            pass
+        except (OSError, EOFError):  # no answer in time, or the connection went: abort
+            self._send_quietly(_PDU_HEADER.pack(_A_ABORT, 0, 4) + bytes(4))
         self._close()
 
     def abort(self) -> None:
