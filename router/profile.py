@@ -267,7 +267,9 @@ class Deidentifier:
         return _Patient(key, shift, self._scrub_pattern(identifying), self.profile.scrub_patterns, text_dates, new_uid)
 
     def _scrub_pattern(self, values: set[str]) -> re.Pattern[str] | None:
-        tokens = {v.strip() for v in values if len(v.strip()) >= self.profile.scrub_min_length}
+        placeholders = self.profile.scrub_placeholders
+        tokens = {v.strip() for v in values
+                  if len(v.strip()) >= self.profile.scrub_min_length and v.strip().upper() not in placeholders}
         if not tokens:
             return None
         short = self.profile.scrub_whole_word_max

@@ -92,6 +92,7 @@ class Profile:
         self.unlisted: dict[str, str] = {vr: SITE_ACTIONS[a] for vr, a in pol.get("unlisted", {}).items()}
         self.scrub_min_length: int = pol["scrub"]["min_length"]
         self.scrub_whole_word_max: int = pol["scrub"]["whole_word_max_length"]
+        self.scrub_placeholders: frozenset[str] = frozenset(v.upper() for v in pol["scrub"].get("placeholders", []))
         patterns = pol["scrub"].get("patterns", [])
         #: Identifiers removed from kept text whatever the header holds (e-mail, phone ...).
         self.scrub_patterns: re.Pattern[str] | None = re.compile("|".join(patterns)) if patterns else None

@@ -269,6 +269,14 @@ def test_kept_text_loses_places_and_order_numbers(tmp_path):
     assert "at Shelbyville General Hospital," in out.ImageComments
 
 
+def test_placeholder_names_are_not_cut_from_kept_text(tmp_path):
+    ds = instance()
+    ds.ReferringPhysicianName = "UNKNOWN^NONE"
+    ds.StudyDescription = "CT nonenhanced, referral unknown"
+    out, _ = roundtrip(ds, engine("clean-descriptors"), tmp_path)
+    assert out.StudyDescription == "CT nonenhanced, referral unknown"
+
+
 def test_unlisted_person_names_are_replaced(tmp_path):
     ds = instance()
     ds.add_new(0x00142006, "PN", "Evaluator^Eve")  # Evaluator Name: not in Table E.1-1
