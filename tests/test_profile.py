@@ -272,9 +272,10 @@ def test_kept_text_loses_places_and_order_numbers(tmp_path):
 def test_placeholder_names_are_not_cut_from_kept_text(tmp_path):
     ds = instance()
     ds.ReferringPhysicianName = "UNKNOWN^NONE"
-    ds.StudyDescription = "CT nonenhanced, referral unknown"
+    ds.OperatorsName = "CT^TECH"
+    ds.StudyDescription = "CT nonenhanced, referral unknown, tech note"
     out, _ = roundtrip(ds, engine("clean-descriptors"), tmp_path)
-    assert out.StudyDescription == "CT nonenhanced, referral unknown"
+    assert out.StudyDescription == "CT nonenhanced, referral unknown, tech note"
 
 
 def test_unlisted_person_names_are_replaced(tmp_path):
