@@ -143,7 +143,7 @@ class _Patient:
                 text = pattern.sub("", text)
         if self.text_dates != "keep":
             text = _TEXT_DATE.sub(lambda m: _replace_text_date(m, self.shift_days), text)
-        return re.sub(r"\s{2,}", " ", text).strip()
+        return re.sub(r"[ \t]{2,}", " ", text).strip(" \t")  # the gaps cuts leave; not the line breaks
 
 
 class Deidentifier:
@@ -366,7 +366,7 @@ class Deidentifier:
         elem = ds[tag]
         values = elem.value if isinstance(elem.value, list) else [elem.value]
         before = [str(v) if v is not None else v for v in values]
-        cleaned = [patient.clean_text(v) if v is not None else v for v in before]
+        cleaned = [patient.clean_text(v) if v is not None and patient.needs_cleaning(v) else v for v in before]
         if cleaned != before:
             ds[tag] = DataElement(tag, vr, _vm(cleaned))
 

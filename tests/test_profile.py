@@ -278,6 +278,17 @@ def test_placeholder_names_are_not_cut_from_kept_text(tmp_path):
     assert out.StudyDescription == "CT nonenhanced, referral unknown, tech note"
 
 
+def test_kept_text_keeps_its_lines_and_non_ascii_text_is_cut_only_where_needed(tmp_path):
+    ds = instance()
+    ds.ImageComments = "Area: 119.58 cm²  (W: 12.68 cm)\r\nMin: 1362.00  Max: 3614.00"  # nothing to cut
+    ds.AdditionalPatientHistory = "Smith fell\r\nseen 2024-01-05\r\nArea 3 cm²"
+    out, _ = roundtrip(ds, engine("clean-descriptors", "retain-longitudinal-modified-dates"), tmp_path)
+    assert out.ImageComments == ds.ImageComments
+    lines = out.AdditionalPatientHistory.split("\r\n")
+    assert lines[0] == "fell" and lines[1].startswith("seen ") and lines[1] != "seen 2024-01-05"
+    assert lines[2] == "Area 3 cm²"
+
+
 def test_unlisted_person_names_are_replaced(tmp_path):
     ds = instance()
     ds.add_new(0x00142006, "PN", "Evaluator^Eve")  # Evaluator Name: not in Table E.1-1
