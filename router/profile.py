@@ -9,6 +9,7 @@ back byte for byte (whatever their character set) and the pixel data is never de
 from __future__ import annotations
 
 import csv
+import dataclasses
 import datetime as dt
 import functools
 import io
@@ -130,6 +131,11 @@ class _Patient:
         """Everything about the patient that decides how a value is de-identified."""
         return (self.key, self.shift_days, self.scrub.pattern if self.scrub is not None else None,
                 self.patterns.pattern if self.patterns is not None else None, self.text_dates, self.new_uid is not None)
+
+    def for_version_text(self) -> _Patient:
+        """This patient for text that records software versions: its dates and long numbers
+        are builds, not the patient's; only the instance's identifying values are cut."""
+        return dataclasses.replace(self, text_dates="keep", patterns=None)
 
     def needs_cleaning(self, text: str) -> bool:
         return _needs_cleaning(text, self.scrub, self.patterns, self.text_dates != "keep", self.new_uid is not None)
@@ -358,13 +364,15 @@ class Deidentifier:
             self._clean_text(ds, tag, vr, patient)
 
     def _clean_text(self, ds: Dataset, tag: int, vr: str, patient: _Patient) -> None:
+        if tag in self.profile.version_text:
+            patient = patient.for_version_text()
         raw = _get(ds, tag)
         if isinstance(raw, RawDataElement):
             data = raw.value or b""
             if data.isascii() and not patient.needs_cleaning(data.decode("ascii")):
                 return  # the common case: nothing to cut, and the raw bytes stay as they are
         elem = ds[tag]
-        values = elem.value if isinstance(elem.value, list) else [elem.value]
+        values = list(elem.value) if isinstance(elem.value, (list, MultiValue)) else [elem.value]
         before = [str(v) if v is not None else v for v in values]
         cleaned = [patient.clean_text(v) if v is not None and patient.needs_cleaning(v) else v for v in before]
         if cleaned != before:
@@ -886,7 +894,7 @@ def _strings(raw) -> list[str]:
         return []
     if isinstance(value, bytes):
         value = value.decode("latin-1").rstrip("\0 ").split("\\")
-    elif isinstance(value, str) or not isinstance(value, list):
+    elif isinstance(value, str) or not isinstance(value, (list, MultiValue)):
         value = [str(value)]
     return [str(v).strip("\0 ") for v in value]
 

@@ -461,6 +461,22 @@ def test_dates_with_month_names_in_kept_text_follow_the_date_option(tmp_path):
     assert removed.StudyDescription == "CT of (prior ; ), born , May 2023"  # a month and year alone stay
 
 
+def test_software_build_dates_are_not_the_patients(tmp_path):
+    ds = instance(name="OB^^^^")  # a scanner's placeholder for the patient's name
+    ds.SoftwareVersions = ["DICOMLib Ver02.00.00[20010925]", "build 2010/06/30 Smith"]
+    ds.ProcessingFunction = "OB_GENERAL"
+    ds.ImageComments = "scanned 2024-01-05"
+    out, _ = roundtrip(ds, engine("clean-descriptors", "retain-device-identity", "retain-longitudinal-modified-dates"),
+                       tmp_path)
+    assert list(out.SoftwareVersions) == ["DICOMLib Ver02.00.00[20010925]", "build 2010/06/30 Smith"]
+    assert out.ProcessingFunction == "OB_GENERAL"
+    assert out.ImageComments != "scanned 2024-01-05" and out.ImageComments.startswith("scanned ")
+    named = instance()
+    named.SoftwareVersions = ["build 2010/06/30 for Smith", "v2"]
+    out, _ = roundtrip(named, engine("retain-device-identity", "retain-longitudinal-modified-dates"), tmp_path / "b")
+    assert list(out.SoftwareVersions) == ["build 2010/06/30 for", "v2"]  # names are still cut, value by value
+
+
 def test_identifier_patterns_are_cut_from_kept_text(tmp_path):
     ds = instance()
     ds.StudyDescription = "CT CHEST, call Dr. Gregory House (555) 123-4567, MRN 00012345678, 12.5 mGy"
