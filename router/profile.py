@@ -132,9 +132,11 @@ class _Patient:
         return (self.key, self.shift_days, self.scrub.pattern if self.scrub is not None else None,
                 self.patterns.pattern if self.patterns is not None else None, self.text_dates, self.new_uid is not None)
 
-    def for_version_text(self) -> _Patient:
-        """This patient for text that records software versions: its dates and long numbers
-        are builds, not the patient's; only the instance's identifying values are cut."""
+    @functools.cached_property
+    def for_recorded_text(self) -> _Patient:
+        """This patient for text that identifies a device or records its software (serial
+        numbers, station names, versions): its numbers and dates are not the patient's, so
+        only the instance's identifying values are cut from it, not the kinds of identifier."""
         return dataclasses.replace(self, text_dates="keep", patterns=None)
 
     def needs_cleaning(self, text: str) -> bool:
@@ -332,8 +334,8 @@ class Deidentifier:
                 ds[tag] = DataElement(tag, vr, _vm([self.keys.uid(v) for v in values if v]))
             else:
                 ds[tag] = DataElement(tag, vr, self._dummy(vr))
-        elif code == "K":
-            self._keep(ds, tag, vr, patient, shift=False)
+        elif code == "K":  # device identity and the like: text kept as recorded
+            self._keep(ds, tag, vr, patient.for_recorded_text if vr in TEXT_VRS else patient, shift=False)
         elif code == "C":
             if vr in DATE_VRS and patient.shift_days is None:
                 ds[tag] = DataElement(tag, vr, self._dummy(vr))
@@ -365,7 +367,7 @@ class Deidentifier:
 
     def _clean_text(self, ds: Dataset, tag: int, vr: str, patient: _Patient) -> None:
         if tag in self.profile.version_text:
-            patient = patient.for_version_text()
+            patient = patient.for_recorded_text
         raw = _get(ds, tag)
         if isinstance(raw, RawDataElement):
             data = raw.value or b""

@@ -461,7 +461,7 @@ def test_dates_with_month_names_in_kept_text_follow_the_date_option(tmp_path):
     assert removed.StudyDescription == "CT of (prior ; ), born , May 2023"  # a month and year alone stay
 
 
-def test_software_build_dates_are_not_the_patients(tmp_path):
+def test_device_identity_and_software_text_keep_their_numbers_and_dates(tmp_path):
     ds = instance(name="OB^^^^")  # a scanner's placeholder for the patient's name
     ds.SoftwareVersions = ["DICOMLib Ver02.00.00[20010925]", "build 2010/06/30 Smith"]
     ds.ProcessingFunction = "OB_GENERAL"
@@ -472,9 +472,12 @@ def test_software_build_dates_are_not_the_patients(tmp_path):
     assert out.ProcessingFunction == "OB_GENERAL"
     assert out.ImageComments != "scanned 2024-01-05" and out.ImageComments.startswith("scanned ")
     named = instance()
+    named.DeviceSerialNumber = "392075967"  # kept with device identity: a long number, not an MRN
+    named.StationName = "CT Smith 3"
     named.SoftwareVersions = ["build 2010/06/30 for Smith", "v2"]
     out, _ = roundtrip(named, engine("retain-device-identity", "retain-longitudinal-modified-dates"), tmp_path / "b")
     assert list(out.SoftwareVersions) == ["build 2010/06/30 for", "v2"]  # names are still cut, value by value
+    assert out.DeviceSerialNumber == "392075967" and out.StationName == "CT 3"
 
 
 def test_identifier_patterns_are_cut_from_kept_text(tmp_path):
