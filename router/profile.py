@@ -366,7 +366,7 @@ class Deidentifier:
             self._clean_text(ds, tag, vr, patient)
 
     def _clean_text(self, ds: Dataset, tag: int, vr: str, patient: _Patient) -> None:
-        if tag in self.profile.version_text:
+        if tag in self.profile.equipment_text:
             patient = patient.for_recorded_text
         raw = _get(ds, tag)
         if isinstance(raw, RawDataElement):

@@ -93,8 +93,8 @@ class Profile:
         self.scrub_min_length: int = pol["scrub"]["min_length"]
         self.scrub_whole_word_max: int = pol["scrub"]["whole_word_max_length"]
         self.scrub_placeholders: frozenset[str] = frozenset(v.upper() for v in pol["scrub"].get("placeholders", []))
-        #: Attributes that record software versions: their dates and numbers are builds.
-        self.version_text: frozenset[int] = frozenset(parse_tag(t) for t in pol["scrub"].get("version_text", []))
+        #: Unlisted attributes that record the equipment: cleaned like what the profile keeps.
+        self.equipment_text: frozenset[int] = frozenset(parse_tag(t) for t in pol["scrub"].get("equipment_text", []))
         patterns = pol["scrub"].get("patterns", [])
         #: Identifiers removed from kept text whatever the header holds (e-mail, phone ...).
         self.scrub_patterns: re.Pattern[str] | None = re.compile("|".join(patterns)) if patterns else None

@@ -465,11 +465,13 @@ def test_device_identity_and_software_text_keep_their_numbers_and_dates(tmp_path
     ds = instance(name="OB^^^^")  # a scanner's placeholder for the patient's name
     ds.SoftwareVersions = ["DICOMLib Ver02.00.00[20010925]", "build 2010/06/30 Smith"]
     ds.ProcessingFunction = "OB_GENERAL"
+    ds.ManufacturerModelName = "https://github.com/fedorov/dcmqi.git"
     ds.ImageComments = "scanned 2024-01-05"
     out, _ = roundtrip(ds, engine("clean-descriptors", "retain-device-identity", "retain-longitudinal-modified-dates"),
                        tmp_path)
     assert list(out.SoftwareVersions) == ["DICOMLib Ver02.00.00[20010925]", "build 2010/06/30 Smith"]
     assert out.ProcessingFunction == "OB_GENERAL"
+    assert out.ManufacturerModelName == "https://github.com/fedorov/dcmqi.git"
     assert out.ImageComments != "scanned 2024-01-05" and out.ImageComments.startswith("scanned ")
     named = instance()
     named.DeviceSerialNumber = "392075967"  # kept with device identity: a long number, not an MRN
