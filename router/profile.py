@@ -56,6 +56,8 @@ TEXT_VRS = frozenset({"LO", "SH", "ST", "LT", "UT", "UC", "PN"})
 DATE_VRS = frozenset({"DA", "DT"})
 NUMERIC_VRS = frozenset({"FL", "FD", "SL", "SS", "UL", "US", "SV", "UV", "AT"})
 BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
+#: What a D sequence's items have replaced by dummies: every VR that can name or date someone.
+_DUMMIED_IN_ITEMS = TEXT_VRS | DATE_VRS | BINARY_VRS | {"TM", "AE", "AS", "UR"}
 #: Top-level sequences up to this size are de-identified once per process and patient
 #: (``Deidentifier._sequence_key``); this many are remembered.
 SEQUENCE_CACHE_BYTES = 16 * 1024
@@ -325,7 +327,7 @@ class Deidentifier:
         elif code == "Z":
             ds[tag] = DataElement(tag, vr, Sequence() if vr == "SQ" else None)
         elif code == "D":
-            ds[tag] = DataElement(tag, vr, self._dummy(vr))
+            ds[tag] = DataElement(tag, vr, self._dummy_items(ds, tag) if vr == "SQ" else self._dummy(vr))
         elif code == "U":
             if vr == "SQ":
                 self._recurse(ds, tag, patient)
@@ -434,6 +436,34 @@ class Deidentifier:
         for tag in tags:
             if tag & 0xFFFF <= 0xFF and tag not in kept_blocks:
                 del ds[tag]
+
+    def _dummy_items(self, ds: Dataset, tag: int) -> Sequence:
+        """D for a sequence: a non-empty value, so its items with their structure (codes,
+        numbers, references) and every value that can name or date someone replaced by a
+        dummy (text, names, dates, times, AE titles, URIs, binary data); listed UIDs are
+        remapped, other UIDs (SOP classes, coding schemes) kept, private elements dropped."""
+        items = _items(ds, tag)
+        return Sequence([self._dummy_item(item) for item in items if isinstance(item, Dataset)])
+
+    def _dummy_item(self, item: Dataset) -> Dataset:
+        new = Dataset()
+        for tag in sorted(item._dict):
+            if tag >> 16 & 1 or not tag & 0xFFFF:
+                continue  # private elements and group lengths
+            vr = _vr(_get(item, tag), tag) or "UN"
+            if vr == "SQ":
+                new.add(DataElement(tag, vr, Sequence([self._dummy_item(i) for i in item[tag].value])))
+            elif vr == "UI":
+                values = _strings(_get(item, tag))
+                action = self.profile.action(tag)
+                if action is not None and action.code == "U":
+                    values = [self.keys.uid(v) for v in values if v]
+                new.add(DataElement(tag, vr, _vm(values)))
+            elif vr in _DUMMIED_IN_ITEMS:
+                new.add(DataElement(tag, vr, self._dummy(vr)))
+            else:
+                new.add(DataElement(tag, vr, item[tag].value))
+        return new
 
     def _dummy(self, vr: str):
         if vr == "SQ":

@@ -198,11 +198,36 @@ def test_clean_structured_content_keeps_content_and_scrubs_it(tmp_path):
     ds = instance()
     ds.ContentSequence = Sequence([item(ValueType="TEXT", TextValue="Seen by John Smith, MRN-4711, stable.",
                                         PersonName="Smith^John")])
-    plain, _ = roundtrip(ds, engine(), tmp_path / "a")
-    assert not plain.get("ContentSequence")  # X/Z: removed or emptied
+    plain, data = roundtrip(ds, engine(), tmp_path / "a")
+    # D: the tree stays (value types, codes), every text, name and date in it is a dummy
+    assert [(i.ValueType, i.TextValue, str(i.PersonName)) for i in plain.ContentSequence] == [("TEXT", "ANON", "ANON")]
+    assert b"stable" not in data and b"Smith" not in data and b"MRN-4711" not in data
     cleaned, data = roundtrip(ds, engine("clean-structured-content"), tmp_path / "b")
     text = cleaned.ContentSequence[0].TextValue
     assert "stable" in text and "Smith" not in text and b"MRN-4711" not in data
+
+
+def test_a_d_sequence_keeps_its_items_with_dummies(tmp_path):
+    ds = instance()
+    observer = item(VerifyingObserverName="Watson^John", VerifyingOrganization="Baker Street Clinic",
+                    VerificationDateTime="20240105101010")
+    observer.VerifyingObserverIdentificationCodeSequence = Sequence([item(
+        CodeValue="EMP-31337", CodingSchemeDesignator="99HOSP", CodeMeaning="Watson")])
+    observer.add_new(0x00110010, "LO", "ACME")  # a private block inside the item
+    observer.add_new(0x00111001, "LO", "Watson private")
+    ds.VerifyingObserverSequence = Sequence([observer])
+    ds.ReferencedPerformedProcedureStepSequence = Sequence([item(
+        ReferencedSOPClassUID="1.2.840.10008.3.1.2.3.3", ReferencedSOPInstanceUID="1.2.3.4.99")])
+    out, data = roundtrip(ds, engine(), tmp_path)
+    (kept,) = out.VerifyingObserverSequence  # D: present and not empty (Type 1C in a verified SR)
+    assert (str(kept.VerifyingObserverName), kept.VerifyingOrganization) == ("ANON", "ANON")
+    assert kept.VerificationDateTime != "20240105101010" and not [e for e in kept if e.tag.is_private]
+    assert kept.VerifyingObserverIdentificationCodeSequence[0].CodeValue == "ANON"
+    (step,) = out.ReferencedPerformedProcedureStepSequence  # X/Z/D, conservative: D
+    assert step.ReferencedSOPClassUID == "1.2.840.10008.3.1.2.3.3"
+    assert step.ReferencedSOPInstanceUID.startswith("2.25.")
+    for phi in (b"Watson", b"Baker", b"EMP-31337", b"99HOSP", b"1.2.3.4.99"):
+        assert phi not in data
 
 
 def test_private_tags_removed_and_safe_list_kept(tmp_path):
