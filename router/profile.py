@@ -326,8 +326,10 @@ class Deidentifier:
             del ds[tag]
         elif code == "Z":
             ds[tag] = DataElement(tag, vr, Sequence() if vr == "SQ" else None)
+        elif code == "D" and vr == "SQ":
+            self._dummy_sequence(ds, tag, patient)
         elif code == "D":
-            ds[tag] = DataElement(tag, vr, self._dummy_items(ds, tag) if vr == "SQ" else self._dummy(vr))
+            ds[tag] = DataElement(tag, vr, self._dummy(vr))
         elif code == "U":
             if vr == "SQ":
                 self._recurse(ds, tag, patient)
@@ -437,13 +439,22 @@ class Deidentifier:
             if tag & 0xFFFF <= 0xFF and tag not in kept_blocks:
                 del ds[tag]
 
-    def _dummy_items(self, ds: Dataset, tag: int) -> Sequence:
+    def _dummy_sequence(self, ds: Dataset, tag: int, patient: _Patient) -> None:
         """D for a sequence: a non-empty value, so its items with their structure (codes,
         numbers, references) and every value that can name or date someone replaced by a
         dummy (text, names, dates, times, AE titles, URIs, binary data); listed UIDs are
-        remapped, other UIDs (SOP classes, coding schemes) kept, private elements dropped."""
-        items = _items(ds, tag)
-        return Sequence([self._dummy_item(item) for item in items if isinstance(item, Dataset)])
+        remapped, other UIDs (SOP classes, coding schemes) kept, private elements dropped.
+        Made once per series like the sequences ``_recurse`` reuses (``_sequence_key``)."""
+        key = self._sequence_key(ds, tag, patient)
+        done = self._sequences.get(key) if key is not None else None
+        if done is None:
+            items = Sequence([self._dummy_item(item) for item in _items(ds, tag) if isinstance(item, Dataset)])
+            done = ConstantElement(tag, "SQ", items)
+            if key is not None:
+                if len(self._sequences) >= SEQUENCE_CACHE_ENTRIES:
+                    self._sequences.clear()
+                self._sequences[key] = done
+        ds._dict[tag] = done
 
     def _dummy_item(self, item: Dataset) -> Dataset:
         new = Dataset()
