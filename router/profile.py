@@ -443,8 +443,8 @@ class Deidentifier:
         """D for a sequence: a non-empty value, so its items with their structure (codes,
         numbers, references) and every value that can name or date someone replaced by a
         dummy (text, names, dates, times, AE titles, URIs, binary data); listed UIDs are
-        remapped, other UIDs (SOP classes, coding schemes) kept, private elements dropped.
-        Made once per series like the sequences ``_recurse`` reuses (``_sequence_key``)."""
+        remapped, other UIDs (SOP classes, coding schemes) kept, private elements and
+        elements not in the data dictionary dropped. Made once per series like the sequences ``_recurse`` reuses (``_sequence_key``)."""
         key = self._sequence_key(ds, tag, patient)
         done = self._sequences.get(key) if key is not None else None
         if done is None:
@@ -459,8 +459,8 @@ class Deidentifier:
     def _dummy_item(self, item: Dataset) -> Dataset:
         new = Dataset()
         for tag in sorted(item._dict):
-            if tag >> 16 & 1 or not tag & 0xFFFF:
-                continue  # private elements and group lengths
+            if tag >> 16 & 1 or not tag & 0xFFFF or not _in_dictionary(tag):
+                continue  # private elements, group lengths, and what cannot be told (see _element)
             vr = _vr(_get(item, tag), tag) or "UN"
             if vr == "SQ":
                 new.add(DataElement(tag, vr, Sequence([self._dummy_item(i) for i in item[tag].value])))
@@ -472,6 +472,8 @@ class Deidentifier:
                 new.add(DataElement(tag, vr, _vm(values)))
             elif vr in _DUMMIED_IN_ITEMS:
                 new.add(DataElement(tag, vr, self._dummy(vr)))
+            elif _overrun(_get(item, tag), tag, vr):  # kept as it is: it must be what its VR says
+                raise InstanceRefused(f"malformed element: a {vr} value that does not fit its VR (wrong length?)")
             else:
                 new.add(DataElement(tag, vr, item[tag].value))
         return new

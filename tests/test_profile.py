@@ -228,6 +228,10 @@ def test_a_d_sequence_keeps_its_items_with_dummies(tmp_path):
     assert step.ReferencedSOPInstanceUID.startswith("2.25.")
     for phi in (b"Watson", b"Baker", b"EMP-31337", b"99HOSP", b"1.2.3.4.99"):
         assert phi not in data
+    # a coded value kept in such an item must be one: one that swallowed PHI is refused
+    observer.add(DataElement(0x0040A493, "CS", b"VERIFIED\x01\x00Watson"))  # Verification Flag
+    with pytest.raises(InstanceRefused, match="does not fit its VR"):
+        roundtrip(ds, engine(), tmp_path / "bad")
 
 
 def test_private_tags_removed_and_safe_list_kept(tmp_path):
