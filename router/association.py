@@ -185,12 +185,9 @@ class StoreAssociation:
         this association's ``fragment_size``); the status answered, or Lost. (The answer's
         Error Comment is not read: it is the peer's text, and may quote the instance.)"""
         self._message_id = self._message_id % 0xFFFF + 1
-        body = commands.encode_elements([
-            (0x00000002, "UI", sop_class), (0x00000100, "US", 0x0001), (0x00000110, "US", self._message_id),
-            (0x00000700, "US", 0), (0x00000800, "US", 0x0001), (0x00001000, "UI", sop_instance)])
-        if body is None:
+        command = commands.store_request_command(self._message_id, sop_class, sop_instance)
+        if command is None:
             raise ValueError("SOP class or instance UID is not plain ASCII")
-        command = struct.pack("<HHII", 0, 0, 4, len(body)) + body
         fragments = iter(data)
         try:
             self._sock.sendall(_PDATA_HEADER.pack(_P_DATA, 0, 6 + len(command), 2 + len(command), context_id, 0x03)

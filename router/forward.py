@@ -3,12 +3,13 @@
 DICOM destinations: a C-STORE SCU on the forwarder's own thread (``router.association``;
 our calling AE title toward it: ``Destination.calling_ae_title``) keeps one association
 open across instances and releases it after ``idle_timeout_seconds`` without work; one the
-destination ended while idle is noticed before the next send and made again. Its presentation contexts are built from
-what is waiting to be sent (SOP class x {the file's transfer syntax, Explicit VR LE,
-Implicit VR LE}, at most 128); a new SOP class or transfer syntax means a new association.
-An instance goes in its own transfer syntax, streamed from the spool file without decoding
-it; if the destination accepts its SOP class only uncompressed, it is decompressed
-losslessly and sent Explicit (or Implicit) VR Little Endian.
+destination ended while idle is noticed before the next send and made again. Its
+presentation contexts are built from what is waiting to be sent (SOP class x {the file's
+transfer syntax, Explicit VR LE, Implicit VR LE}, at most 128); a new SOP class or
+transfer syntax means a new association. An instance goes in its own transfer syntax,
+streamed from the spool file without decoding it; if the destination accepts its SOP
+class only uncompressed, it is decompressed losslessly and sent Explicit (or Implicit) VR
+Little Endian.
 
 Success (0x0000) and warning (0x0001, 0xBxxx) statuses complete an instance: its outgoing
 link is deleted (or moved to done/<dest>/). A failure status, an abort or a time-out while
@@ -146,6 +147,8 @@ class Item:
     attempts: int = 0
     free_retries: int = 0
     enqueued: float = field(default_factory=time.monotonic)
+    #: Where the file's data set starts, when its meta was read just before the send.
+    dataset_offset: int | None = None
 
 
 def read_info(path: Path) -> Routed:
@@ -278,7 +281,7 @@ class DicomSender:
         source = None
         if mode == "as-is":
             try:
-                offset = _dataset_offset(item.path)
+                offset = item.dataset_offset if item.dataset_offset is not None else _dataset_offset(item.path)
             except FileNotFoundError:
                 raise
             except Exception as exc:
@@ -571,6 +574,7 @@ class Forwarder:
             try:
                 uids = read_meta_uids(item.path)
                 meta = uids[0] if uids is not None else read_file_meta_info(item.path)
+                item.dataset_offset = uids[1] if uids is not None else None
             except FileNotFoundError:
                 self._forget(item)
                 return

@@ -277,9 +277,8 @@ class Deidentifier:
         return _Patient(key, shift, self._scrub_pattern(identifying), self.profile.scrub_patterns, text_dates, new_uid)
 
     def _scrub_pattern(self, values: set[str]) -> re.Pattern[str] | None:
-        placeholders = self.profile.scrub_placeholders
-        tokens = {v.strip() for v in values
-                  if len(v.strip()) >= self.profile.scrub_min_length and v.strip().upper() not in placeholders}
+        tokens = {t for t in (v.strip() for v in values)
+                  if len(t) >= self.profile.scrub_min_length and t.upper() not in self.profile.scrub_placeholders}
         if not tokens:
             return None
         short = self.profile.scrub_whole_word_max
@@ -317,6 +316,8 @@ class Deidentifier:
                 return
             code = self.profile.unlisted.get(vr)
             if code is None:
+                if tag in self.profile.equipment_text:  # records the equipment: as for K
+                    patient = patient.for_recorded_text
                 self._keep(ds, tag, vr, patient, shift=patient.shift_days is not None)
                 return
             action = Action(code)
@@ -370,8 +371,6 @@ class Deidentifier:
             self._clean_text(ds, tag, vr, patient)
 
     def _clean_text(self, ds: Dataset, tag: int, vr: str, patient: _Patient) -> None:
-        if tag in self.profile.equipment_text:
-            patient = patient.for_recorded_text
         raw = _get(ds, tag)
         if isinstance(raw, RawDataElement):
             data = raw.value or b""
