@@ -29,8 +29,6 @@ from pathlib import Path
 from pynetdicom import AE, _config, build_context, evt
 from pynetdicom.sop_class import Verification
 
-from router import reactors
-
 
 class _Checkpoint:
     """A drop-in for ``Association._reactor_checkpoint`` that really parks the reactor.
@@ -62,7 +60,6 @@ class _Checkpoint:
             self._open = False
             if threading.current_thread() is self._assoc:
                 return  # the reactor itself: nothing to wait for
-            reactors.wake_reactor(self._assoc)
             deadline = time.monotonic() + 5.0
             while not self._parked and time.monotonic() < deadline:
                 if not self._assoc.is_alive() or getattr(self._assoc, "_kill", False):

@@ -34,6 +34,7 @@ import multiprocessing
 import os
 import shutil
 import signal
+import socket
 import ssl
 import threading
 import time
@@ -55,7 +56,6 @@ from router.encode import read_meta_uids
 from router.deidentify import Routed, StartError, configure_logging, describe_exception
 from router.profile import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
 from router.log import get_logger
-from router.receive import on_conn_open_nodelay
 from router.spool import SUFFIX, Spool, fsync_dir, safe_name
 from router.tls import client_context
 
@@ -99,6 +99,14 @@ def status_text(status: int) -> str:
 
 
 # ------------------------------------------------------------------------------- echo
+def _nodelay(event) -> None:
+    """EVT_CONN_OPEN handler: pynetdicom leaves Nagle on (~40 ms per message)."""
+    try:
+        event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (AttributeError, OSError):
+        pass
+
+
 def echo(host: str, port: int, called_ae: str = "ANY-SCP", calling_ae: str = "DEID_ROUTER",
          timeout: float = 10.0) -> bool:
     """C-ECHO a peer; print and log the outcome. True on status 0x0000."""
@@ -108,7 +116,7 @@ def echo(host: str, port: int, called_ae: str = "ANY-SCP", calling_ae: str = "DE
     started = time.perf_counter()
     ok, detail = False, ""
     try:
-        assoc = ae.associate(host, port, ae_title=called_ae, evt_handlers=[(evt.EVT_CONN_OPEN, on_conn_open_nodelay)])
+        assoc = ae.associate(host, port, ae_title=called_ae, evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)])
         if assoc.is_established:
             status = assoc.send_c_echo()
             code = status.get("Status") if status else None

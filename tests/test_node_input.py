@@ -342,8 +342,8 @@ def test_an_absurd_pdu_length_aborts_the_association_not_the_node(tmp_path: Path
         assoc.dul.socket.socket.sendall(struct.pack(">BBL", 0x04, 0, 1 << 30) + b"\x00" * 64)
         wait_until(lambda: not assoc.is_alive(), 10, what="the association ends")
         assert assoc.is_aborted
-        errors = [e["error"] for e in router.events("receive_failed")]
-        assert f"PDU of {1 << 30} bytes announced" in errors, errors
+        endings = [e["how"] for e in router.events("association_ended")]
+        assert f"aborted: PDU of {1 << 30} bytes announced" in endings, endings
         ae = AE(ae_title="GOODSCU")
         ae.add_requested_context(CTImageStorage)
         assoc = ae.associate("127.0.0.1", router.port, ae_title=ROUTER_AET)
