@@ -12,7 +12,7 @@ from test_node_support import NODE_TEST_OPTIONS
 
 from bench.synthetic import write_ct_series
 from router import config as config_module
-from router.deidentify import DeidStage, Routed, _Worker
+from router.deidentify import DeidStage, Routed, _Task, _Worker
 from router.spool import Spool
 
 
@@ -78,13 +78,13 @@ def test_every_instance_is_routed_durably_then_leaves_incoming(tmp_path: Path) -
 
 
 def test_a_dead_worker_blames_only_the_instance_it_was_computing(tmp_path: Path) -> None:
-    """Instances a dead worker had computed (its syncer had not reported them yet) are
-    done again without counting a crash against them; the one it was computing counts
-    one, and a second crash quarantines it."""
+    """Instances a dead worker had computed (its syncer had not reported them yet) or had
+    been sent but not begun are done again without counting a crash against them; the one
+    it was computing counts one, and a second crash quarantines it."""
     config = _config(tmp_path / "spool", workers=1)
     spool = Spool(config.node.spool_dir, ["pacs"])
     spool.create()
-    computing, synced = _incoming(spool, write_ct_series(tmp_path / "ct", 2, patient_id="PID-STAGE-2"))
+    computing, waiting, synced = _incoming(spool, write_ct_series(tmp_path / "ct", 3, patient_id="PID-STAGE-2"))
     stage = DeidStage(config, b"k" * 32, spool, lambda dest, item: None)
     dead = multiprocessing.get_context("fork").Process(target=lambda: None)
     dead.start()
@@ -95,17 +95,17 @@ def test_a_dead_worker_blames_only_the_instance_it_was_computing(tmp_path: Path)
 
     for crash in (1, 2):
         worker = _Worker(0, dead, parent)
-        worker.task = (computing.stem, computing, time.monotonic())
+        worker.tasks.extend([_Task(computing.stem, computing, 1, time.monotonic()), _Task(waiting.stem, waiting, 1)])
         worker.syncing = {synced.stem: (synced, synced.stat().st_size)}
         stage._workers = [worker]
         stage._queue.clear()
         stage._died(worker)
-        assert stage._crashes.get(synced, 0) == 0
+        assert stage._crashes.get(synced, 0) == stage._crashes.get(waiting, 0) == 0
         if crash == 1:
-            assert list(stage._queue) == [computing, synced]
+            assert list(stage._queue) == [computing, waiting, synced]
             assert stage._crashes[computing] == 1
         else:
-            assert list(stage._queue) == [synced]
+            assert list(stage._queue) == [waiting, synced]
             assert not computing.exists()
             assert [p.name for p in spool.quarantine_dir("deidentify").glob("*.dcm")] == [computing.name]
     assert synced.exists()
