@@ -1,12 +1,13 @@
 """The de-identify stage: worker processes move instances from incoming/ to outgoing/<dest>/.
 
-The main process owns the queue and hands one incoming file at a time to each worker
-process (``node.workers`` of them, started from a fork server; each builds one
-``profile.Deidentifier``). A worker de-identifies the file into tmp/, routes it
+The main process owns the queue and keeps each worker process (``node.workers`` of them,
+started from a fork server; each builds one ``profile.Deidentifier``) one incoming file
+ahead of the one it computes (``PREFETCH``). A worker de-identifies the file into tmp/, routes it
 (``Destination.from_ae_titles`` against the calling AE title kept in the file meta,
 ``Destination.modalities`` against the instance's modality; an empty filter matches all)
 and says "computed": it takes its next instance while a thread of its own (``_Syncer``)
-fsyncs the output, hard-links it into every routed outgoing/<dest>/ and reports it done.
+fsyncs the output, hard-links it into every routed outgoing/<dest>/ (the last by a rename)
+and reports it done.
 The main process hands the new outgoing files to the forwarders at once, and every
 ~200 ms fsyncs the outgoing directories that got new links and only then unlinks the
 incoming files of that batch (group commit: one directory fsync per batch instead of one
@@ -226,9 +227,10 @@ class _Syncer:
         # latency from it, and sends oldest first after a restart.
         received = os.stat(output.src)
         os.utime(output.dst, ns=(received.st_atime_ns, received.st_mtime_ns))
-        for dest in output.routes:
+        *linked, last = output.routes
+        for dest in linked:
             self.spool.link_outgoing(output.dst, dest, output.name)
-        _unlink(output.dst)
+        self.spool.move_outgoing(output.dst, last, output.name)
         # The incoming file stays until the main process has made the new outgoing links
         # durable (one fsync per outgoing directory for a batch of instances): a crash before
         # that finds it in incoming/ and de-identifies it again, to the same file.

@@ -353,6 +353,13 @@ class Spool:
             os.rename(temp, final)
         return final
 
+    def move_outgoing(self, src: Path, dest: str, name: str) -> Path:
+        """Rename a de-identified file into outgoing/<dest>/<name> (its last destination),
+        replacing a duplicate atomically; see ``link_outgoing``."""
+        final = self.outgoing(dest) / name
+        os.rename(src, final)
+        return final
+
     def sync_outgoing(self, dests: Iterable[str]) -> None:
         for dest in dests:
             fsync_dir(self.outgoing(dest))
