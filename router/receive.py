@@ -300,7 +300,6 @@ class Receiver:
                                                   self.reserved_bytes())
             if problem:
                 spool_file.discard()
-                self.refused += 1
                 self._refused("spool_full" if "spool" in problem else "disk_full", calling)
                 log.warning("refused", reason=problem, status="0xA700", calling_ae=calling, peer=address)
                 return STATUS_OUT_OF_RESOURCES
@@ -309,7 +308,6 @@ class Receiver:
         except OSError as exc:
             if spool_file is not None:
                 spool_file.discard()
-            self.refused += 1
             kind, reason = self._write_failure(exc)
             self._refused(kind, calling)
             log.error("refused", reason=reason, status="0xA700", calling_ae=calling, peer=address, spool_id=spool_id)
@@ -317,13 +315,13 @@ class Receiver:
         except Exception as exc:  # noqa: BLE001 - the sender hears a refusal, the node goes on
             if spool_file is not None:
                 spool_file.discard()
-            self.refused += 1
             self._refused("receive_failed", calling)
             log.error("refused", reason=f"receive failed: {type(exc).__name__}", status="0xA700",
                       calling_ae=calling, peer=address, spool_id=spool_id)
             return STATUS_OUT_OF_RESOURCES
         self.spool.add_usage(size)
-        self.received += 1
+        with self._lock:  # associations store concurrently
+            self.received += 1
         if self.events:
             self.events.received(spool_id, calling, size)
         log.info("received", spool_id=spool_id, calling_ae=calling, peer=address, sop_class=sop_class,
@@ -342,5 +340,7 @@ class Receiver:
         return "write_failed", f"write failed: {exc.strerror or type(exc).__name__}"
 
     def _refused(self, kind: str, calling_ae: str | None = None) -> None:
+        with self._lock:
+            self.refused += 1
         if self.events:
             self.events.refused(kind, calling_ae)
