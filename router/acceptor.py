@@ -37,7 +37,8 @@ from pynetdicom.pdu_primitives import (
     MaximumLengthNotification,
     SCP_SCU_RoleSelectionNegotiation,
 )
-from pynetdicom.presentation import negotiate_unrestricted
+from pydicom.uid import UID
+from pynetdicom.presentation import negotiate_as_acceptor, negotiate_unrestricted
 from pynetdicom.sop_class import Verification
 
 from router import commands
@@ -253,7 +254,7 @@ class InboundAssociation:
             return False
         roles = {item.sop_class_uid: (item.scu_role, item.scp_role) for item in rq.user_information
                  if isinstance(item, SCP_SCU_RoleSelectionNegotiation)}
-        results, role_items = negotiate_unrestricted(rq.presentation_context_definition_list, _VERIFICATION, roles)
+        results, role_items = _negotiate_contexts(rq.presentation_context_definition_list, roles)
         self.contexts = {c.context_id: (str(c.abstract_syntax), str(c.transfer_syntax[0]))
                          for c in results if c.result == 0}
         peer_max = next((item.maximum_length_received for item in rq.user_information
@@ -422,6 +423,21 @@ class InboundAssociation:
         except OSError:
             pass
         self._sock.close()
+
+
+def _negotiate_contexts(proposed: list, roles: dict) -> tuple[list, list]:
+    """Accepted and rejected presentation contexts, and role selection answers: every
+    storage SOP class (standard, retired, private, or a standard UID newer than pydicom) in
+    the first transfer syntax proposed (pynetdicom's unrestricted storage service), and
+    Verification; any other known SOP class (a worklist query, print management) is
+    rejected, where pynetdicom's rule would take an unfamiliar one for storage."""
+    storage, other = [], []
+    for context in proposed:
+        uid = UID(str(context.abstract_syntax))
+        (storage if uid.is_private or uid.name == uid or "Storage" in uid.name else other).append(context)
+    accepted, storage_roles = negotiate_unrestricted(storage, [], roles)
+    rest, other_roles = negotiate_as_acceptor(other, _VERIFICATION, roles)
+    return sorted(accepted + rest, key=lambda c: c.context_id), storage_roles + other_roles
 
 
 def _abort_pdu(reason: int = 0) -> bytes:

@@ -261,3 +261,25 @@ def test_a_large_fragmented_data_set_and_small_peer_pdus(node: Node) -> None:
     assoc.release()
     [path] = node.acknowledged
     assert data_set(path) == body
+
+
+def test_storage_and_verification_are_accepted_other_services_rejected(node: Node) -> None:
+    """Any storage SOP class (standard, private, a standard UID newer than pydicom) in the
+    first transfer syntax proposed, and Verification; a worklist query is rejected."""
+    from pynetdicom.sop_class import ModalityWorklistInformationFind
+
+    ae = AE(ae_title="MIXED")
+    proposed = {CT: [EXPLICIT, "1.2.840.10008.1.2"], "1.2.840.10008.5.1.4.1.1.999": ["1.2.840.10008.1.2"],
+                "1.3.6.1.4.1.9590.100.1.2.999": [EXPLICIT], ModalityWorklistInformationFind: [EXPLICIT],
+                Verification: ["1.2.840.10008.1.2"]}
+    for sop, syntaxes in proposed.items():
+        ae.add_requested_context(sop, syntaxes)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="DEID_ROUTER")
+    assert assoc.is_established
+    accepted = {str(c.abstract_syntax): str(c.transfer_syntax[0]) for c in assoc.accepted_contexts}
+    assert accepted == {CT: EXPLICIT, "1.2.840.10008.5.1.4.1.1.999": "1.2.840.10008.1.2",
+                        "1.3.6.1.4.1.9590.100.1.2.999": EXPLICIT, str(Verification): "1.2.840.10008.1.2"}
+    [rejected] = assoc.rejected_contexts
+    assert (rejected.abstract_syntax, rejected.result) == (ModalityWorklistInformationFind, 0x03)
+    assert assoc.send_c_echo().Status == 0x0000
+    assoc.release()
