@@ -59,10 +59,6 @@ _BUFFER = 256 * 1024
 _NO_DATA_SET = 0x0101
 _C_STORE_RQ, _C_ECHO_RQ, _C_CANCEL_RQ = 0x0001, 0x0030, 0x0FFF
 _UNRECOGNIZED_OPERATION = 0x0211
-#: Reject (result, source, reason), PS3.8 9.3.4.
-REJECT_LIMIT = (0x02, 0x03, 0x02)  # transient, presentation, local limit exceeded
-_REJECT_CONTEXT_NAME = (0x01, 0x01, 0x02)  # application context name not supported
-_REJECT_VERSION = (0x01, 0x02, 0x02)  # protocol version not supported
 _VERIFICATION = [build_context(Verification)]
 
 
@@ -77,6 +73,8 @@ class Request:
     calling_ae: str
     called_ae: str
     address: str
+    application_context: str = APPLICATION_CONTEXT
+    protocol_version: int = 1
 
 
 class DataSetSink(Protocol):
@@ -175,17 +173,17 @@ class InboundAssociation:
     """An accepted connection, from its A-ASSOCIATE-RQ to its release or abort: ``run`` on
     the connection's thread; ``abort`` from any thread."""
 
-    def __init__(self, sock: socket.socket, address: str, service: Service, ae_title: str, max_pdu: int,
+    def __init__(self, sock: socket.socket, address: str, service: Service, max_pdu: int,
                  implementation: tuple[str, str], request_timeout: float, idle_timeout: float):
         self.address = address
         self.calling_ae = ""
+        self.established = False  # the A-ASSOCIATE-AC went out
         self.contexts: dict[int, tuple[str, str]] = {}  # accepted: ID -> (abstract, transfer syntax)
         self.last_pdu = time.monotonic()
         self.in_message = False  # a request received, its answer not yet sent
         self.stored = 0
         self._sock = sock
         self._service = service
-        self._ae_title = ae_title
         self._max_pdu = max_pdu
         self._implementation = implementation
         self._request_timeout = request_timeout
@@ -241,13 +239,9 @@ class InboundAssociation:
         except Exception as exc:  # noqa: BLE001 - a malformed request is the peer's fault
             raise ProtocolError(f"malformed A-ASSOCIATE-RQ ({type(exc).__name__})") from None
         self.calling_ae = str(rq.calling_ae_title or "").strip()
-        request = Request(self.calling_ae, str(rq.called_ae_title or "").strip(), self.address)
-        reject = None
-        if not pdu.protocol_version & 1:
-            reject = _REJECT_VERSION
-        elif str(rq.application_context_name) != APPLICATION_CONTEXT:
-            reject = _REJECT_CONTEXT_NAME
-        reject = reject or self._service.refusal(request)
+        request = Request(self.calling_ae, str(rq.called_ae_title or "").strip(), self.address,
+                          str(rq.application_context_name or ""), pdu.protocol_version)
+        reject = self._service.refusal(request)
         if reject is not None:
             self._send(_PDU_HEADER.pack(_A_ASSOCIATE_RJ, 0, 4) + bytes((0, *reject)))
             self._close()
@@ -276,6 +270,7 @@ class InboundAssociation:
         accept = A_ASSOCIATE_AC()
         accept.from_primitive(ac)
         self._send(accept.encode(), strict=True)
+        self.established = True
         self._service.accepted(self)
         return True
 

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from router.acceptor import REJECT_LIMIT, InboundAssociation, Request
+from router.acceptor import APPLICATION_CONTEXT, InboundAssociation, Request
 from router.config import NodeConfig
 from router.encode import PREAMBLE, meta_group
 from router.log import get_logger
@@ -38,9 +38,12 @@ log = get_logger("router.receive")
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
 
-#: Reject reasons (A-ASSOCIATE-RJ: result permanent, source service user).
-_REJECT_CALLING_AE = (0x01, 0x01, 0x03)  # calling AE title not recognised
-_REJECT_NO_REASON = (0x01, 0x01, 0x01)
+#: Reject (result, source, reason), PS3.8 9.3.4.
+_REJECT_CALLING_AE = (0x01, 0x01, 0x03)  # permanent, service user: calling AE title not recognised
+_REJECT_NO_REASON = (0x01, 0x01, 0x01)  # permanent, service user: no reason given
+_REJECT_CONTEXT_NAME = (0x01, 0x01, 0x02)  # permanent, service user: application context name not supported
+_REJECT_VERSION = (0x01, 0x02, 0x02)  # permanent, ACSE: protocol version not supported
+_REJECT_LIMIT = (0x02, 0x03, 0x02)  # transient, presentation: local limit exceeded
 #: Associations served at once; more are rejected (transient: local limit exceeded).
 MAX_ASSOCIATIONS = 32
 #: A connection has this long to send its A-ASSOCIATE-RQ (the ARTIM timer).
@@ -226,7 +229,7 @@ class Receiver:
         except OSError:
             sock.close()
             return
-        assoc = InboundAssociation(sock, address, self, self.node.ae_title, self.node.max_pdu,
+        assoc = InboundAssociation(sock, address, self, self.node.max_pdu,
                                    (IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION), REQUEST_SECONDS, IDLE_SECONDS)
         with self._lock:
             self._associations.add(assoc)
@@ -234,12 +237,20 @@ class Receiver:
 
     # ----------------------------------------------------- the association's service
     def refusal(self, request: Request) -> tuple[int, int, int] | None:
-        reason = self._refusal(request.calling_ae, request.address)
-        reject = _REJECT_CALLING_AE if reason and reason.startswith("calling") else _REJECT_NO_REASON
+        """The A-ASSOCIATE-RJ reason for a request the node will not serve (logged), or None."""
+        reason, reject = None, _REJECT_NO_REASON
+        if not request.protocol_version & 1:
+            reason, reject = "protocol version not supported", _REJECT_VERSION
+        elif request.application_context != APPLICATION_CONTEXT:
+            reason, reject = "not the DICOM application context", _REJECT_CONTEXT_NAME
+        else:
+            reason = self._refusal(request.calling_ae, request.address)
+            if reason and reason.startswith("calling"):
+                reject = _REJECT_CALLING_AE
         if reason is None:
             with self._lock:
                 if len(self._associations) > MAX_ASSOCIATIONS:
-                    reason, reject = f"more than {MAX_ASSOCIATIONS} associations at once", REJECT_LIMIT
+                    reason, reject = f"more than {MAX_ASSOCIATIONS} associations at once", _REJECT_LIMIT
         if reason is None:
             return None
         log.warning("association_rejected", reason=reason, calling_ae=request.calling_ae, peer=request.address,
@@ -266,7 +277,7 @@ class Receiver:
     def ended(self, assoc: InboundAssociation, how: str) -> None:
         with self._lock:
             self._associations.discard(assoc)
-        if assoc.contexts:  # it was accepted
+        if assoc.established:
             event = log.info if how == "released" else log.warning
             event("association_ended", how=how, calling_ae=assoc.calling_ae, peer=assoc.address, stored=assoc.stored)
 
