@@ -781,7 +781,8 @@ def shift_date(value: str, vr: str, days: int) -> str | None:
 _TEXT_UID = re.compile(r"(?<![\w.])[0-2](?:\.(?:0|[1-9]\d*)){4,}(?![\w.])")
 
 #: Dates as people write them in free text: 08/29/1951, 29.08.1951, 1951-08-29, 19510829,
-#: 8/29/51. Each match is checked to be a real date before it is touched.
+#: 8/29/51, 29 Aug 1951, August 29, 1951, Aug 1951. Each match is checked to be a real date
+#: before it is touched.
 _MONTHS = ("january", "february", "march", "april", "may", "june", "july", "august", "september", "october",
            "november", "december")
 _MONTH = r"(?:jan(?:uary)?|feb(?:ruary)?|mar(?:ch)?|apr(?:il)?|may|june?|july?|aug(?:ust)?|sep(?:t(?:ember)?)?" \
@@ -794,6 +795,8 @@ _TEXT_DATE = re.compile(
     # 17 May 2023, 17-MAY-2023, 17MAY2023; May 17, 2023, Sept. 3rd 2021
     rf"|(?<![\w.])(?P<d5>\d{{1,2}})[ -]?(?P<n5>(?i:{_MONTH}))\.?[ ,-]*(?P<y5>(?:19|20)\d\d)(?!\d)"
     rf"|(?<![\w.])(?P<n6>(?i:{_MONTH}))\.? ?(?P<d6>\d{{1,2}})(?P<o6>st|nd|rd|th)?,? (?P<y6>(?:19|20)\d\d)(?!\d)"
+    # May 2023, SEP-2021 (a month and a year)
+    rf"|(?<![\w.])(?P<n7>(?i:{_MONTH}))\.?[ ,-]*(?P<y7>(?:19|20)\d\d)(?!\d)"
 )
 
 
@@ -802,6 +805,8 @@ def _replace_text_date(m: re.Match[str], shift_days: int | None) -> str:
     g = m.groupdict()
     if g["n5"] or g["n6"]:
         return _replace_named_month_date(m, shift_days)
+    if g["n7"]:
+        return _replace_month_and_year(m, shift_days)
     if g["y1"]:
         order, year, parts, sep = "ymd", int(g["y1"]), (int(g["m1"]), int(g["d1"])), g["s1"]
     elif g["y4"]:
@@ -842,9 +847,7 @@ def _replace_named_month_date(m: re.Match[str], shift_days: int | None) -> str:
     if shift_days is None:
         return ""
     new = original - dt.timedelta(days=shift_days)
-    full = _MONTHS[new.month - 1]
-    spelled = full if len(name) > 4 or name.lower() == full else full[:3]
-    spelled = spelled.upper() if name.isupper() else spelled.capitalize() if name[0].isupper() else spelled
+    spelled = _spell_month(new.month, name)
     start = m.start()
     text = m.group(0)
     parts = [(f"d{n}", f"{new.day:0{len(day)}d}"), (f"n{n}", spelled), (f"y{n}", f"{new.year:04d}")]
@@ -855,6 +858,32 @@ def _replace_named_month_date(m: re.Match[str], shift_days: int | None) -> str:
         a, b = m.start(group) - start, m.end(group) - start
         text = text[:a] + value + text[b:]
     return text
+
+
+def _spell_month(month: int, like: str) -> str:
+    """Month number month written as the month name like was: full or three letters, in
+    its case."""
+    full = _MONTHS[month - 1]
+    spelled = full if len(like) > 4 or like.lower() == full else full[:3]
+    return spelled.upper() if like.isupper() else spelled.capitalize() if like[0].isupper() else spelled
+
+
+def _replace_month_and_year(m: re.Match[str], shift_days: int | None) -> str:
+    """"May 2023": the month and year the 15th of that month is shifted to, in the same
+    spelling (or removed without a shift). The word "may" in lower case is a verb, left
+    alone."""
+    name, year = m.group("n7"), int(m.group("y7"))
+    if name == "may":
+        return m.group(0)
+    if shift_days is None:
+        return ""
+    month = next(i for i, full in enumerate(_MONTHS, 1) if full.startswith(name.lower()[:3]))
+    new = dt.date(year, month, 15) - dt.timedelta(days=shift_days)
+    spelled = _spell_month(new.month, name)
+    text, start = m.group(0), m.start()
+    a, b = m.start("y7") - start, m.end("y7") - start
+    text = text[:a] + f"{new.year:04d}" + text[b:]
+    return spelled + text[m.end("n7") - start:]
 
 
 #: The value representations of PS3.5 6.2: an explicit VR outside them means the data set

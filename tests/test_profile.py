@@ -482,12 +482,16 @@ def test_dates_with_month_names_in_kept_text_follow_the_date_option(tmp_path):
         return dt.date(y, m, d) - dt.timedelta(days=offset)
 
     study, prior, other = moved(2024, 1, 5), moved(2023, 12, 1), moved(2023, 11, 3)
+    month = moved(2023, 5, 15)  # a month and year alone: where its middle goes
     ordinal = "th" if 10 <= prior.day <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(prior.day % 10, "th")
     assert shifted.StudyDescription == (
         f"CT of {study.day} {study:%B} {study.year} (prior {prior:%b}. {prior.day}{ordinal}, {prior.year}; "
-        f"{other:%d}-{other:%b}-{other.year}".replace(f"{other:%b}-", f"{other:%b}-".upper()) + "), born , May 2023")
+        f"{other:%d}-{other:%b}-{other.year}".replace(f"{other:%b}-", f"{other:%b}-".upper())
+        + f"), born , {month:%b} {month.year}")
     removed, _ = roundtrip(ds, engine("clean-descriptors"), tmp_path / "b")
-    assert removed.StudyDescription == "CT of (prior ; ), born , May 2023"  # a month and year alone stay
+    assert removed.StudyDescription == "CT of (prior ; ), born ,"
+    ds.StudyDescription = "the lesion may 2023 grow"  # the verb, not a month
+    assert roundtrip(ds, engine("clean-descriptors"), tmp_path / "c")[0].StudyDescription == ds.StudyDescription
 
 
 def test_device_identity_and_software_text_keep_their_numbers_and_dates(tmp_path):
