@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.pdu import A_ASSOCIATE_RQ
@@ -53,6 +54,13 @@ class Node:
         while self.receiver.active_associations() and time.monotonic() < deadline:
             time.sleep(0.02)
         assert not self.receiver.active_associations()
+
+
+@pytest.fixture(autouse=True)
+def logs() -> Iterator[list[dict]]:
+    """The receiver's log events, kept here instead of printed."""
+    with structlog.testing.capture_logs() as captured:
+        yield captured
 
 
 @pytest.fixture
@@ -158,7 +166,8 @@ def test_requests_the_node_does_not_serve_are_answered_and_the_association_goes_
 
 @pytest.mark.parametrize("violation", ["data set with no request", "unaccepted context", "release inside a message",
                                        "unknown PDU type", "second association request"])
-def test_a_protocol_violation_aborts_that_association_and_keeps_nothing_of_it(node: Node, violation: str) -> None:
+def test_a_protocol_violation_aborts_that_association_and_keeps_nothing_of_it(node: Node, violation: str,
+                                                                           logs: list[dict]) -> None:
     assoc = node.associate()
     sock = assoc._sock
     request = commands.store_request_command(1, CT, "1.2.3.4")
@@ -177,6 +186,8 @@ def test_a_protocol_violation_aborts_that_association_and_keeps_nothing_of_it(no
     assert kind == 7, violation  # A-ABORT
     assert read_pdu(sock)[0] == 0  # then closed
     node.settled()
+    [ended] = [e for e in logs if e["event"] == "association_ended"]
+    assert ended["how"].startswith("aborted: ") and ended["log_level"] == "warning", ended
     assert list(node.spool.tmp.iterdir()) == [] and not node.acknowledged
     assoc = node.associate()  # the node goes on
     assoc.release()
@@ -197,7 +208,7 @@ def _request_pdu(application_context: str = "1.2.840.10008.3.1.1.1") -> bytes:
     return pdu.encode()
 
 
-def test_rejections_say_why(tmp_path: Path, monkeypatch) -> None:
+def test_rejections_say_why(tmp_path: Path, monkeypatch, logs: list[dict]) -> None:
     """An unknown application context (permanent, 0x02), one association too many
     (transient, local limit exceeded), a calling AE title not on the allow-list (0x03)."""
     monkeypatch.setattr(receive, "MAX_ASSOCIATIONS", 1)
@@ -217,6 +228,9 @@ def test_rejections_say_why(tmp_path: Path, monkeypatch) -> None:
         assoc = ae.associate("127.0.0.1", node.port, ae_title="DEID_ROUTER")
         assert assoc.is_rejected
         assert node.associate().contexts  # the limit is free again
+        reasons = [e["reason"] for e in logs if e["event"] == "association_rejected"]
+        assert reasons == ["not the DICOM application context", "more than 1 associations at once",
+                           "calling AE title not on the allow-list"]
     finally:
         node.receiver.stop_accepting()
         node.receiver.drain(grace_seconds=1)
