@@ -50,6 +50,8 @@ METRICS = {
     "deid_router_instances_quarantined_total": ("counter", "Instances moved to a quarantine, with a reason file."),
     "deid_router_pixel_regions_masked_total": ("counter", "Burned-in text regions masked in pixel data."),
     "deid_router_received_bytes_total": ("counter", "Bytes of the instances received."),
+    "deid_router_associations_total": ("counter", "Association requests: accepted, or rejected and why."),
+    "deid_router_associations_open": ("gauge", "Associations the node is serving now."),
     "deid_router_queue_depth": ("gauge", "Instances waiting in a spool stage."),
     "deid_router_spool_bytes": ("gauge", "Bytes the spool holds (incoming, outgoing, quarantine)."),
     "deid_router_destination_up": ("gauge", "1 while the destination takes associations, 0 while it is down."),
@@ -74,8 +76,10 @@ class NodeMetrics:
             for name in ("deid_router_instances_forwarded_total", "deid_router_instances_retried_total"):
                 self._counters[(name, (("destination", dest),))] = 0
         for name in ("deid_router_instances_received_total", "deid_router_instances_deidentified_total",
-                     "deid_router_pixel_regions_masked_total", "deid_router_received_bytes_total"):
+                     "deid_router_pixel_regions_masked_total", "deid_router_received_bytes_total",
+                     "deid_router_associations_open"):
             self._counters[(name, ())] = 0
+        self._counters[("deid_router_associations_total", (("outcome", "accepted"),))] = 0
 
     # -- events --------------------------------------------------------------------------
     def _add(self, name: str, labels: dict[str, str] | None = None, value: float = 1) -> None:
@@ -91,6 +95,16 @@ class NodeMetrics:
     def received(self, calling_ae: str, nbytes: int) -> None:
         self._add("deid_router_instances_received_total")
         self._add("deid_router_received_bytes_total", value=nbytes)
+
+    def association_accepted(self) -> None:
+        self._add("deid_router_associations_total", {"outcome": "accepted"})
+        self._add("deid_router_associations_open")
+
+    def association_rejected(self, kind: str) -> None:
+        self._add("deid_router_associations_total", {"outcome": kind})
+
+    def association_ended(self) -> None:
+        self._add("deid_router_associations_open", value=-1)
 
     def refused(self, reason: str) -> None:
         self._add("deid_router_instances_refused_total", {"reason": reason})

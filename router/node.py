@@ -188,6 +188,15 @@ class NodeEvents:
         if self.audit:
             self.audit.event("received", spool_id=spool_id, calling_ae=calling_ae)
 
+    def association(self, outcome: str) -> None:
+        """An association was accepted ("accepted"), rejected (the kind of reason) or ended ("ended")."""
+        if outcome == "accepted":
+            self.metrics.association_accepted()
+        elif outcome == "ended":
+            self.metrics.association_ended()
+        else:
+            self.metrics.association_rejected(outcome)
+
     def refused(self, kind: str, calling_ae: str | None = None) -> None:
         self.metrics.refused(kind)
         if self.audit:

@@ -237,24 +237,30 @@ class Receiver:
 
     # ----------------------------------------------------- the association's service
     def refusal(self, request: Request) -> tuple[int, int, int] | None:
-        """The A-ASSOCIATE-RJ reason for a request the node will not serve (logged), or None."""
-        reason, reject = None, _REJECT_NO_REASON
+        """The A-ASSOCIATE-RJ reason for a request the node will not serve (logged and
+        counted by kind), or None."""
+        reason, reject, kind = None, _REJECT_NO_REASON, ""
         if not request.protocol_version & 1:
-            reason, reject = "protocol version not supported", _REJECT_VERSION
+            reason, reject, kind = "protocol version not supported", _REJECT_VERSION, "protocol_version"
         elif request.application_context != APPLICATION_CONTEXT:
-            reason, reject = "not the DICOM application context", _REJECT_CONTEXT_NAME
+            reason, reject, kind = "not the DICOM application context", _REJECT_CONTEXT_NAME, "application_context"
         else:
             reason = self._refusal(request.calling_ae, request.address)
             if reason and reason.startswith("calling"):
-                reject = _REJECT_CALLING_AE
+                reject, kind = _REJECT_CALLING_AE, "calling_ae_not_allowed"
+            elif reason:
+                kind = "address_not_allowed"
         if reason is None:
             with self._lock:
                 if len(self._associations) > MAX_ASSOCIATIONS:
-                    reason, reject = f"more than {MAX_ASSOCIATIONS} associations at once", _REJECT_LIMIT
+                    reason, reject, kind = (f"more than {MAX_ASSOCIATIONS} associations at once", _REJECT_LIMIT,
+                                            "too_many")
         if reason is None:
             return None
         log.warning("association_rejected", reason=reason, calling_ae=request.calling_ae, peer=request.address,
                     called_ae=request.called_ae)
+        if self.events:
+            self.events.association(kind)
         return reject
 
     def _refusal(self, calling: str, address: str) -> str | None:
@@ -273,13 +279,17 @@ class Receiver:
 
     def accepted(self, assoc: InboundAssociation) -> None:
         log.info("association_accepted", calling_ae=assoc.calling_ae, peer=assoc.address, contexts=len(assoc.contexts))
+        if self.events:
+            self.events.association("accepted")
 
     def ended(self, assoc: InboundAssociation, how: str) -> None:
-        with self._lock:
-            self._associations.discard(assoc)
         if assoc.established:
             event = log.info if how == "released" else log.warning
             event("association_ended", how=how, calling_ae=assoc.calling_ae, peer=assoc.address, stored=assoc.stored)
+            if self.events:
+                self.events.association("ended")
+        with self._lock:
+            self._associations.discard(assoc)
 
     def echo(self, assoc: InboundAssociation) -> int:
         log.info("echo", calling_ae=assoc.calling_ae, peer=assoc.address)

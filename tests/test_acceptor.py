@@ -35,12 +35,12 @@ IMPLEMENTATION = ("1.2.826.0.1.3680043.10.1234", "TEST")
 class Node:
     """A Receiver over a spool in tmp_path; ``acknowledged`` lists what it handed on."""
 
-    def __init__(self, tmp_path: Path, **node):
+    def __init__(self, tmp_path: Path, events=None, **node):
         self.spool = Spool(tmp_path / "spool", ["pacs"])
         self.spool.create()
         self.acknowledged: list[Path] = []
         self.receiver = Receiver(NodeConfig(bind="127.0.0.1", port=0, spool_dir=self.spool.root, min_free_bytes=0,
-                                            **node), self.spool, self.acknowledged.append)
+                                            **node), self.spool, self.acknowledged.append, events=events)
         self.receiver.start()
         self.port = self.receiver.port
 
@@ -297,3 +297,25 @@ def test_storage_and_verification_are_accepted_other_services_rejected(node: Nod
     assert (rejected.abstract_syntax, rejected.result) == (ModalityWorklistInformationFind, 0x03)
     assert assoc.send_c_echo().Status == 0x0000
     assoc.release()
+
+
+def test_associations_are_counted_by_outcome(tmp_path: Path) -> None:
+    from router.metrics import NodeMetrics
+    from router.node import NodeEvents
+
+    metrics = NodeMetrics(["pacs"])
+    node = Node(tmp_path, events=NodeEvents(metrics, None), allowed_ae_titles=("SENDER",))
+    try:
+        assoc = node.associate()
+        assert metrics.value("deid_router_associations_open") == 1
+        stranger = AE(ae_title="STRANGER")
+        stranger.add_requested_context(Verification)
+        assert stranger.associate("127.0.0.1", node.port, ae_title="DEID_ROUTER").is_rejected
+        assoc.release()
+        node.settled()
+        assert metrics.value("deid_router_associations_open") == 0
+        assert metrics.value("deid_router_associations_total", outcome="accepted") == 1
+        assert metrics.value("deid_router_associations_total", outcome="calling_ae_not_allowed") == 1
+        assert 'deid_router_associations_total{outcome="accepted"} 1' in metrics.render_prometheus()
+    finally:
+        node.receiver.stop_accepting()
