@@ -217,6 +217,7 @@ def test_rejections_say_why(tmp_path: Path, monkeypatch, logs: list[dict]) -> No
         with socket.create_connection(("127.0.0.1", node.port), timeout=5) as sock:
             sock.sendall(_request_pdu("1.2.3.4"))
             assert read_pdu(sock) == (3, bytes((0, 1, 1, 2)))
+        node.settled()
         first = node.associate()
         with socket.create_connection(("127.0.0.1", node.port), timeout=5) as sock:
             sock.sendall(_request_pdu())
@@ -227,6 +228,7 @@ def test_rejections_say_why(tmp_path: Path, monkeypatch, logs: list[dict]) -> No
         ae.add_requested_context(Verification)
         assoc = ae.associate("127.0.0.1", node.port, ae_title="DEID_ROUTER")
         assert assoc.is_rejected
+        node.settled()
         assert node.associate().contexts  # the limit is free again
         reasons = [e["reason"] for e in logs if e["event"] == "association_rejected"]
         assert reasons == ["not the DICOM application context", "more than 1 associations at once",
