@@ -179,7 +179,7 @@ class InboundAssociation:
                  implementation: tuple[str, str], request_timeout: float, idle_timeout: float):
         self.address = address
         self.calling_ae = ""
-        self.established = False  # the A-ASSOCIATE-AC went out
+        self.established = False  # accepted (its A-ASSOCIATE-AC is sent next)
         self.contexts: dict[int, tuple[str, str]] = {}  # accepted: ID -> (abstract, transfer syntax)
         self.last_pdu = time.monotonic()
         self.in_message = False  # a request received, its answer not yet sent
@@ -271,9 +271,9 @@ class InboundAssociation:
         ac.user_information = [length_item, class_uid, version, *role_items]
         accept = A_ASSOCIATE_AC()
         accept.from_primitive(ac)
-        self._send(accept.encode(), strict=True)
-        self.established = True
+        self.established = True  # counted before the peer hears it, so that the count is never behind
         self._service.accepted(self)
+        self._send(accept.encode(), strict=True)
         return True
 
     # --------------------------------------------------------------------- transfer
