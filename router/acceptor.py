@@ -289,6 +289,8 @@ class InboundAssociation:
                     raise ProtocolError(f"PDU of {length} bytes announced")
                 command_context = self._p_data(length, command, command_context)
             elif kind == _A_RELEASE_RQ:
+                if length > 64:  # 4 by PS3.8 9.3.6
+                    raise ProtocolError(f"A-RELEASE-RQ of {length} bytes")
                 self._take_long(length)
                 if self._message is not None or command:
                     raise ProtocolError("release requested inside a message")

@@ -165,7 +165,7 @@ def test_requests_the_node_does_not_serve_are_answered_and_the_association_goes_
 
 
 @pytest.mark.parametrize("violation", ["data set with no request", "unaccepted context", "release inside a message",
-                                       "unknown PDU type", "second association request"])
+                                       "unknown PDU type", "second association request", "huge release request"])
 def test_a_protocol_violation_aborts_that_association_and_keeps_nothing_of_it(node: Node, violation: str,
                                                                            logs: list[dict]) -> None:
     assoc = node.associate()
@@ -178,6 +178,8 @@ def test_a_protocol_violation_aborts_that_association_and_keeps_nothing_of_it(no
     elif violation == "release inside a message":
         sock.sendall(pdata(1, 0x03, request) + pdata(1, 0x00, b"\x08\x00\x16\x00\x00\x00\x00\x00"))
         sock.sendall(struct.pack(">BBI", 5, 0, 4) + bytes(4))
+    elif violation == "huge release request":
+        sock.sendall(struct.pack(">BBI", 5, 0, 1 << 31) + bytes(4096))
     elif violation == "unknown PDU type":
         sock.sendall(struct.pack(">BBI", 0x09, 0, 4) + bytes(4))
     else:
