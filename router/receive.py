@@ -213,7 +213,11 @@ class Receiver:
                     return  # stop_accepting
                 time.sleep(0.1)  # out of descriptors, say: try again
                 continue
-            threading.Thread(target=self._serve, args=(sock, str(address[0])), name="receive", daemon=True).start()
+            try:
+                threading.Thread(target=self._serve, args=(sock, str(address[0])), name="receive", daemon=True).start()
+            except RuntimeError:  # no thread to be had (a process limit): this caller retries later
+                log.error("association_refused", reason="cannot start a thread", peer=str(address[0]))
+                sock.close()
 
     def _serve(self, sock: socket.socket, address: str) -> None:
         """A connection's thread: TLS handshake, then the association."""
