@@ -62,6 +62,16 @@ def file_meta_bytes(sop_class: str, sop_instance: str, transfer_syntax: str, sou
     return PREAMBLE + group
 
 
+def _address(host: str) -> str:
+    """A caller's address as logged and checked: an IPv4 caller of a dual-stack "::"
+    listener is shown as IPv4 (127.0.0.1, not ::ffff:127.0.0.1)."""
+    try:
+        mapped = getattr(ipaddress.ip_address(host.split("%", 1)[0]), "ipv4_mapped", None)
+    except ValueError:
+        return host
+    return str(mapped) if mapped else host
+
+
 def _ascii(text) -> str:
     return str(text or "").encode("ascii", "replace").decode("ascii")
 
@@ -160,7 +170,9 @@ class Receiver:
         self._ssl_context = server_context(self.node.tls) if self.node.tls else None
         family = socket.getaddrinfo(self.node.bind, self.node.port, type=socket.SOCK_STREAM,
                                     flags=socket.AI_PASSIVE)[0][0]
-        self._listener = socket.create_server((self.node.bind, self.node.port), family=family, backlog=64)
+        self._listener = socket.create_server(  # "::" takes IPv4 callers too, as mapped addresses
+            (self.node.bind, self.node.port), family=family, backlog=64,
+            dualstack_ipv6=family == socket.AF_INET6 and socket.has_dualstack_ipv6())
         threading.Thread(target=self._accept, args=(self._listener,), name="receive-accept", daemon=True).start()
         log.info("listening", ae_title=self.node.ae_title, bind=self.node.bind, port=self.port,
                  max_pdu=self.node.max_pdu, tls=self._ssl_context is not None)
@@ -214,7 +226,8 @@ class Receiver:
                 time.sleep(0.1)  # out of descriptors, say: try again
                 continue
             try:
-                threading.Thread(target=self._serve, args=(sock, str(address[0])), name="receive", daemon=True).start()
+                threading.Thread(target=self._serve, args=(sock, _address(address[0])), name="receive",
+                                 daemon=True).start()
             except RuntimeError:  # no thread to be had (a process limit): this caller retries later
                 log.error("association_refused", reason="cannot start a thread", peer=str(address[0]))
                 sock.close()

@@ -4,6 +4,7 @@ send. Each runs a real Receiver on a loopback port over a spool on disk."""
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import struct
 import subprocess
@@ -35,11 +36,11 @@ IMPLEMENTATION = ("1.2.826.0.1.3680043.10.1234", "TEST")
 class Node:
     """A Receiver over a spool in tmp_path; ``acknowledged`` lists what it handed on."""
 
-    def __init__(self, tmp_path: Path, events=None, **node):
+    def __init__(self, tmp_path: Path, events=None, bind: str = "127.0.0.1", **node):
         self.spool = Spool(tmp_path / "spool", ["pacs"])
         self.spool.create()
         self.acknowledged: list[Path] = []
-        self.receiver = Receiver(NodeConfig(bind="127.0.0.1", port=0, spool_dir=self.spool.root, min_free_bytes=0,
+        self.receiver = Receiver(NodeConfig(bind=bind, port=0, spool_dir=self.spool.root, min_free_bytes=0,
                                             **node), self.spool, self.acknowledged.append, events=events)
         self.receiver.start()
         self.port = self.receiver.port
@@ -321,5 +322,22 @@ def test_associations_are_counted_by_outcome(tmp_path: Path) -> None:
         assert metrics.value("deid_router_associations_total", outcome="accepted") == 1
         assert metrics.value("deid_router_associations_total", outcome="calling_ae_not_allowed") == 1
         assert 'deid_router_associations_total{outcome="accepted"} 1' in metrics.render_prometheus()
+    finally:
+        node.receiver.stop_accepting()
+
+
+def test_a_node_bound_to_all_ipv6_addresses_takes_ipv4_callers_too(tmp_path: Path, logs: list[dict]) -> None:
+    if not socket.has_dualstack_ipv6():
+        pytest.skip("this machine has no dual-stack IPv6")
+    node = Node(tmp_path, bind="::", allowed_networks=(ipaddress.ip_network("127.0.0.0/8"),
+                                                       ipaddress.ip_network("::1/128")))
+    try:
+        for host in ("127.0.0.1", "::1"):
+            assoc = StoreAssociation.request(host, node.port, "SENDER", "DEID_ROUTER", [(CT, EXPLICIT)], 5.0, 131072,
+                                             IMPLEMENTATION)
+            assert assoc.contexts
+            assoc.release()
+        node.settled()
+        assert [e["peer"] for e in logs if e["event"] == "association_accepted"] == ["127.0.0.1", "::1"]
     finally:
         node.receiver.stop_accepting()
