@@ -119,6 +119,11 @@ class SpoolFile:
             self._started = self._written
         return len(data)
 
+    @property
+    def size(self) -> int:
+        """Bytes written so far."""
+        return self._written
+
     def finish(self, durable: bool = True) -> int:
         """The data set is complete: cut a recycled file to what was written, fsync it and
         close it (raises OSError if any of that fails). Returns the file's size."""
@@ -333,7 +338,7 @@ class Receiver:
             if failure is not None:
                 raise failure
             assert spool_file is not None
-            size = spool_file._written
+            size = spool_file.size
             problem = self.spool.capacity_problem(self.node.max_spool_bytes, self.node.min_free_bytes, size,
                                                   self.reserved_bytes())
             if problem:
