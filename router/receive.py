@@ -306,7 +306,8 @@ class Receiver:
 
     def ended(self, assoc: InboundAssociation, how: str) -> None:
         if assoc.established:
-            event = log.info if how == "released" else log.warning
+            # the peer's own end (some modalities abort instead of releasing) is no fault here
+            event = log.info if how in ("released", "aborted by the peer") else log.warning
             event("association_ended", how=how, calling_ae=assoc.calling_ae, peer=assoc.address, stored=assoc.stored)
             if self.events:
                 self.events.association("ended")
