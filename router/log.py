@@ -100,9 +100,9 @@ def quiet_libraries() -> None:
     pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
     warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
     logging.getLogger("pydicom").setLevel(logging.CRITICAL + 1)
-    # pynetdicom logs through the standard library at DEBUG with dataset dumps (PHI): keep
-    # it at WARNING whatever our level is, and unbind its standard handlers, which format
-    # a log line for every PDU and DIMSE message (~0.5 ms per instance) that nobody prints.
+    # pynetdicom (`deid-router echo`, the PDU classes) logs through the standard library at
+    # DEBUG with dataset dumps (PHI): keep it at WARNING whatever our level is, and unbind
+    # its standard handlers, which format a log line for every PDU that nobody prints.
     from pynetdicom import _config as pynetdicom_config
 
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)

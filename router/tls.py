@@ -17,14 +17,10 @@ HANDSHAKE_SECONDS = 30.0
 
 
 class ServerContext(ssl.SSLContext):
-    """Moves each client's TLS handshake off the listening thread.
-
-    pynetdicom wraps accepted sockets in its accept loop, where a handshake blocks every
-    other client until it ends: one silent TCP connection would stop the SCP. Wrapped
-    without a handshake, the socket does it on the connection's own thread: in
-    ``finish_handshake`` (bound to EVT_CONN_OPEN), else at the first read (OpenSSL's
-    implicit handshake), bounded by HANDSHAKE_SECONDS.
-    """
+    """Wraps a client's socket without its TLS handshake, which ``finish_handshake`` then
+    does on the connection's own thread (``router.receive``), bounded by HANDSHAKE_SECONDS
+    and with OpenSSL's reason kept when it fails: a silent TCP connection holds only its
+    own thread, never the listener."""
 
     def wrap_socket(self, sock: socket.socket, server_side: bool = False, do_handshake_on_connect: bool = True,
                     *args, **kwargs) -> ssl.SSLSocket:
