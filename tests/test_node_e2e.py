@@ -223,3 +223,39 @@ def test_product_default_options_clean_pixels_in_the_workers(tmp_path: Path, cor
             assert "113101" in str(cleaned.get("DeidentificationMethodCodeSequence", ""))  # Clean Pixel Data
             assert not np.array_equal(cleaned.pixel_array, original.pixel_array)  # text masked
         assert router.stop() == 0
+
+
+def test_a_pacs_auto_routing_to_the_node(tmp_path: Path, corpus_dir: Path) -> None:
+    """A PACS (Orthanc) sends what it holds to the node as one of its modalities (its own
+    association habits: a context per class and syntax, several associations); the node
+    de-identifies it all into the research PACS (another Orthanc)."""
+    import json
+    import urllib.request
+
+    names = ["pydicom__CT_small.dcm", "pydicom__rtplan.dcm", "pydicom__test-SR.dcm", "pydicom__waveform_ecg.dcm",
+             "pydicom__JPGExtended.dcm", "orthanc__Encodings_Lena-utf8.dcm", "deid__ctbrain1.dcm",
+             "presidio__2_ORIGINAL.dcm"]
+    files = [corpus_dir / n for n in names]
+    with Orthanc(tmp_path, aet="RESEARCH") as research, Router(tmp_path, [dicom_destination(
+            "research", "127.0.0.1", research.dicom_port, research.aet)]) as router:
+        source = Orthanc(tmp_path, aet="SOURCEPACS",
+                         config={"DicomModalities": {"router": [ROUTER_AET, "127.0.0.1", router.port]}}).start()
+        try:
+            ids = []
+            for path in files:
+                upload = urllib.request.Request(source.url + "/instances", data=path.read_bytes(), method="POST")
+                with urllib.request.urlopen(upload, timeout=30) as answer:
+                    ids.append(json.loads(answer.read())["ID"])
+            store = urllib.request.Request(source.url + "/modalities/router/store", method="POST",
+                                           data=json.dumps({"Resources": ids, "Synchronous": True}).encode())
+            with urllib.request.urlopen(store, timeout=120) as answer:
+                outcome = json.loads(answer.read())
+            assert (outcome["InstancesCount"], outcome["FailedInstancesCount"]) == (len(files), 0)
+        finally:
+            source.stop()
+        research.wait_for_instances(len(files), timeout=60)
+        expected = {new_uid(original_ids(path)["SOPInstanceUID"]) for path in files}
+        assert set(research.sop_instance_uids()) == expected
+        assert {e["calling_ae"] for e in router.events("received")} == {"SOURCEPACS"}
+        assert {e["how"] for e in router.events("association_ended")} == {"released"}
+        assert router.stop() == 0
