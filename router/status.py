@@ -37,6 +37,7 @@ TOTALS = (
     ("refused at receive", "deid_router_instances_refused_total"),
     ("pixel regions masked", "deid_router_pixel_regions_masked_total"),
     ("spool bytes", "deid_router_spool_bytes"),
+    ("associations open", "deid_router_associations_open"),
 )
 
 
