@@ -42,11 +42,10 @@ from pynetdicom.presentation import negotiate_as_acceptor, negotiate_unrestricte
 from pynetdicom.sop_class import Verification
 
 from router import commands
-from router.association import APPLICATION_CONTEXT, fragment_size
+from router.association import APPLICATION_CONTEXT, bytes_pdus, fragment_size
 
 _PDU_HEADER = struct.Struct(">BBI")
 _PDV_HEADER = struct.Struct(">IBB")
-_PDATA_HEADER = struct.Struct(">BBIIBB")
 _A_ASSOCIATE_RQ, _A_ASSOCIATE_AC, _A_ASSOCIATE_RJ, _P_DATA, _A_RELEASE_RQ, _A_RELEASE_RP, _A_ABORT = range(1, 8)
 #: A-ASSOCIATE-RQ larger than this is not one (128 contexts take ~15 KB).
 _LARGEST_REQUEST = 1 << 20
@@ -150,18 +149,17 @@ class _Discard:
         pass
 
 
+@dataclass
 class _Message:
     """A request whose data set is being received."""
 
-    def __init__(self, context_id: int, command: int, message_id: int, sop_class: str, sop_instance: str,
-                 sink: DataSetSink | None, failure: OSError | None = None):
-        self.context_id = context_id
-        self.command = command
-        self.message_id = message_id
-        self.sop_class = sop_class
-        self.sop_instance = sop_instance
-        self.sink = sink
-        self.failure = failure
+    context_id: int
+    command: int
+    message_id: int
+    sop_class: str
+    sop_instance: str
+    sink: DataSetSink | None
+    failure: OSError | None = None
 
     def write(self, data: memoryview) -> None:
         if self.failure is None and self.sink is not None:
@@ -383,13 +381,7 @@ class InboundAssociation:
     def _respond(self, context_id: int, field: int, message_id: int, sop_class: str, sop_instance: str | None,
                  status: int) -> None:
         command = commands.response_command(field, message_id, sop_class, sop_instance, status)
-        pdus = []
-        for start in range(0, len(command), self._fragment):
-            piece = command[start:start + self._fragment]
-            last = start + self._fragment >= len(command)
-            pdus.append(_PDATA_HEADER.pack(_P_DATA, 0, 6 + len(piece), 2 + len(piece), context_id,
-                                           0x03 if last else 0x01) + piece)
-        self._send(b"".join(pdus), strict=True)
+        self._send(b"".join(bytes_pdus(command, context_id, self._fragment, command=True)), strict=True)
         self.in_message = False
 
     # ------------------------------------------------------------------------ helpers

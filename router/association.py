@@ -307,12 +307,14 @@ def file_pdus(file: BinaryIO, offset: int, context_id: int, fragment: int) -> It
         yield view
 
 
-def bytes_pdus(data: bytes, context_id: int, fragment: int) -> Iterator[bytes]:
-    """P-DATA-TF PDUs of an encoded data set held in memory."""
+def bytes_pdus(data: bytes, context_id: int, fragment: int, command: bool = False) -> Iterator[bytes]:
+    """P-DATA-TF PDUs of an encoded data set (or, ``command``, a command set) held in memory."""
+    kind = 0x01 if command else 0x00
     for start in range(0, max(len(data), 1), fragment):
         chunk = data[start:start + fragment]
         last = start + fragment >= len(data)
-        yield _PDATA_HEADER.pack(_P_DATA, 0, 6 + len(chunk), 2 + len(chunk), context_id, 0x02 if last else 0) + chunk
+        yield _PDATA_HEADER.pack(_P_DATA, 0, 6 + len(chunk), 2 + len(chunk), context_id,
+                                 kind | 0x02 if last else kind) + chunk
 
 
 def _read_pdu(sock: socket.socket) -> tuple[int, bytes]:

@@ -96,15 +96,14 @@ class NodeMetrics:
         self._add("deid_router_instances_received_total")
         self._add("deid_router_received_bytes_total", value=nbytes)
 
-    def association_accepted(self) -> None:
-        self._add("deid_router_associations_total", {"outcome": "accepted"})
-        self._add("deid_router_associations_open")
-
-    def association_rejected(self, kind: str) -> None:
-        self._add("deid_router_associations_total", {"outcome": kind})
-
-    def association_ended(self) -> None:
-        self._add("deid_router_associations_open", value=-1)
+    def association(self, outcome: str) -> None:
+        """"accepted", "ended", or the kind of a rejection."""
+        if outcome == "ended":
+            self._add("deid_router_associations_open", value=-1)
+            return
+        self._add("deid_router_associations_total", {"outcome": outcome})
+        if outcome == "accepted":
+            self._add("deid_router_associations_open")
 
     def refused(self, reason: str) -> None:
         self._add("deid_router_instances_refused_total", {"reason": reason})

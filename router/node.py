@@ -190,12 +190,7 @@ class NodeEvents:
 
     def association(self, outcome: str) -> None:
         """An association was accepted ("accepted"), rejected (the kind of reason) or ended ("ended")."""
-        if outcome == "accepted":
-            self.metrics.association_accepted()
-        elif outcome == "ended":
-            self.metrics.association_ended()
-        else:
-            self.metrics.association_rejected(outcome)
+        self.metrics.association(outcome)
 
     def refused(self, kind: str, calling_ae: str | None = None) -> None:
         self.metrics.refused(kind)

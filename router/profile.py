@@ -839,7 +839,7 @@ def _replace_named_month_date(m: re.Match[str], shift_days: int | None) -> str:
     """"17 May 2023", "May 17, 2023" ...: shifted in place, the month in its own spelling."""
     n = "5" if m.group("n5") else "6"
     day, name, year = m.group(f"d{n}"), m.group(f"n{n}"), m.group(f"y{n}")
-    month = next(i for i, full in enumerate(_MONTHS, 1) if full.startswith(name.lower()[:3]))
+    month = _month_number(name)
     try:
         original = dt.date(int(year), month, int(day))
     except ValueError:
@@ -847,17 +847,26 @@ def _replace_named_month_date(m: re.Match[str], shift_days: int | None) -> str:
     if shift_days is None:
         return ""
     new = original - dt.timedelta(days=shift_days)
-    spelled = _spell_month(new.month, name)
-    start = m.start()
-    text = m.group(0)
-    parts = [(f"d{n}", f"{new.day:0{len(day)}d}"), (f"n{n}", spelled), (f"y{n}", f"{new.year:04d}")]
+    parts = [(f"d{n}", f"{new.day:0{len(day)}d}"), (f"n{n}", _spell_month(new.month, name)),
+             (f"y{n}", f"{new.year:04d}")]
     if n == "6" and m.group("o6"):
         suffix = "th" if 10 <= new.day % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(new.day % 10, "th")
         parts.append(("o6", suffix.upper() if m.group("o6").isupper() else suffix))
+    return _with_groups(m, parts)
+
+
+def _with_groups(m: re.Match[str], parts: list[tuple[str, str]]) -> str:
+    """The match's text with each named group in parts replaced by its new value."""
+    start, text = m.start(), m.group(0)
     for group, value in sorted(parts, key=lambda gv: m.start(gv[0]), reverse=True):
         a, b = m.start(group) - start, m.end(group) - start
         text = text[:a] + value + text[b:]
     return text
+
+
+def _month_number(name: str) -> int:
+    """1-12 for a month name or its abbreviation (any case)."""
+    return next(i for i, full in enumerate(_MONTHS, 1) if full.startswith(name.lower()[:3]))
 
 
 def _spell_month(month: int, like: str) -> str:
@@ -877,13 +886,8 @@ def _replace_month_and_year(m: re.Match[str], shift_days: int | None) -> str:
         return m.group(0)
     if shift_days is None:
         return ""
-    month = next(i for i, full in enumerate(_MONTHS, 1) if full.startswith(name.lower()[:3]))
-    new = dt.date(year, month, 15) - dt.timedelta(days=shift_days)
-    spelled = _spell_month(new.month, name)
-    text, start = m.group(0), m.start()
-    a, b = m.start("y7") - start, m.end("y7") - start
-    text = text[:a] + f"{new.year:04d}" + text[b:]
-    return spelled + text[m.end("n7") - start:]
+    new = dt.date(year, _month_number(name), 15) - dt.timedelta(days=shift_days)
+    return _with_groups(m, [("n7", _spell_month(new.month, name)), ("y7", f"{new.year:04d}")])
 
 
 #: The value representations of PS3.5 6.2: an explicit VR outside them means the data set

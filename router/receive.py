@@ -293,8 +293,6 @@ class Receiver:
                 ip = ipaddress.ip_address(address.split("%", 1)[0])
             except ValueError:
                 return "client address not understood"
-            if getattr(ip, "ipv4_mapped", None):
-                ip = ip.ipv4_mapped
             if not any(ip in net for net in self.networks):
                 return "client address not in an allowed network"
         return None
