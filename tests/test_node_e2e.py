@@ -149,7 +149,7 @@ def test_corpus_and_ct_series_end_to_end(tmp_path: Path, corpus_dir: Path) -> No
             assert tags.get("PatientIdentityRemoved") == "YES"
             assert tags.get("PatientID", "") in ("", tags.get("PatientName")), tags.get("PatientID")
             assert tags.get("PatientID", "").startswith("DEID-") or not tags.get("PatientID")
-        log = router.log_text().encode("utf-8", "replace")
+        log = router.logged_strings().encode("utf-8", "replace")
         assert not [n for n in needles if n in log]
         assert not router.non_json_lines(), router.non_json_lines()[:5]
 

@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -227,6 +227,30 @@ class Router:
             if name is None or event.get("event") == name:
                 result.append(event)
         return result
+
+    def logged_strings(self) -> str:
+        """Every string in the log (keys and values, lines that are not JSON whole), but not
+        numbers nor the clock's timestamps: a six-digit patient ID would match a timestamp's
+        microseconds or a byte count by chance."""
+        def strings(value: Any) -> Iterator[str]:
+            if isinstance(value, str):
+                yield value
+            elif isinstance(value, dict):
+                for key, item in value.items():
+                    yield key
+                    if key != "timestamp":
+                        yield from strings(item)
+            elif isinstance(value, list):
+                for item in value:
+                    yield from strings(item)
+
+        found: list[str] = []
+        for line in self.log_text().splitlines():
+            try:
+                found.extend(strings(json.loads(line)))
+            except json.JSONDecodeError:
+                found.append(line)
+        return "\n".join(found)
 
     def non_json_lines(self) -> list[str]:
         return [line for line in self.log_text().splitlines() if line.strip() and not line.startswith("{")]
