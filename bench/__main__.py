@@ -30,7 +30,11 @@ instance. Latency p50/p95 is from an instance's acknowledgement to the destinati
 success response (router: its `forwarded` events' latency_ms; pass-through: its
 acknowledgement time vs storescp's file time); "-" where there is no hop to measure.
 RSS MB is the peak of the summed RSS of the process tree (node + workers + forwarders),
-sampled every 100 ms; "1 proc MB" is the largest single process's peak (VmHWM). dcmtk and
+sampled every 100 ms; "1 proc MB" is the largest single process's peak (VmHWM). CPU ms is
+the whole machine's CPU time (every process: senders, node, destination, kernel) per
+instance during the row, and busy the share of all cores it kept busy: on a saturated
+machine inst/s is at most cores * 1000 / CPU ms, so a row that needs more CPU per instance
+than its baseline cannot keep up with it once both are saturated. dcmtk and
 Orthanc run with TCP_NODELAY=1, every peer with 128 KiB PDUs. The machine may be shared:
 compare ratios within a run, not absolute numbers across runs (each row records the load
 average before and after it).
@@ -146,14 +150,15 @@ def print_table(rows: list[Row]) -> None:
         return format(value, spec) if value is not None else "-"
 
     header = (f"{'path':13}{'row':40}{'inst':>6}{'inst/s':>8}{'MB/s':>7}{'p50 ms':>8}{'p95 ms':>8}{'RSS MB':>8}"
-              f"{'1 proc MB':>10}  ratio (inst/s) vs baseline")
+              f"{'1 proc MB':>10}{'CPU ms':>8}{'busy':>6}  ratio (inst/s) vs baseline")
     print("\n" + header + "\n" + "-" * len(header))
     for r in rows:
         ratio = ", ".join(f"{v:.2f} x {k}" for k, v in ratios(r, rows).items())
         one = max(r.peak_process_mb.values()) if r.peak_process_mb else None
         print(f"{r.path:13}{r.name[:39]:40}{r.instances:6d}{r.rate:8.1f}{r.mb_per_second:7.1f}"
               f"{fmt(r.latency_p50_ms, '.0f'):>8}{fmt(r.latency_p95_ms, '.0f'):>8}{fmt(r.peak_rss_mb, '.0f'):>8}"
-              f"{fmt(one, '.0f'):>10}  {ratio}")
+              f"{fmt(one, '.0f'):>10}{fmt(r.cpu_ms_per_instance, '.1f'):>8}"
+              f"{fmt(r.machine_busy * 100 if r.machine_busy is not None else None, '.0f'):>5}%  {ratio}")
     by_name = {(r.path, r.name): r for r in rows}
     for r in rows:
         if r.name.endswith("OCR alone") and r.extra.get("detect_ms_median") is not None:
@@ -173,6 +178,20 @@ def print_table(rows: list[Row]) -> None:
             print(f"  {r.path}/{r.name}: peak MB by role: {roles}{ocr}")
         if r.path == "backpressure":
             print(f"  backpressure: {r.note}")
+    for r in rows:
+        cheaper = [(b, by_name[(r.path, b)]) for b in r.baselines if (r.path, b) in by_name
+                   and by_name[(r.path, b)].cpu_ms_per_instance and r.cpu_ms_per_instance]
+        roles = r.extra.get("cpu_ms_per_instance_by_role")
+        if r.path in ("network", "senders") and r.name.startswith(paths.ROUTER) and roles and r.cpu_ms_per_instance:
+            print(f"  {r.path}/{r.name}: CPU ms per instance by role: "
+                  + ", ".join(f"{role} {ms:.1f}" for role, ms in roles.items() if ms >= 0.05)
+                  + f"; the rest of the machine (senders, destination, kernel threads) "
+                  f"{r.cpu_ms_per_instance - sum(roles.values()):.1f}")
+        if r.path in ("network", "senders") and cheaper:
+            print(f"  {r.path}/{r.name}: machine CPU per instance x baseline's (and the inst/s ratio it "
+                  "allows when both saturate the cores): " + "; ".join(
+                      f"{r.cpu_ms_per_instance / b.cpu_ms_per_instance:.2f} ({b.cpu_ms_per_instance / r.cpu_ms_per_instance:.2f}) "
+                      f"{name}" for name, b in cheaper))
     loads = [x for r in rows for x in r.extra.get("load_average_1min", [])]
     if loads:
         print(f"  load average (1 min) during the rows: {min(loads):.1f} to {max(loads):.1f} on {os.cpu_count()} cores")

@@ -36,6 +36,11 @@ class Row:
     #: Names of rows of the same path this one is compared with (rate ratio).
     baselines: tuple[str, ...] = ()
     note: str = ""
+    #: CPU time of the whole machine (every process: peers, node, kernel) per instance, ms,
+    #: and the share of both cores it kept busy: with the cores saturated, inst/s cannot
+    #: exceed cores * 1000 / cpu_ms_per_instance.
+    cpu_ms_per_instance: float | None = None
+    machine_busy: float | None = None
     #: Path-specific figures (acknowledged seconds, refusals, spool peak, load average, ...).
     extra: dict = field(default_factory=dict)
 
@@ -109,14 +114,25 @@ class Sampler(threading.Thread):
         self.sample()
 
 
+def cpu_ticks(pid: int) -> int | None:
+    """User + system clock ticks a process has used; None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 class RssSampler(Sampler):
-    """Peak of the summed RSS of a process tree, and each process's own peak."""
+    """Peak of the summed RSS of a process tree, each process's own peak, and its CPU time."""
 
     def __init__(self, pid: int):
         super().__init__()
         self.pid = pid
         self.peak_kb = 0
         self.hwm_kb: dict[int, int] = {}
+        self.ticks: dict[int, tuple[int, int]] = {}  # pid -> (first seen, last seen)
 
     def sample(self) -> None:
         total = 0
@@ -124,7 +140,18 @@ class RssSampler(Sampler):
             rss, hwm = status_kb(pid)
             total += rss
             self.hwm_kb[pid] = max(self.hwm_kb.get(pid, 0), hwm)
+            ticks = cpu_ticks(pid)
+            if ticks is not None:
+                self.ticks[pid] = (self.ticks.get(pid, (ticks, 0))[0], ticks)
         self.peak_kb = max(self.peak_kb, total)
+
+    def cpu_ms_by_role(self, roles: dict[int, str], instances: int) -> dict[str, float]:
+        """CPU ms per instance the tree's processes used while sampled, summed by role."""
+        used: dict[str, float] = {}
+        for pid, (first, last) in self.ticks.items():
+            role = roles.get(pid, "other")
+            used[role] = used.get(role, 0.0) + (last - first) * 1000 / os.sysconf("SC_CLK_TCK")
+        return {role: round(ms / instances, 2) for role, ms in sorted(used.items())} if instances else {}
 
     def by_role(self, roles: dict[int, str]) -> dict[str, float]:
         peaks: dict[str, float] = {}
@@ -158,6 +185,26 @@ class SpoolSampler(Sampler):
         self.peak_bytes = max(self.peak_bytes, total)
 
 
+def machine_cpu() -> tuple[int, int]:
+    """(busy, total) clock ticks of all cores since boot, from /proc/stat.
+
+    Busy is user, nice, system, irq and softirq; idle, iowait and time stolen by the
+    hypervisor are not the benchmark's work.
+    """
+    with open("/proc/stat") as f:
+        user, nice, system, idle, iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
+    busy = user + nice + system + irq + softirq
+    return busy, busy + idle + iowait + steal
+
+
+def cpu_figures(before: tuple[int, int], after: tuple[int, int], instances: int) -> tuple[float | None, float | None]:
+    """(ms of CPU per instance, share of the machine busy) between two ``machine_cpu()`` readings."""
+    busy, total = after[0] - before[0], after[1] - before[1]
+    if not instances or not total:
+        return None, None
+    return round(busy * 1000 / os.sysconf("SC_CLK_TCK") / instances, 2), round(busy / total, 3)
+
+
 def wait_for(condition: Callable[[], bool], timeout: float, what: str, poll: float = 0.02) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -188,12 +235,14 @@ def measure(path: str, name: str, files: list[Path], *, port: int, aet: str, del
         rss.start()
     forwarded_before = len(node.events("forwarded")) if node and node.kind == "router" else 0
     started = time.perf_counter()
+    cpu_before = machine_cpu()
     try:
         acked_seconds = storescu(port, aet, files, senders)
     except RuntimeError as exc:
         raise RuntimeError(f"{path}/{name}: {exc}") from None
     wait_for(lambda: delivered() >= len(files), 3600, f"{path}/{name}: {len(files)} instances at the destination")
     seconds = time.perf_counter() - started
+    cpu_ms, busy = cpu_figures(cpu_before, machine_cpu(), len(files))
     if rss:
         rss.stop()
     latencies: list[float] = []
@@ -211,6 +260,8 @@ def measure(path: str, name: str, files: list[Path], *, port: int, aet: str, del
     return Row(path, name, len(files), seconds, megabytes(files), percentile(latencies, 50),
                percentile(latencies, 95), rss.peak_kb / 1024 if rss else None,
                rss.by_role(node.roles() if node else {tree_pid: "receiver"}) if rss else {},
-               baselines, note,
+               baselines, note, cpu_ms, busy,
                {"acked_seconds": round(acked_seconds, 3), "senders": senders,
+                "cpu_ms_per_instance_by_role": rss.cpu_ms_by_role(
+                    node.roles() if node else {tree_pid: "receiver"}, len(files)) if rss else {},
                 "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)]})
