@@ -42,11 +42,23 @@ from pynetdicom.presentation import negotiate_as_acceptor, negotiate_unrestricte
 from pynetdicom.sop_class import Verification
 
 from router import commands
-from router.association import APPLICATION_CONTEXT, bytes_pdus, fragment_size
+from router.association import (
+    APPLICATION_CONTEXT,
+    PDU_ABORT,
+    PDU_ASSOCIATE_AC,
+    PDU_ASSOCIATE_RJ,
+    PDU_ASSOCIATE_RQ,
+    PDU_HEADER,
+    PDU_P_DATA,
+    PDU_RELEASE_RP,
+    PDU_RELEASE_RQ,
+    RELEASE_RP,
+    abort_pdu,
+    bytes_pdus,
+    fragment_size,
+)
 
-_PDU_HEADER = struct.Struct(">BBI")
 _PDV_HEADER = struct.Struct(">IBB")
-_A_ASSOCIATE_RQ, _A_ASSOCIATE_AC, _A_ASSOCIATE_RJ, _P_DATA, _A_RELEASE_RQ, _A_RELEASE_RP, _A_ABORT = range(1, 8)
 #: A-ASSOCIATE-RQ larger than this is not one (128 contexts take ~15 KB).
 _LARGEST_REQUEST = 1 << 20
 #: Command sets larger than this are not C-STORE or C-ECHO requests.
@@ -206,15 +218,15 @@ class InboundAssociation:
             how = self._transfer()
         except ProtocolError as exc:
             how = f"aborted: {exc}"
-            self._send(_abort_pdu(reason=2))
+            self._send(abort_pdu(source=2, reason=2))
         except (TimeoutError, socket.timeout):
             how = "aborted: no PDU within the time-out"
-            self._send(_abort_pdu())
+            self._send(abort_pdu(source=2))
         except (EOFError, OSError) as exc:
             how = "aborted by the node" if self._closed else f"connection lost ({type(exc).__name__})"
         except Exception as exc:  # noqa: BLE001 - whatever it is, it ends this association, not the node
             how = f"aborted: {type(exc).__name__}"
-            self._send(_abort_pdu())
+            self._send(abort_pdu(source=2))
         finally:
             if self._message is not None and self._message.sink is not None:
                 self._message.sink.discard()  # a data set cut short: nothing was acknowledged
@@ -223,18 +235,18 @@ class InboundAssociation:
 
     def abort(self) -> None:
         """Abort now (the node is stopping): the peer hears A-ABORT, the thread ends."""
-        self._send(_abort_pdu())
+        self._send(abort_pdu(source=2))
         self._close()
 
     # ------------------------------------------------------------------ negotiation
     def _negotiate(self) -> bool:
-        kind, length = _PDU_HEADER.unpack(self._reader.take(6))[::2]
-        if kind != _A_ASSOCIATE_RQ or length > _LARGEST_REQUEST:
+        kind, length = PDU_HEADER.unpack(self._reader.take(6))[::2]
+        if kind != PDU_ASSOCIATE_RQ or length > _LARGEST_REQUEST:
             raise ProtocolError(f"PDU type 0x{kind:02X} where an association request was due")
         body = self._take_long(length)
         pdu = A_ASSOCIATE_RQ()
         try:
-            pdu.decode(_PDU_HEADER.pack(kind, 0, length) + body)
+            pdu.decode(PDU_HEADER.pack(kind, 0, length) + body)
             rq = pdu.to_primitive()
         except Exception as exc:  # noqa: BLE001 - a malformed request is the peer's fault
             raise ProtocolError(f"malformed A-ASSOCIATE-RQ ({type(exc).__name__})") from None
@@ -243,7 +255,7 @@ class InboundAssociation:
                           str(rq.application_context_name or ""), pdu.protocol_version)
         reject = self._service.refusal(request)
         if reject is not None:
-            self._send(_PDU_HEADER.pack(_A_ASSOCIATE_RJ, 0, 4) + bytes((0, *reject)))
+            self._send(PDU_HEADER.pack(PDU_ASSOCIATE_RJ, 0, 4) + bytes((0, *reject)))
             self._close()
             return False
         roles = {item.sop_class_uid: (item.scu_role, item.scp_role) for item in rq.user_information
@@ -280,23 +292,23 @@ class InboundAssociation:
         command = bytearray()
         command_context = None
         while True:
-            kind, length = _PDU_HEADER.unpack(self._reader.take(6))[::2]
+            kind, length = PDU_HEADER.unpack(self._reader.take(6))[::2]
             self.last_pdu = time.monotonic()
-            if kind == _P_DATA:
+            if kind == PDU_P_DATA:
                 if length > self._pdu_limit:
                     raise ProtocolError(f"PDU of {length} bytes announced")
                 command_context = self._p_data(length, command, command_context)
-            elif kind == _A_RELEASE_RQ:
+            elif kind == PDU_RELEASE_RQ:
                 if length > 64:  # 4 by PS3.8 9.3.6
                     raise ProtocolError(f"A-RELEASE-RQ of {length} bytes")
                 self._take_long(length)
                 if self._message is not None or command:
                     raise ProtocolError("release requested inside a message")
-                self._send(_PDU_HEADER.pack(_A_RELEASE_RP, 0, 4) + bytes(4))
+                self._send(RELEASE_RP)
                 return "released"
-            elif kind == _A_ABORT:
+            elif kind == PDU_ABORT:
                 return "aborted by the peer"
-            elif kind in (_A_ASSOCIATE_RQ, _A_ASSOCIATE_AC, _A_ASSOCIATE_RJ, _A_RELEASE_RP):
+            elif kind in (PDU_ASSOCIATE_RQ, PDU_ASSOCIATE_AC, PDU_ASSOCIATE_RJ, PDU_RELEASE_RP):
                 raise ProtocolError(f"unexpected PDU type 0x{kind:02X}")
             else:
                 raise ProtocolError(f"unknown PDU type 0x{kind:02X}")
@@ -429,11 +441,6 @@ def _negotiate_contexts(proposed: list, roles: dict) -> tuple[list, list]:
     accepted, storage_roles = negotiate_unrestricted(storage, [], roles)
     rest, other_roles = negotiate_as_acceptor(other, _VERIFICATION, roles)
     return sorted(accepted + rest, key=lambda c: c.context_id), storage_roles + other_roles
-
-
-def _abort_pdu(reason: int = 0) -> bytes:
-    """A-ABORT from the service provider (source 2) with reason (2: unexpected PDU)."""
-    return _PDU_HEADER.pack(_A_ABORT, 0, 4) + bytes((0, 0, 2, reason))
 
 
 def _us(elements: dict[int, bytes], element: int) -> int | None:

@@ -34,9 +34,12 @@ from pynetdicom.presentation import PresentationContext
 from router import commands
 
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
-_PDU_HEADER = struct.Struct(">BBI")
+#: PS3.8 9.3: every PDU starts with its type, a reserved byte and its length.
+PDU_HEADER = struct.Struct(">BBI")
+PDU_ASSOCIATE_RQ, PDU_ASSOCIATE_AC, PDU_ASSOCIATE_RJ, PDU_P_DATA, PDU_RELEASE_RQ, PDU_RELEASE_RP, PDU_ABORT = range(1, 8)
+RELEASE_RQ = PDU_HEADER.pack(PDU_RELEASE_RQ, 0, 4) + bytes(4)
+RELEASE_RP = PDU_HEADER.pack(PDU_RELEASE_RP, 0, 4) + bytes(4)
 _PDATA_HEADER = struct.Struct(">BBIIBB")
-_A_ASSOCIATE_AC, _A_ASSOCIATE_RJ, _P_DATA, _A_RELEASE_RQ, _A_RELEASE_RP, _A_ABORT = 2, 3, 4, 5, 6, 7
 #: An answer PDU larger than this is not a C-STORE response: the peer is broken.
 _LARGEST_ANSWER = 1 << 20
 #: Fragment size when the peer sets no maximum PDU length (0: unlimited), and the largest
@@ -44,6 +47,11 @@ _LARGEST_ANSWER = 1 << 20
 _UNLIMITED_FRAGMENT = 131072 - 6
 _LARGEST_FRAGMENT = 4 * 1024 * 1024 - 6
 _REJECT_SOURCES = {1: "service user", 2: "service provider (ACSE)", 3: "service provider (presentation)"}
+
+
+def abort_pdu(source: int = 0, reason: int = 0) -> bytes:
+    """A-ABORT (PS3.8 9.3.8): source 0 is the service user, 2 the provider (reason given)."""
+    return PDU_HEADER.pack(PDU_ABORT, 0, 4) + bytes((0, 0, source, reason))
 
 
 class AssociationError(Exception):
@@ -122,21 +130,21 @@ class StoreAssociation:
         except BaseException:
             sock.close()
             raise
-        if kind == _A_ASSOCIATE_RJ:
+        if kind == PDU_ASSOCIATE_RJ:
             sock.close()
             reject = A_ASSOCIATE_RJ()
             try:
-                reject.decode(_PDU_HEADER.pack(kind, 0, len(body)) + body)
+                reject.decode(PDU_HEADER.pack(kind, 0, len(body)) + body)
             except Exception:  # noqa: BLE001 - a malformed answer is the peer's fault
                 raise Rejected("association rejected (malformed A-ASSOCIATE-RJ)") from None
             raise Rejected(f"association rejected (result {reject.result_str}, source "
                            f"{_REJECT_SOURCES.get(reject.source, reject.source)}, reason {reject.reason_str})")
-        if kind != _A_ASSOCIATE_AC:
+        if kind != PDU_ASSOCIATE_AC:
             _abort(sock)
             raise AssociationError(f"association failed: the peer answered PDU type 0x{kind:02X}")
         accept = A_ASSOCIATE_AC()
         try:
-            accept.decode(_PDU_HEADER.pack(kind, 0, len(body)) + body)
+            accept.decode(PDU_HEADER.pack(kind, 0, len(body)) + body)
             answer = accept.to_primitive()
         except Exception as exc:  # noqa: BLE001 - a malformed answer is the peer's fault
             _abort(sock)
@@ -169,11 +177,11 @@ class StoreAssociation:
         except (OSError, EOFError):
             self._close()
             raise Lost("the peer closed the connection") from None
-        if kind == _A_RELEASE_RQ:
-            self._send_quietly(_PDU_HEADER.pack(_A_RELEASE_RP, 0, 4) + bytes(4))
+        if kind == PDU_RELEASE_RQ:
+            self._send_quietly(RELEASE_RP)
             self._close()
             raise Lost("the peer released the association", released=True)
-        if kind == _A_ABORT:
+        if kind == PDU_ABORT:
             self._close()
             raise Lost("the peer aborted the association")
         self.abort()
@@ -190,7 +198,7 @@ class StoreAssociation:
             raise ValueError("SOP class or instance UID is not plain ASCII")
         fragments = iter(data)
         try:
-            self._sock.sendall(_PDATA_HEADER.pack(_P_DATA, 0, 6 + len(command), 2 + len(command), context_id, 0x03)
+            self._sock.sendall(_PDATA_HEADER.pack(PDU_P_DATA, 0, 6 + len(command), 2 + len(command), context_id, 0x03)
                                + command)
             while True:
                 try:
@@ -210,14 +218,14 @@ class StoreAssociation:
         command = bytearray()
         while True:
             kind, body = _read_pdu(self._sock)
-            if kind == _A_ABORT:
+            if kind == PDU_ABORT:
                 self._close()
                 raise Lost("the peer aborted the association during the C-STORE", sent=True)
-            if kind == _A_RELEASE_RQ:
-                self._send_quietly(_PDU_HEADER.pack(_A_RELEASE_RP, 0, 4) + bytes(4))
+            if kind == PDU_RELEASE_RQ:
+                self._send_quietly(RELEASE_RP)
                 self._close()
                 raise Lost("the peer released the association during the C-STORE", sent=True, released=True)
-            if kind != _P_DATA:
+            if kind != PDU_P_DATA:
                 self.abort()
                 raise Lost(f"unexpected PDU type 0x{kind:02X} during the C-STORE", sent=True)
             offset = 0
@@ -243,7 +251,8 @@ class StoreAssociation:
             self.abort()
             raise Lost("the peer's answer is not a C-STORE response", sent=True)
         responding_to = elements.get(0x0120)
-        if responding_to is not None and struct.unpack("<H", responding_to)[0] != self._message_id:
+        if responding_to is not None and (len(responding_to) != 2
+                                          or struct.unpack("<H", responding_to)[0] != self._message_id):
             self.abort()
             raise Lost("the peer answered another message ID", sent=True)
         return struct.unpack("<H", elements[0x0900])[0]
@@ -254,22 +263,22 @@ class StoreAssociation:
         if not self.open:
             return
         try:
-            self._sock.sendall(_PDU_HEADER.pack(_A_RELEASE_RQ, 0, 4) + bytes(4))
+            self._sock.sendall(RELEASE_RQ)
             while True:
                 kind, _ = _read_pdu(self._sock)
-                if kind in (_A_RELEASE_RP, _A_ABORT):
+                if kind in (PDU_RELEASE_RP, PDU_ABORT):
                     break
-                if kind == _A_RELEASE_RQ:  # release collision (PS3.8 7.2.2): we requested first
-                    self._sock.sendall(_PDU_HEADER.pack(_A_RELEASE_RP, 0, 4) + bytes(4))
-                elif kind != _P_DATA:
+                if kind == PDU_RELEASE_RQ:  # release collision (PS3.8 7.2.2): we requested first
+                    self._sock.sendall(RELEASE_RP)
+                elif kind != PDU_P_DATA:
                     break
         except (OSError, EOFError):  # no answer in time, or the connection went: abort
-            self._send_quietly(_PDU_HEADER.pack(_A_ABORT, 0, 4) + bytes(4))
+            self._send_quietly(abort_pdu())
         self._close()
 
     def abort(self) -> None:
         if self.open:
-            self._send_quietly(_PDU_HEADER.pack(_A_ABORT, 0, 4) + bytes(4))
+            self._send_quietly(abort_pdu())
             self._close()
 
     def _send_quietly(self, data: bytes) -> None:
@@ -301,7 +310,7 @@ def file_pdus(file: BinaryIO, offset: int, context_id: int, fragment: int) -> It
         length = min(fragment, offset + size - start)
         view = memoryview(buffer)[:_PDATA_HEADER.size + length]
         last = start + length >= offset + size
-        _PDATA_HEADER.pack_into(buffer, 0, _P_DATA, 0, 6 + length, 2 + length, context_id, 0x02 if last else 0)
+        _PDATA_HEADER.pack_into(buffer, 0, PDU_P_DATA, 0, 6 + length, 2 + length, context_id, 0x02 if last else 0)
         if os.preadv(file.fileno(), [view[_PDATA_HEADER.size:]], start) != length:
             raise OSError("data set file shorter than when its sending began")
         yield view
@@ -313,12 +322,12 @@ def bytes_pdus(data: bytes, context_id: int, fragment: int, command: bool = Fals
     for start in range(0, max(len(data), 1), fragment):
         chunk = data[start:start + fragment]
         last = start + fragment >= len(data)
-        yield _PDATA_HEADER.pack(_P_DATA, 0, 6 + len(chunk), 2 + len(chunk), context_id,
+        yield _PDATA_HEADER.pack(PDU_P_DATA, 0, 6 + len(chunk), 2 + len(chunk), context_id,
                                  kind | 0x02 if last else kind) + chunk
 
 
 def _read_pdu(sock: socket.socket) -> tuple[int, bytes]:
-    kind, _, length = _PDU_HEADER.unpack(_read_exactly(sock, 6))
+    kind, _, length = PDU_HEADER.unpack(_read_exactly(sock, 6))
     if length > _LARGEST_ANSWER:
         raise EOFError(f"PDU of {length} bytes")
     return kind, _read_exactly(sock, length)
@@ -338,7 +347,7 @@ def _read_exactly(sock: socket.socket, n: int) -> bytes:
 
 def _abort(sock: socket.socket) -> None:
     try:
-        sock.sendall(_PDU_HEADER.pack(_A_ABORT, 0, 4) + bytes(4))
+        sock.sendall(abort_pdu())
     except OSError:
         pass
     sock.close()

@@ -252,8 +252,10 @@ def read_pdu(conn: socket.socket) -> tuple[int, bytes]:
     return kind, body
 
 
-def response(message_id: int, status: int = 0, command_field: int = 0x8001, control: int = 0x03) -> bytes:
-    elements = [(0x0100, struct.pack("<H", command_field)), (0x0120, struct.pack("<H", message_id)),
+def response(message_id: int, status: int = 0, command_field: int = 0x8001, control: int = 0x03,
+             responding_to: bytes | None = None) -> bytes:
+    responding_to = struct.pack("<H", message_id) if responding_to is None else responding_to
+    elements = [(0x0100, struct.pack("<H", command_field)), (0x0120, responding_to),
                 (0x0800, struct.pack("<H", 0x0101)), (0x0900, struct.pack("<H", status))]
     body = b"".join(struct.pack("<HHI", 0, e, len(v)) + v for e, v in elements)
     command = struct.pack("<HHII", 0, 0, 4, len(body)) + body
@@ -262,6 +264,7 @@ def response(message_id: int, status: int = 0, command_field: int = 0x8001, cont
 
 @pytest.mark.parametrize(("answer", "why"), [
     (lambda mid: response(mid + 1), "another message ID"),
+    (lambda mid: response(mid, responding_to=struct.pack("<I", mid)), "another message ID"),
     (lambda mid: response(mid, command_field=0x8020), "not a C-STORE response"),
     (lambda mid: response(mid, control=0x02), "data set where a C-STORE response was due"),
     (lambda mid: struct.pack(">BBI", 9, 0, 4) + bytes(4), "unexpected PDU type 0x09"),
