@@ -14,7 +14,11 @@ Instance UIDs), for an honest broker; with ``[audit] pixel_text = true`` the tab
 ``pixel_text`` keeps the text read off masked pixel regions.
 
 One writer thread batches inserts (one transaction per ~100 ms or per ``MAX_BATCH`` rows),
-so a busy node pays a queue append per event. ``deid-router crosswalk export`` and
+so a busy node pays a queue append per event. The crosswalk and pixel text have no other
+copy once the original is gone: ``after_written`` runs a function once everything queued
+before it is committed (and, with either on, synced to disk), and the de-identify stage
+removes an instance's original only then. A kill loses at most events, never a crosswalk
+row of an instance whose original was removed. ``deid-router crosswalk export`` and
 ``deid-router audit`` read it back.
 """
 
@@ -26,7 +30,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TextIO
@@ -162,6 +166,10 @@ class AuditStore:
         if batch:
             self._queue.put(("text", batch))
 
+    def after_written(self, function: Callable[[], None]) -> None:
+        """Call function (on the writer's thread) once every row queued so far is committed."""
+        self._queue.put(("after", function))
+
     def close(self) -> None:
         """Write what is queued and stop the writer."""
         self._queue.put(None)
@@ -169,7 +177,9 @@ class AuditStore:
 
     def _write(self) -> None:
         connection = sqlite3.connect(self.path, check_same_thread=False)
-        connection.execute("PRAGMA synchronous=NORMAL")
+        # FULL syncs the log at each commit (one fsync per batch): the crosswalk must
+        # survive a power cut as the spool does. Events alone need not.
+        connection.execute(f"PRAGMA synchronous={'FULL' if self.crosswalk or self.pixel_text else 'NORMAL'}")
         stopping = False
         while not stopping:
             batch = [self._queue.get()]
@@ -179,10 +189,12 @@ class AuditStore:
                     batch.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
                 except queue.Empty:
                     break
-            events, links, maps, texts = [], [], [], []
+            events, links, maps, texts, afterwards = [], [], [], [], []
             for item in batch:
                 if item is None:
                     stopping = True
+                elif item[0] == "after":
+                    afterwards.append(item[1])
                 elif item[0] == "event":
                     row = item[1]
                     events.append(row)
@@ -203,6 +215,11 @@ class AuditStore:
                         f"INSERT INTO pixel_text VALUES ({', '.join('?' * len(PIXEL_TEXT_COLUMNS))})", texts)
             except sqlite3.Error as exc:
                 log.error("audit_write_failed", error=type(exc).__name__, rows=len(events) + len(maps) + len(texts))
+            for function in afterwards:  # after a failed write too: it is logged, the node goes on
+                try:
+                    function()
+                except Exception as exc:  # noqa: BLE001 - the writer must outlive its callers' errors
+                    log.error("audit_callback_failed", error=type(exc).__name__)
         connection.close()
 
 

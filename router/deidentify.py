@@ -542,7 +542,8 @@ class DeidStage:
             self._retire_batch()
 
     def _retire_batch(self) -> None:
-        """Make a batch's outgoing links durable, then remove their incoming files."""
+        """Make a batch's outgoing links durable, then remove their incoming files once the
+        audit store holds their records (the crosswalk: see router.audit)."""
         batch, self._retire = self._retire, []
         try:
             self.spool.sync_outgoing(sorted({dest for _path, routes, _size in batch for dest in routes}))
@@ -551,9 +552,16 @@ class DeidStage:
             self._retire = batch + self._retire
             self._retire_since = time.monotonic()
             return
-        for path, _routes, size in batch:
-            self.spool.recycle(path, size)
-            self._forget(path)
+
+        def remove_originals() -> None:
+            for path, _routes, size in batch:
+                self.spool.recycle(path, size)
+                self._forget(path)
+
+        if self.events:
+            self.events.after_recorded(remove_originals)
+        else:
+            remove_originals()
 
     def _assign(self) -> None:
         """Idle workers first, then one more for each (PREFETCH): two instances never wait

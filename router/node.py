@@ -22,6 +22,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from collections.abc import Callable
 
 from router import config as config_module
 from router.config import Config
@@ -208,6 +209,14 @@ class NodeEvents:
                 self.audit.map(*info["crosswalk"])
             if info.get("pixel_text"):
                 self.audit.record_pixel_text((info["sop_instance_uid"], *region) for region in info["pixel_text"])
+
+    def after_recorded(self, function: Callable[[], None]) -> None:
+        """Call function once what was reported so far is in the audit store (at once
+        without one): originals may go only after their crosswalk rows are written."""
+        if self.audit:
+            self.audit.after_written(function)
+        else:
+            function()
 
     def quarantined(self, stage: str, where: str, reason: str, spool_id: str | None = None,
                     sop_instance_uid: str | None = None) -> None:

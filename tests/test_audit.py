@@ -97,6 +97,32 @@ def test_store_is_private_serialized_and_links_an_instance_history(tmp_path: Pat
         AuditStore(tmp_path / "a-file" / "store.db")
 
 
+def test_after_written_runs_once_the_rows_queued_before_it_are_committed(tmp_path: Path):
+    db = tmp_path / "store.db"
+    store = AuditStore(db, crosswalk=True)
+    seen: list[tuple[int, int]] = []
+    done = threading.Event()
+
+    def check() -> None:  # what another connection (a reader, a restarted node) sees by then
+        seen.append((rows(db, "SELECT count(*) FROM crosswalk")[0][0], rows(db, "SELECT count(*) FROM events")[0][0]))
+        done.set()
+
+    try:
+        for n in range(300):
+            store.event("deidentified", spool_id=f"s{n}", sop_instance_uid=f"2.25.{n}")
+            store.map({"sop_instance_uid": f"1.2.{n}"}, {"sop_instance_uid": f"2.25.{n}"})
+        store.after_written(check)
+        assert done.wait(10)
+        assert seen == [(300, 300)]
+        store.after_written(lambda: 1 / 0)  # a failing function is logged; the writer goes on
+        store.after_written(check)
+        done.clear()
+        assert done.wait(10)
+    finally:
+        store.close()
+    assert seen == [(300, 300), (300, 300)]
+
+
 def test_file_mode_records_events_and_crosswalk(tmp_path: Path, corpus_dir: Path):
     db = tmp_path / "audit" / "store.db"
     config = tmp_path / "router.toml"

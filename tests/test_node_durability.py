@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -46,8 +47,10 @@ def acknowledged(log: Path, files: list[Path]) -> list[Path]:
 
 
 def test_sigkill_mid_transfer_loses_no_acknowledged_instance(tmp_path: Path, ct300: list[Path]) -> None:
+    audit = tmp_path / "audit.db"
     with Orthanc(tmp_path) as pacs:
-        router = Router(tmp_path, [dicom_destination("pacs", "127.0.0.1", pacs.dicom_port, pacs.aet)])
+        router = Router(tmp_path, [dicom_destination("pacs", "127.0.0.1", pacs.dicom_port, pacs.aet)],
+                        sections={"audit": {"path": str(audit), "crosswalk": True}})
         with router:
             sender = storescu_background(router.port, ct300, tmp_path / "storescu-1.log")
             wait_until(lambda: len(router.events("received")) >= 100, timeout=60, interval=0.02,
@@ -71,6 +74,14 @@ def test_sigkill_mid_transfer_loses_no_acknowledged_instance(tmp_path: Path, ct3
                        timeout=30, what="an empty spool")
             assert router.files("quarantine", "deidentify") == []
             assert router.stop() == 0
+        # The crosswalk maps every delivered instance: an original is removed only after its
+        # row is in the audit store, so the kill lost none (a killed node re-does the rest).
+        connection = sqlite3.connect(f"file:{audit}?mode=ro", uri=True)
+        try:
+            mapped = dict(connection.execute("SELECT original, pseudonym FROM crosswalk WHERE kind = 'sop_instance_uid'"))
+        finally:
+            connection.close()
+        assert {mapped.get(original_ids(p)["SOPInstanceUID"]) for p in ct300} == expected_uids(ct300)
 
 
 def test_sigterm_exits_zero_and_accounts_for_every_acknowledged_instance(tmp_path: Path, ct300: list[Path]) -> None:
