@@ -25,6 +25,8 @@ from pydicom.uid import ImplicitVRLittleEndian
 LONG_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "UC", "UN", "UR", "UT", "SV", "UV"})
 #: VRs whose values pydicom holds as str and which are written as the string, padded.
 ASCII_TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "LO", "LT", "SH", "ST", "TM", "UC", "UI", "UR", "UT"})
+#: Binary VRs whose values pydicom writes as the bytes they hold.
+_BYTES_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
 UNDEFINED = 0xFFFFFFFF
 ITEM_START = struct.pack("<HHI", 0xFFFE, 0xE000, UNDEFINED)
 ITEM_END = struct.pack("<HHI", 0xFFFE, 0xE00D, 0)
@@ -203,6 +205,12 @@ def _encode_converted(tag: int, elem: DataElement, implicit: bool, encodings, ou
             header = _header(tag, vr, len(data), implicit)
             out += (header, data)
             return len(header) + len(data)
+    elif vr in _BYTES_VRS and type(elem.value) is bytes and not len(elem.value) & 1 and not elem.is_undefined_length:
+        # Pixel data (masked, or converted to be looked at) as it is: pydicom's writer would
+        # copy it twice, a second and third copy of a large instance in memory.
+        header = _header(tag, vr, len(elem.value), implicit)
+        out += (header, elem.value)
+        return len(header) + len(elem.value)
     fp = DicomBytesIO()
     fp.is_implicit_VR, fp.is_little_endian = implicit, True
     write_data_element(fp, elem, encodings)

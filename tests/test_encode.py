@@ -85,6 +85,21 @@ def test_fast_writer_matches_pydicom(path: Path, deidentifier: Deidentifier):
         assert b"UN" in theirs  # only explicit VR UN elements may be written differently
 
 
+def test_binary_values_are_written_as_they_are_held() -> None:
+    """Masked pixel data is a bytes value pydicom would copy twice on writing: a large
+    instance would need three times its size in memory."""
+    ds = read_instance(CORPUS / "pydicom__CT_small.dcm")
+    masked = bytes(len(ds.PixelData))  # as the pixel stage sets it: a new bytes value
+    ds.PixelData = masked
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
+    chunks = part10_bytes(ds, implicit=False)
+    assert any(chunk is masked for chunk in chunks)
+    written = b"".join(chunks)
+    out = io.BytesIO()
+    ds.save_as(out, implicit_vr=False, little_endian=True, enforce_file_format=True)
+    assert written[128:] == out.getvalue()[128:]
+
+
 def command_sets() -> list[Dataset]:
     from pynetdicom.dimse_messages import C_ECHO_RQ, C_ECHO_RSP, C_STORE_RQ, C_STORE_RSP
     from pynetdicom.dimse_primitives import C_ECHO
