@@ -714,6 +714,7 @@ def _write(ds: Dataset, arr: np.ndarray, photometric: str, ts: UID, encapsulated
             # big endian input stays big endian: pydicom writes a dataset read that way only
             # in its own byte order, and Pixel Data bytes are written as they are
             order = ">" if ts_in == ExplicitVRBigEndian and not encapsulated else "<"
+            del ds[keyword]  # the stored pixels, decoded in arr: not a third copy in memory
             data = np.ascontiguousarray(arr.astype(arr.dtype.newbyteorder(order), copy=False)).tobytes()
             expected = frames * rows * cols * samples * allocated // 8
             if len(data) != expected:
