@@ -56,6 +56,8 @@ TEXT_VRS = frozenset({"LO", "SH", "ST", "LT", "UT", "UC", "PN"})
 DATE_VRS = frozenset({"DA", "DT"})
 NUMERIC_VRS = frozenset({"FL", "FD", "SL", "SS", "UL", "US", "SV", "UV", "AT"})
 BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
+#: Pixel Data, Float and Double Float Pixel Data: the pixel stage looks at what they show.
+_PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
 #: What a D sequence's items have replaced by dummies: every VR that can name or date someone.
 _DUMMIED_IN_ITEMS = TEXT_VRS | DATE_VRS | BINARY_VRS | {"TM", "AE", "AS", "UR"}
 #: Top-level sequences up to this size are de-identified once per process and patient
@@ -369,6 +371,10 @@ class Deidentifier:
             ds[tag] = DataElement(tag, vr, _vm([v for v in shifted if v is not None]))
         elif vr in TEXT_VRS:
             self._clean_text(ds, tag, vr, patient)
+        elif vr in BINARY_VRS and tag not in _PIXEL_TAGS and _holds_identifying_text(_get(ds, tag), patient.scrub):
+            # A binary value that spells the patient's name or an identifier: a vendor blob
+            # with text in it, or a damaged length that swallowed the elements after it.
+            del ds[tag]
 
     def _clean_text(self, ds: Dataset, tag: int, vr: str, patient: _Patient) -> None:
         raw = _get(ds, tag)
@@ -960,6 +966,17 @@ def _get(ds: Dataset, tag: int):
     """``ds.get_item(tag)`` for an int tag, without pydicom's argument conversion (~2 us,
     and the engine looks elements up ~500 times per instance)."""
     return ds._dict.get(tag)
+
+
+def _holds_identifying_text(raw, scrub: re.Pattern[str] | None) -> bool:
+    """Does a binary value contain one of the instance's identifying values, as ASCII,
+    Latin-1 or UTF-8 text?"""
+    value = raw.value if isinstance(raw, (RawDataElement, DataElement)) else None
+    if scrub is None or not isinstance(value, (bytes, bytearray)) or not value:
+        return False
+    if scrub.search(value.decode("latin-1")):
+        return True
+    return not value.isascii() and scrub.search(value.decode("utf-8", "ignore")) is not None
 
 
 def _strings(raw) -> list[str]:

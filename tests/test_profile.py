@@ -325,6 +325,22 @@ def test_unlisted_person_names_are_replaced(tmp_path):
     assert out[0x00142006].value == "ANON" and b"Evaluator" not in data
 
 
+def test_binary_values_spelling_an_identifier_are_removed(tmp_path):
+    ds = instance()
+    # Record Key and ICC Profile are not in Table E.1-1: kept, unless they spell the
+    # patient's name or an identifier (a vendor blob, or a damaged length that swallowed
+    # the elements after it).
+    ds.add_new(0x0008041B, "OB", b"\x01\x02record of SMITH, MRN-4711\x00")
+    ds.add_new(0x00282000, "OB", b"\x00\x00\x02\x0clcms\x02\x10\x00\x00mntrRGB XYZ ")
+    ds.add_new(0x00281201, "OW", "Müller".encode("utf-8") + b"\x00\x00")  # as UTF-8 in an ISO_IR 100 instance
+    ds.PatientName = "Müller^Hans"
+    out, data = roundtrip(ds, engine(), tmp_path)
+    assert 0x0008041B not in out and b"MRN-4711" not in data and b"SMITH" not in data
+    assert 0x00281201 not in out
+    assert out[0x00282000].value == ds[0x00282000].value
+    assert out.PixelData == ds.PixelData  # the pixel stage's business, not this check's
+
+
 def test_element_stored_as_un(tmp_path):
     ds = instance()
     del ds.OtherPatientIDs
