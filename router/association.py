@@ -88,10 +88,14 @@ class StoreAssociation:
     @classmethod
     def request(cls, host: str, port: int, calling_ae: str, called_ae: str, proposed: list[tuple[str, str]],
                 timeout: float, max_pdu: int, implementation: tuple[str, str],
-                tls: tuple[ssl.SSLContext, str] | None = None) -> StoreAssociation:
-        """Connect and negotiate: one presentation context per (SOP class, transfer syntax)."""
+                tls: tuple[ssl.SSLContext, str] | None = None,
+                negotiation_timeout: float | None = None) -> StoreAssociation:
+        """Connect and negotiate: one presentation context per (SOP class, transfer syntax).
+
+        ``timeout`` bounds every wait on the association; ``negotiation_timeout`` (default:
+        the same) bounds connecting and the destination's answer to the request."""
         try:
-            sock = socket.create_connection((host, port), timeout=timeout)
+            sock = socket.create_connection((host, port), timeout=negotiation_timeout or timeout)
         except OSError as exc:
             raise AssociationError(f"cannot connect: {type(exc).__name__}") from None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -55,6 +55,7 @@ OVERRIDE_ACTIONS = ("keep", "remove", "empty", "dummy", "replace", "pseudonym", 
 DEFAULT_SPOOL_DIR = Path("deid-router-spool")
 DEFAULT_OUT_DIR = Path("deid-router-out")
 SECRET_FILE_NAME = "site-secret"
+MAX_ASSOCIATIONS_PER_DESTINATION = 8
 
 
 class ConfigError(ValueError):
@@ -119,6 +120,9 @@ class Destination:
     retry_max_seconds: float = 300.0
     idle_timeout_seconds: float = 20.0
     timeout_seconds: float = 30.0
+    #: Associations at once toward a DICOM destination (see router.forward: the second
+    #: opens only while a backlog waits, and only if the destination takes it at once).
+    associations: int = 2
     tls: TlsConfig | None = None
 
 
@@ -555,9 +559,16 @@ class _Reader:
                 retry_max_seconds=float(self.get(t, k("retry_max_seconds"), (int, float), d.retry_max_seconds)),
                 idle_timeout_seconds=float(self.get(t, k("idle_timeout_seconds"), (int, float), d.idle_timeout_seconds)),
                 timeout_seconds=float(self.get(t, k("timeout_seconds"), (int, float), d.timeout_seconds)),
+                associations=self.associations(k("associations"), self.get(t, k("associations"), int, d.associations)),
                 tls=self.tls(k("tls"), t["tls"], server=False) if "tls" in t else None,
             ))
         return tuple(result)
+
+    def associations(self, key: tuple[str, ...], value: int) -> int:
+        if not 1 <= value <= MAX_ASSOCIATIONS_PER_DESTINATION:
+            self.problem(key, f"must be 1 to {MAX_ASSOCIATIONS_PER_DESTINATION}")
+            return 1
+        return value
 
     def tls(self, key: tuple[str, ...], value: Any, server: bool) -> TlsConfig | None:
         known = {"certificate", "private_key", "ca_certificates"} | (

@@ -1,9 +1,10 @@
 """The export stage: one forwarder per destination, working through outgoing/<dest>/.
 
-DICOM destinations: a C-STORE SCU on the forwarder's own thread (``router.association``;
-our calling AE title toward it: ``Destination.calling_ae_title``) keeps one association
+DICOM destinations: a C-STORE SCU on a thread of the forwarder (``router.association``;
+our calling AE title toward it: ``Destination.calling_ae_title``) keeps an association
 open across instances and releases it after ``idle_timeout_seconds`` without work; one the
-destination ended while idle is noticed before the next send and made again. Its
+destination ended while idle is noticed before the next send and made again. Up to
+``associations`` of them send at once while a backlog waits (see ``Forwarder``). Its
 presentation contexts are built from what is waiting to be sent (SOP class x {the file's
 transfer syntax, Explicit VR LE, Implicit VR LE}, at most 128); a new SOP class or
 transfer syntax means a new association. An instance goes in its own transfer syntax,
@@ -67,6 +68,10 @@ MAX_PDU = 131072
 LOOKAHEAD = 256
 #: Look for outgoing files nobody told us about (a lost notification) this often when idle.
 RESCAN_SECONDS = 60.0
+#: An extra association (a second lane) must be accepted within this, else the lane rests
+#: this long and the destination keeps one association.
+EXTRA_ASSOCIATION_SECONDS = 3.0
+EXTRA_REST_SECONDS = 60.0
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 
 
@@ -187,8 +192,9 @@ class Outcome:
 class DicomSender:
     """One kept-open association toward a DICOM destination (``router.association``)."""
 
-    def __init__(self, dest: Destination, node: NodeConfig):
+    def __init__(self, dest: Destination, node: NodeConfig, negotiation_timeout: float | None = None):
         self.dest = dest
+        self.negotiation_timeout = negotiation_timeout
         self.calling_ae = dest.calling_ae_title or node.ae_title
         self.assoc: StoreAssociation | None = None
         self.tls_args = client_context(dest) if dest.tls else None
@@ -239,7 +245,8 @@ class DicomSender:
             assoc = StoreAssociation.request(
                 self.dest.host, self.dest.port, self.calling_ae, self.dest.ae_title, contexts,
                 timeout=self.dest.timeout_seconds, max_pdu=MAX_PDU,
-                implementation=(IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION), tls=self.tls_args)
+                implementation=(IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION), tls=self.tls_args,
+                negotiation_timeout=self.negotiation_timeout)
         except ssl.SSLError as exc:
             failure = self.tls_args[0].take_failure() if self.tls_args else None
             return f"TLS handshake failed: {failure or exc.reason or type(exc).__name__}"
@@ -441,7 +448,16 @@ def _makedirs(folder: Path) -> list[Path]:
 
 # ------------------------------------------------------------------------ forwarder
 class Forwarder:
-    """Works through outgoing/<dest>/ oldest first, in a thread of its own."""
+    """Works through outgoing/<dest>/ oldest first, on one thread per association (lane).
+
+    A DICOM destination gets up to ``associations`` lanes: the first always sends; the
+    others take an instance only while another lane is busy, so a second association
+    sends while the first waits for the destination's answer (a PACS that fsyncs every
+    file answers in milliseconds). An extra lane whose association is not accepted within
+    EXTRA_ASSOCIATION_SECONDS (dcmtk's storescp without --fork serves one association at
+    a time; a PACS may limit them) hands its instance back and rests EXTRA_REST_SECONDS:
+    only the first lane decides that a destination is down.
+    """
 
     def __init__(self, dest: Destination, spool: Spool, node: NodeConfig,
                  on_event: Callable[..., None] = lambda *event: None):
@@ -450,7 +466,12 @@ class Forwarder:
         #: ("delivered", freed bytes, send s, latency s, sop uid, study uid, series uid, patient),
         #: ("retried", sop uid, detail), ("quarantined", sop uid, reason), ("state", up|down, detail)
         self.on_event = on_event
-        self.sender = FolderSender(dest) if dest.type == "folder" else DicomSender(dest, node)
+        if dest.type == "folder":
+            self.senders: list[FolderSender | DicomSender] = [FolderSender(dest)]
+        else:
+            self.senders = [DicomSender(dest, node)] + [
+                DicomSender(dest, node, negotiation_timeout=min(dest.timeout_seconds, EXTRA_ASSOCIATION_SECONDS))
+                for _ in range(dest.associations - 1)]
         self._cond = threading.Condition()
         self._ready: collections.deque[Item] = collections.deque()
         self._delayed: list[tuple[float, int, Item]] = []
@@ -461,13 +482,16 @@ class Forwarder:
         self._outage_backoff = 0.0
         self._outage_started: float | None = None
         self._last_rescan = time.monotonic()
-        self._busy = False
-        self._thread = threading.Thread(target=self._run, name=f"forward-{dest.name}", daemon=True)
+        self._busy = 0  # lanes sending now
+        self._resting_until = [0.0] * len(self.senders)
+        self._threads = [threading.Thread(target=self._run, args=(lane,), name=f"forward-{dest.name}-{lane}",
+                                          daemon=True) for lane in range(len(self.senders))]
         self.stats = collections.Counter()
 
     # -------------------------------------------------------------- interface
     def start(self) -> None:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     def enqueue(self, routed: Routed) -> None:
         self._add(Item(routed.path, routed))
@@ -480,13 +504,15 @@ class Forwarder:
 
     def pending(self) -> int:
         with self._cond:
-            return len(self._ready) + len(self._delayed) + (1 if self._busy else 0)
+            return len(self._ready) + len(self._delayed) + self._busy
 
     def stop(self, timeout: float = 30.0) -> None:
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
-        self._thread.join(timeout)
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def _add(self, item: Item) -> None:
         with self._cond:
@@ -494,11 +520,15 @@ class Forwarder:
                 return
             self._known.add(item.path)
             self._ready.append(item)
-            self._cond.notify()
+            self._cond.notify_all()
 
     def _forget(self, item: Item) -> None:
         with self._cond:
             self._known.discard(item.path)
+
+    def _count(self, what: str) -> None:
+        with self._cond:
+            self.stats[what] += 1
 
     def _lookahead(self) -> list[tuple[str, str]]:
         with self._cond:
@@ -514,9 +544,11 @@ class Forwarder:
         return pairs
 
     # -------------------------------------------------------------------- loop
-    def _run(self) -> None:
+    def _run(self, lane: int) -> None:
+        sender = self.senders[lane]
         while True:
             item = None
+            join = False  # an extra lane's first step: an association, before it takes anything
             with self._cond:
                 if self._stopping:
                     break
@@ -527,46 +559,62 @@ class Forwarder:
                 if now < self._unavailable_until:
                     self._cond.wait(self._unavailable_until - now)
                     continue
-                if self._ready:
-                    item = self._ready.popleft()
-                    self._busy = True
+                # An extra lane helps only while another one is busy on an association (not
+                # during an outage), and not while it rests.
+                if self._ready and (lane == 0 or (self._busy and self.senders[0].connected
+                                                  and now >= self._resting_until[lane])):
+                    if lane and not sender.connected:
+                        join = True
+                    else:
+                        item = self._ready.popleft()
+                        self._busy += 1
+                        if self._ready and len(self.senders) > 1:
+                            self._cond.notify_all()  # a backlog: an extra lane may help now
                 else:
                     waits = [RESCAN_SECONDS - (now - self._last_rescan)]
                     if self._delayed:
                         waits.append(self._delayed[0][0] - now)
-                    if self.sender.connected:
-                        waits.append(self.sender.last_used + self.dest.idle_timeout_seconds - now)
+                    if sender.connected:
+                        waits.append(sender.last_used + self.dest.idle_timeout_seconds - now)
+                    if lane and self._resting_until[lane] > now:
+                        waits.append(self._resting_until[lane] - now)
                     self._cond.wait(max(0.01, min(waits)))
+            if join:
+                self._join(lane)
+                continue
             if item is None:
-                self._idle_chores()
+                self._idle_chores(lane)
                 continue
             try:
-                self._handle(item)
+                self._handle(item, lane)
             except Exception as exc:
                 log.error("forward_error", destination=self.dest.name, error=describe_exception(exc))
                 self._schedule_retry(item, f"internal error: {describe_exception(exc)}", None, "error")
             finally:
                 with self._cond:
-                    self._busy = False
-        self.sender.close(reason="stopping")
+                    self._busy -= 1
+                    self._cond.notify_all()
+        sender.close(reason="stopping")
 
-    def _idle_chores(self) -> None:
+    def _idle_chores(self, lane: int) -> None:
         now = time.monotonic()
-        if self.sender.connected and now - self.sender.last_used >= self.dest.idle_timeout_seconds:
-            self.sender.close(reason="idle")
-        if now - self._last_rescan >= RESCAN_SECONDS:
-            self._last_rescan = now
-            found = 0
-            for path in self.spool.list_outgoing(self.dest.name):
-                with self._cond:
-                    known = path in self._known
-                if not known:
-                    self._add(Item(path))
-                    found += 1
-            if found:
-                log.warning("outgoing_found", destination=self.dest.name, count=found)
+        sender = self.senders[lane]
+        if sender.connected and now - sender.last_used >= self.dest.idle_timeout_seconds:
+            sender.close(reason="idle")
+        if lane or now - self._last_rescan < RESCAN_SECONDS:
+            return
+        self._last_rescan = now
+        found = 0
+        for path in self.spool.list_outgoing(self.dest.name):
+            with self._cond:
+                known = path in self._known
+            if not known:
+                self._add(Item(path))
+                found += 1
+        if found:
+            log.warning("outgoing_found", destination=self.dest.name, count=found)
 
-    def _handle(self, item: Item) -> None:
+    def _handle(self, item: Item, lane: int = 0) -> None:
         if item.info is None:
             try:
                 item.info = read_info(item.path)
@@ -600,7 +648,7 @@ class Forwarder:
             return
         started = time.perf_counter()
         try:
-            outcome = self.sender.send(item, self._lookahead)
+            outcome = self.senders[lane].send(item, self._lookahead)
         except FileNotFoundError:
             self._forget(item)  # a duplicate of an instance already delivered
             return
@@ -611,7 +659,7 @@ class Forwarder:
             self._recovered()
             freed = self.spool.delivered(item.path, self.dest.name)
             self._forget(item)
-            self.stats["forwarded"] += 1
+            self._count("forwarded")
             latency = max(0.0, time.time() - acknowledged)
             self.on_event("delivered", freed, seconds, latency, info.sop_instance_uid, info.study_instance_uid,
                           info.series_instance_uid, info.patient_pseudonym)
@@ -622,6 +670,8 @@ class Forwarder:
             if outcome.status:
                 log.warning("forwarded_with_warning", destination=self.dest.name,
                             sop_instance_uid=info.sop_instance_uid, status=status_text(outcome.status))
+        elif outcome.kind == "unavailable" and lane:
+            self._rest(lane, item, outcome.detail)
         elif outcome.kind == "unavailable":
             self._unavailable(item, outcome.detail)
         elif outcome.kind == "retry" and item.free_retries < 2:
@@ -640,7 +690,7 @@ class Forwarder:
             self._quarantine(item, detail, status)
             return
         delay = min(self.dest.retry_max_seconds, self.dest.retry_initial_seconds * 2 ** max(0, item.attempts - 1))
-        self.stats["retried"] += 1
+        self._count("retried")
         self.on_event("retried", uid, detail)
         log.warning("retried", destination=self.dest.name, sop_instance_uid=uid, attempt=item.attempts,
                     max_attempts=self.dest.max_attempts, reason=detail,
@@ -666,34 +716,54 @@ class Forwarder:
                 heapq.heappush(self._delayed, (time.monotonic() + self.dest.retry_max_seconds, next(self._seq), item))
             return
         self._forget(item)
-        self.stats["quarantined"] += 1
+        self._count("quarantined")
         self.on_event("quarantined", uid, reason)
         log.warning("quarantined", stage="forward", destination=self.dest.name, sop_instance_uid=uid,
                     reason=reason, attempts=item.attempts,
                     status=f"0x{status:04X}" if status is not None else None)
 
+    def _join(self, lane: int) -> None:
+        """An extra lane associates first, holding no instance: a destination that serves
+        one association at a time must not keep an instance waiting for its answer."""
+        problem = self.senders[lane].connect(self._lookahead())
+        if problem:
+            self._rest(lane, None, problem)
+
+    def _rest(self, lane: int, item: Item | None, detail: str) -> None:
+        """An extra lane's association was not accepted: its instance (if it held one) goes
+        back to the head of the queue, for the first lane, and the lane rests."""
+        with self._cond:
+            if item is not None:
+                self._ready.appendleft(item)
+            self._resting_until[lane] = time.monotonic() + EXTRA_REST_SECONDS
+            self._cond.notify_all()
+        log.info("extra_association_refused", destination=self.dest.name, lane=lane, reason=detail,
+                 retry_in_s=EXTRA_REST_SECONDS)
+
     def _unavailable(self, item: Item, detail: str) -> None:
         now = time.monotonic()
-        if self._outage_started is None:
-            self._outage_started = now
-        self._outage_backoff = min(self.dest.retry_max_seconds,
-                                   max(self.dest.retry_initial_seconds, self._outage_backoff * 2))
         with self._cond:
+            if self._outage_started is None:
+                self._outage_started = now
+            self._outage_backoff = min(self.dest.retry_max_seconds,
+                                       max(self.dest.retry_initial_seconds, self._outage_backoff * 2))
             self._ready.appendleft(item)
             self._unavailable_until = now + self._outage_backoff
-            queued = len(self._ready) + len(self._delayed)
-        self.stats["unavailable"] += 1
+            queued = len(self._ready) + len(self._delayed) + self._busy - 1
+            backoff, started = self._outage_backoff, self._outage_started
+            self.stats["unavailable"] += 1
         self.on_event("state", "down", detail)
         log.warning("destination_unavailable", destination=self.dest.name, reason=detail, queued=queued,
-                    retry_in_s=round(self._outage_backoff, 3), down_for_s=round(now - self._outage_started, 1))
+                    retry_in_s=round(backoff, 3), down_for_s=round(now - started, 1))
 
     def _recovered(self) -> None:
-        if self._outage_started is not None:
+        with self._cond:
+            started, self._outage_started = self._outage_started, None
+            self._outage_backoff = 0.0
+        if started is not None:
             self.on_event("state", "up", None)
             log.info("destination_available", destination=self.dest.name,
-                     down_for_s=round(time.monotonic() - self._outage_started, 1))
-        self._outage_started = None
-        self._outage_backoff = 0.0
+                     down_for_s=round(time.monotonic() - started, 1))
 
 
 # ------------------------------------------------------------------ forwarder processes

@@ -52,6 +52,16 @@ def test_every_mistake_is_reported_with_key_and_line():
     assert len(problems) == 4
 
 
+def test_associations_per_destination_are_bounded():
+    for value, ok in ((1, True), (8, True), (0, False), (9, False)):
+        text = DOCUMENTED.replace('port = 4242', f'port = 4242\nassociations = {value}', 1)
+        if ok:
+            assert parse(text).destinations[0].associations == value
+        else:
+            with pytest.raises(ConfigError, match="destinations.0.associations: must be 1 to 8"):
+                parse(text)
+
+
 def test_toml_syntax_error_names_the_line():
     with pytest.raises(ConfigError, match="line 2"):
         parse("[node]\nport = = 3\n")

@@ -10,6 +10,7 @@ instance. Random choices come from DEID_FAULT_SEED (printed, so a failure can be
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import io
 import os
@@ -32,7 +33,7 @@ from pynetdicom.sop_class import CTImageStorage, SecondaryCaptureImageStorage
 
 import mutations
 from bench.synthetic import ct_series
-from peers import free_port
+from peers import StoreSCP, free_port
 from test_node_support import (
     ROUTER_AET,
     Router,
@@ -179,8 +180,11 @@ class RecordingSCP:
     """A pynetdicom Storage SCP that keeps a hash of every data set it is sent, per SOP
     Instance UID, answers ``status_for(sop_class)`` and can be made to hang."""
 
-    def __init__(self, status_for=lambda sop_class: 0x0000, port: int | None = None):
+    def __init__(self, status_for=lambda sop_class: 0x0000, port: int | None = None, seconds_per_store: float = 0.0):
         self.status_for = status_for
+        self.seconds_per_store = seconds_per_store
+        self.storing = 0  # C-STOREs being answered now, and the most at once
+        self.most_storing = 0
         self.received: dict[str, list[str]] = {}
         self.hang = threading.Event()
         self.released = threading.Event()
@@ -200,8 +204,13 @@ class RecordingSCP:
     def _store(self, event) -> int:
         if self.hang.is_set():
             self.released.wait(120)
+        with self.lock:
+            self.storing += 1
+            self.most_storing = max(self.most_storing, self.storing)
+        time.sleep(self.seconds_per_store)  # a PACS writing and fsyncing the file
         data = event.encoded_dataset(include_meta=False)
         with self.lock:
+            self.storing -= 1
             self.received.setdefault(str(event.request.AffectedSOPInstanceUID), []).append(
                 hashlib.sha256(data).hexdigest())
         return self.status_for(str(event.request.AffectedSOPClassUID))
@@ -345,6 +354,47 @@ def test_hanging_destination_times_out_and_the_node_keeps_receiving(tmp_path: Pa
         assert_no_phi(router)
     finally:
         scp.stop()
+
+
+# ------------------------------------------------------------------- associations
+def test_a_slow_destination_gets_a_second_association_while_a_backlog_waits(tmp_path: Path) -> None:
+    series = phi_series(24)
+    files = write_all(tmp_path / "ct", series)
+    scp = RecordingSCP(seconds_per_store=0.1).start()  # slower than the sender: a backlog
+    try:
+        with Router(tmp_path, [dicom_destination("recorder", "127.0.0.1", scp.port, "RECORDER")]) as router:
+            assert set(send_all(router.port, files).values()) == {0x0000}
+            wait_until(lambda: new_uids(series) <= scp.uids(), timeout=60, what="all delivered")
+            assert scp.most_storing == 2  # two associations sending at once, never more
+            assert all(len(hashes) == 1 for hashes in scp.received.values())  # each instance once
+            assert not router.events("destination_unavailable") and not router.events("retried")
+            assert router.stop() == 0
+    finally:
+        scp.stop()
+
+
+def test_a_destination_serving_one_association_at_a_time_keeps_one_and_waits_for_none(tmp_path: Path) -> None:
+    """dcmtk's storescp without --fork answers a second association only after the first
+    ends: the extra lane gives up after a few seconds holding no instance, rests, and the
+    destination is not taken for down."""
+    series = phi_series(60)
+    files = write_all(tmp_path / "ct", series)
+    scp = StoreSCP(tmp_path / "scp")  # not listening yet: the instances queue up
+    dest = dicom_destination("scp", "127.0.0.1", scp.port, scp.aet, retry_initial_seconds=0.5, retry_max_seconds=0.5)
+    with Router(tmp_path, [dest]) as router:
+        assert set(send_all(router.port, files).values()) == {0x0000}
+        wait_until(lambda: len(router.files("outgoing", "scp")) == len(files), timeout=60, what="a backlog")
+        with scp.start():
+            wait_until(lambda: len(router.events("forwarded")) >= len(files), timeout=60, what="all forwarded")
+            wait_until(lambda: router.events("extra_association_refused"), timeout=10, what="the extra lane refused")
+            assert len(scp.files()) == len(files)
+        assert not router.events("retried")  # an outage charges no instance
+        assert len(router.events("destination_unavailable")) >= 1 and router.events("destination_available")
+        # The extra lane held no instance while it waited for storescp's answer (3 s): the
+        # deliveries follow one another without a pause.
+        times = sorted(dt.datetime.fromisoformat(e["timestamp"].rstrip("Z")) for e in router.events("forwarded"))
+        assert max((b - a).total_seconds() for a, b in zip(times, times[1:])) < 2.0
+        assert router.stop() == 0
 
 
 # ---------------------------------------------------------------------------- space
