@@ -13,7 +13,8 @@ Paths (rows; the ratio column compares a row's inst/s with its baselines'):
   storescu -> Orthanc (what a site would otherwise put there: as shipped, fsync on, and
   without fsync); storescu -> deid-router ->
   storescp with every default option but clean-pixel-data. Ratios router / pass-through
-  and router / Orthanc.
+  and router / Orthanc. Then storescu -> deid-router -> Orthanc (as a site deploys it)
+  against storescu -> Orthanc.
 - ocr: the pixel stage alone in one process (OCR itself: decode, detect, mask, encode;
   with the detector's time per call), then the router with the default options (OCR of
   every frame) on CT, on ultrasound images and on ultrasound clips, 1 worker and N

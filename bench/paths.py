@@ -31,6 +31,7 @@ PASS_THROUGH = "pass-through"
 ORTHANC = "storescu -> Orthanc"
 ORTHANC_NO_FSYNC = "storescu -> Orthanc, no fsync"
 ROUTER = "deid-router"
+ROUTER_TO_ORTHANC = "storescu -> deid-router -> Orthanc"
 
 
 def _plural(n: int, word: str) -> str:
@@ -74,6 +75,17 @@ def network(work: Path, files: list[Path], workers: int, *, path: str = "network
                                 note=f"all default options but clean-pixel-data, {_plural(workers, 'worker')}"))
         finally:
             router.stop()
+        if path == "network":
+            # As sites deploy it: the research PACS is Orthanc, on the same two cores.
+            orthanc = OrthancPeer(work / "orthanc-destination")
+            router = Node(work / "router-orthanc", orthanc, "router", options=METADATA_OPTIONS, workers=workers)
+            try:
+                rows.append(measure(path, ROUTER_TO_ORTHANC, files, port=router.port, aet=router.aet,
+                                    delivered=orthanc.count, tree_pid=router.pid, node=router,
+                                    baselines=(ORTHANC,), note="the router forwarding into Orthanc (fsync on)"))
+            finally:
+                router.stop()
+                orthanc.stop()
     finally:
         scp.stop()
     return rows
