@@ -360,7 +360,7 @@ def test_hanging_destination_times_out_and_the_node_keeps_receiving(tmp_path: Pa
 def test_a_slow_destination_gets_a_second_association_while_a_backlog_waits(tmp_path: Path) -> None:
     series = phi_series(24)
     files = write_all(tmp_path / "ct", series)
-    scp = RecordingSCP(seconds_per_store=0.1).start()  # slower than the sender: a backlog
+    scp = RecordingSCP(seconds_per_store=0.2).start()  # slower than the sender: a backlog
     try:
         with Router(tmp_path, [dicom_destination("recorder", "127.0.0.1", scp.port, "RECORDER")]) as router:
             assert set(send_all(router.port, files).values()) == {0x0000}
