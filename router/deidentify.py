@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import heapq
+import itertools
 import multiprocessing
 import os
 import queue
@@ -65,6 +66,13 @@ SYNC_BACKLOG = 2
 #: next from its pipe at once instead of waiting for the dispatcher (which shares a busy
 #: process with the receiving threads: ~2 ms per instance with 4 senders here).
 PREFETCH = 2
+#: A worker holds an instance in memory, twice its pixels when it decodes them for OCR:
+#: an instance larger than this goes to a worker only while no other worker holds one
+#: (the next smaller instances go ahead meanwhile), so that several very large
+#: multi-frames never sit in memory side by side.
+LARGE_INSTANCE_BYTES = 256 * 1024 * 1024
+#: How far past a large instance the dispatcher looks for a smaller one.
+LOOK_PAST = 64
 
 
 @dataclass(frozen=True)
@@ -573,17 +581,31 @@ class DeidStage:
                 with self._lock:
                     if not self._queue:
                         return
-                    path = self._queue.popleft()
+                    taken = self._next_for(worker)
+                if taken is None:
+                    continue  # only large instances wait, and another worker holds one
+                path, size = taken
                 spool_id = path.name[: -len(SUFFIX)] if path.name.endswith(SUFFIX) else path.stem
-                try:
-                    size = path.stat().st_size
-                except OSError:
-                    size = 0
                 worker.tasks.append(_Task(spool_id, path, size, time.monotonic()))
                 try:
                     worker.conn.send((spool_id, str(path)))
                 except (OSError, ValueError):
                     self._died(worker)
+
+    def _next_for(self, worker: _Worker) -> tuple[Path, int] | None:
+        """Take the next queued instance this worker may have, with its size (self._lock
+        held): the head, unless it is large while another worker holds a large one."""
+        large_elsewhere = any(task.size > LARGE_INSTANCE_BYTES for other in self._workers
+                              if other is not worker and not other.dead for task in other.tasks)
+        for index, path in enumerate(itertools.islice(self._queue, LOOK_PAST if large_elsewhere else 1)):
+            try:
+                size = path.stat().st_size
+            except OSError:
+                size = 0  # gone or unreadable: the worker says so
+            if not large_elsewhere or size <= LARGE_INSTANCE_BYTES:
+                del self._queue[index]
+                return path, size
+        return None
 
     def _receive(self, worker: _Worker) -> None:
         try:

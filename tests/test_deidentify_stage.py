@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
 import shutil
 import threading
 import time
@@ -12,7 +13,7 @@ from test_node_support import NODE_TEST_OPTIONS
 
 from bench.synthetic import write_ct_series
 from router import config as config_module
-from router.deidentify import DeidStage, Routed, _Task, _Worker
+from router.deidentify import LARGE_INSTANCE_BYTES, DeidStage, Routed, _Task, _Worker
 from router.spool import Spool
 
 
@@ -109,3 +110,33 @@ def test_a_dead_worker_blames_only_the_instance_it_was_computing(tmp_path: Path)
             assert not computing.exists()
             assert [p.name for p in spool.quarantine_dir("deidentify").glob("*.dcm")] == [computing.name]
     assert synced.exists()
+
+
+def test_large_instances_never_wait_in_two_workers_at_once_and_smaller_ones_go_ahead(tmp_path: Path) -> None:
+    config = _config(tmp_path / "spool", workers=2)
+    spool = Spool(config.node.spool_dir, ["pacs"])
+    spool.create()
+    large = LARGE_INSTANCE_BYTES + 1
+    names = ["large-1", "small-1", "large-2", "small-2"]
+    paths = []
+    for name in names:
+        path = spool.incoming / f"{name}.dcm"
+        path.write_bytes(b"")
+        os.truncate(path, large if name.startswith("large") else 1000)  # sparse: no disk used
+        paths.append(path)
+    stage = DeidStage(config, b"k" * 32, spool, lambda dest, item: None)
+    parent, _child = multiprocessing.Pipe()
+    busy, idle = _Worker(0, None, parent), _Worker(1, None, parent)
+    stage._workers = [busy, idle]
+    stage._queue.extend(paths)
+
+    busy.tasks.append(_Task("other", tmp_path / "other.dcm", large))  # another large one in memory
+    taken = [stage._next_for(idle), stage._next_for(idle)]
+    assert [(p.name, size) for p, size in taken] == [("small-1.dcm", 1000), ("small-2.dcm", 1000)]
+    assert stage._next_for(idle) is None  # only large ones left: they wait
+    assert list(stage._queue) == [paths[0], paths[2]]
+    assert stage._next_for(busy)[0] == paths[0]  # the worker holding one may take the next
+
+    busy.tasks.clear()
+    assert stage._next_for(idle) == (paths[2], large)
+    assert not stage._queue
