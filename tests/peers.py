@@ -363,8 +363,14 @@ class StoreSCP:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 break
-            if echoscu("127.0.0.1", self.port, called_ae=self.aet, timeout=5).returncode == 0:
-                return self
+            try:
+                if echoscu("127.0.0.1", self.port, called_ae=self.aet, timeout=5).returncode == 0:
+                    return self
+            except subprocess.TimeoutExpired:
+                # Connected but unanswered: storescp (one association at a time) is serving
+                # someone else already, e.g. a router that was waiting for it.
+                if self.process.poll() is None:
+                    return self
             time.sleep(0.05)
         tail = _tail(self.log)
         self.stop()
