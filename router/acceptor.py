@@ -67,7 +67,6 @@ _LARGEST_COMMAND = 1 << 16
 #: at once: a peer must stay within the maximum; this only stops absurd lengths.
 _MIN_PDU_LIMIT = 16 * 1024 * 1024
 _BUFFER = 256 * 1024
-_NO_DATA_SET = 0x0101
 _C_STORE_RQ, _C_ECHO_RQ, _C_CANCEL_RQ = 0x0001, 0x0030, 0x0FFF
 _UNRECOGNIZED_OPERATION = 0x0211
 _VERIFICATION = [build_context(Verification)]
@@ -352,9 +351,9 @@ class InboundAssociation:
         elements = commands.command_elements(command)
         if elements is None:
             raise ProtocolError("undecodable command set")
-        field = _us(elements, 0x0100)
-        message_id = _us(elements, 0x0110) or 0
-        has_data_set = _us(elements, 0x0800) != _NO_DATA_SET
+        field = commands.us_value(elements, 0x0100)
+        message_id = commands.us_value(elements, 0x0110) or 0
+        has_data_set = commands.us_value(elements, 0x0800) != commands.NO_DATA_SET
         abstract, transfer = self.contexts[context_id]
         sop_class = _uid(elements.get(0x0002)) or abstract
         if field == _C_CANCEL_RQ:
@@ -441,11 +440,6 @@ def _negotiate_contexts(proposed: list, roles: dict) -> tuple[list, list]:
     accepted, storage_roles = negotiate_unrestricted(storage, [], roles)
     rest, other_roles = negotiate_as_acceptor(other, _VERIFICATION, roles)
     return sorted(accepted + rest, key=lambda c: c.context_id), storage_roles + other_roles
-
-
-def _us(elements: dict[int, bytes], element: int) -> int | None:
-    value = elements.get(element)
-    return struct.unpack("<H", value)[0] if value is not None and len(value) == 2 else None
 
 
 def _uid(value: bytes | None) -> str:

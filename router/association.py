@@ -251,15 +251,14 @@ class StoreAssociation:
 
     def _store_response(self, command: bytes) -> int:
         elements = commands.command_elements(command)
-        if elements is None or len(elements.get(0x0900, b"")) != 2 or elements.get(0x0100) != b"\x01\x80":
+        status = commands.us_value(elements, 0x0900) if elements is not None else None
+        if status is None or commands.us_value(elements, 0x0100) != 0x8001:
             self.abort()
             raise Lost("the peer's answer is not a C-STORE response", sent=True)
-        responding_to = elements.get(0x0120)
-        if responding_to is not None and (len(responding_to) != 2
-                                          or struct.unpack("<H", responding_to)[0] != self._message_id):
+        if 0x0120 in elements and commands.us_value(elements, 0x0120) != self._message_id:
             self.abort()
             raise Lost("the peer answered another message ID", sent=True)
-        return struct.unpack("<H", elements[0x0900])[0]
+        return status
 
     # ------------------------------------------------------------------ ending
     def release(self) -> None:

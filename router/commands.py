@@ -15,7 +15,8 @@ from collections.abc import Iterable
 _header = struct.Struct("<HHI")
 _INTS = {"US": "H", "UL": "I", "SS": "h", "SL": "i"}
 _TEXT = frozenset({"AE", "CS", "LO", "SH", "ST", "LT", "UI"})
-_NO_DATA_SET = 0x0101
+#: (0000,0800) Command Data Set Type: no data set follows.
+NO_DATA_SET = 0x0101
 
 
 def encode_elements(elements: Iterable[tuple[int, str, object]]) -> bytes | None:
@@ -63,7 +64,7 @@ def response_command(field: int, message_id: int, sop_class: str, sop_instance: 
     """The command set answering a request (field: the response's Command Field), with no
     data set; a UID that is not plain ASCII is left out."""
     elements = [(0x0002, "UI", sop_class), (0x0100, "US", field), (0x0120, "US", message_id),
-                (0x0800, "US", _NO_DATA_SET), (0x0900, "US", status)]
+                (0x0800, "US", NO_DATA_SET), (0x0900, "US", status)]
     if sop_instance:
         elements.append((0x1000, "UI", sop_instance))
     command = command_set(elements)
@@ -98,3 +99,9 @@ def command_elements(data: bytes) -> dict[int, bytes] | None:
             return None
         elements[element] = value
     return elements
+
+
+def us_value(elements: dict[int, bytes], element: int) -> int | None:
+    """A US element of ``command_elements``; None when absent or not two bytes long."""
+    value = elements.get(element)
+    return struct.unpack("<H", value)[0] if value is not None and len(value) == 2 else None

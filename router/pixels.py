@@ -516,18 +516,21 @@ def _high_bits_set(ds: Dataset, ts: UID) -> bool:
     data = ds.get_item("PixelData").value or b""  # the bytes as read (no conversion, no copy)
     raw = np.frombuffer(data, dtype=dtype, count=len(data) // dtype.itemsize)
     low = high_bit - stored + 1
+    if signed and low == 0:
+        # Above the sign bit: nothing, or the sign's extension (all ones with the sign set).
+        full = (1 << (allocated - stored + 1)) - 1
+
+        def holds_bits(part: np.ndarray) -> bool:
+            top = part >> (stored - 1)
+            return bool(np.any((top > 1) & (top != full)))
+    else:
+        outside = raw.dtype.type(((1 << allocated) - 1) ^ (((1 << stored) - 1) << low))
+
+        def holds_bits(part: np.ndarray) -> bool:
+            return bool(np.any(part & outside))
     # In slices: a temporary array the size of the pixel data would double a large
     # instance's memory.
-    for start in range(0, len(raw), _SCAN_VALUES):
-        part = raw[start:start + _SCAN_VALUES]
-        if signed and low == 0:
-            # Above the sign bit: nothing, or the sign's extension (all ones with the sign set).
-            top = part >> (stored - 1)
-            if np.any((top > 1) & (top != (1 << (allocated - stored + 1)) - 1)):
-                return True
-        elif np.any(part & part.dtype.type(((1 << allocated) - 1) ^ (((1 << stored) - 1) << low))):
-            return True
-    return False
+    return any(holds_bits(raw[start:start + _SCAN_VALUES]) for start in range(0, len(raw), _SCAN_VALUES))
 
 
 #: Pixel values checked at once for bits outside the stored range (4 MB of 16-bit values).

@@ -124,14 +124,13 @@ class SpoolFile:
         """Bytes written so far."""
         return self._written
 
-    def finish(self, durable: bool = True) -> int:
+    def finish(self) -> int:
         """The data set is complete: cut a recycled file to what was written, fsync it and
         close it (raises OSError if any of that fails). Returns the file's size."""
         if self._recycled:
             reusable(self._fd, self._written)
             self._recycled = False
-        if durable:
-            os.fsync(self._fd)
+        os.fsync(self._fd)
         self.close()
         return self._written
 
