@@ -18,6 +18,7 @@ from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.multival import MultiValue
+from pydicom.valuerep import PersonName
 from pydicom.filewriter import write_data_element, write_dataset, write_file_meta_info
 from pydicom.uid import ImplicitVRLittleEndian
 
@@ -27,6 +28,8 @@ LONG_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "UC", "UN", "UR"
 ASCII_TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "LO", "LT", "SH", "ST", "TM", "UC", "UI", "UR", "UT"})
 #: Binary VRs whose values pydicom writes as the bytes they hold.
 _BYTES_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
+#: Binary number VRs written here with struct (little endian), by their struct code.
+_NUMBER_FORMATS = {"US": "H", "SS": "h", "UL": "L", "SL": "l", "FL": "f", "FD": "d", "SV": "q", "UV": "Q"}
 UNDEFINED = 0xFFFFFFFF
 ITEM_START = struct.pack("<HHI", 0xFFFE, 0xE000, UNDEFINED)
 ITEM_END = struct.pack("<HHI", 0xFFFE, 0xE00D, 0)
@@ -205,6 +208,19 @@ def _encode_converted(tag: int, elem: DataElement, implicit: bool, encodings, ou
             header = _header(tag, vr, len(data), implicit)
             out += (header, data)
             return len(header) + len(data)
+    elif vr in _NUMBER_FORMATS:
+        data = _number_value(elem.value, _NUMBER_FORMATS[vr])
+        if data is not None and (implicit or len(data) <= 0xFFFF):
+            header = _header(tag, vr, len(data), implicit)
+            out += (header, data)
+            return len(header) + len(data)
+    elif vr == "PN":
+        value = elem.value
+        data = _ascii_value(str(value), vr) if isinstance(value, (str, PersonName)) else _ascii_value(value, vr)
+        if data is not None and (implicit or len(data) <= 0xFFFF):
+            header = _header(tag, vr, len(data), implicit)
+            out += (header, data)
+            return len(header) + len(data)
     elif vr in _BYTES_VRS and type(elem.value) is bytes and not len(elem.value) & 1 and not elem.is_undefined_length:
         # Pixel data (masked, or converted to be looked at) as it is: pydicom's writer would
         # copy it twice, a second and third copy of a large instance in memory.
@@ -255,6 +271,16 @@ def _ascii_value(value, vr: str) -> bytes | None:
     if len(data) & 1:
         data += b"\0" if vr == "UI" else b" "
     return data
+
+
+def _number_value(value, code: str) -> bytes | None:
+    """Binary numbers (an int or float, or a list of them), little endian; else None."""
+    if value is None:
+        return b""
+    values = value if isinstance(value, (list, MultiValue)) else (value,)
+    if not all(type(v) is int or (type(v) is float and code in "fd") for v in values):
+        return None  # anything else (numpy numbers, bools...): pydicom's writer
+    return struct.pack(f"<{len(values)}{code}", *values)
 
 
 def _header(tag: int, vr: str, length: int, implicit: bool) -> bytes:

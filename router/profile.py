@@ -40,6 +40,7 @@ from pydicom.uid import (
 
 from router import __version__
 from router.config import BASIC_PROFILE_CODE, OPTIONS, DeidConfig
+from router.decode import read_part10
 from router.encode import ConstantElement, fast_syntax, part10_bytes
 from router.pseudonyms import Pseudonymizer
 from router.rules import Action, Profile
@@ -546,7 +547,7 @@ def record_text_crosswalk(path: Path, sop_instance_uid: str, regions) -> None:
 def read_instance(src: Path | str) -> Dataset:
     """Read a Part 10 file (or a bare dataset) and check what de-identification relies on."""
     try:
-        ds = dcmread(src, force=True)
+        ds = read_part10(src) or dcmread(src, force=True)
     except OSError as exc:
         if exc.errno is not None:
             raise  # the file system's failure, not the instance's

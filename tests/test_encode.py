@@ -100,6 +100,81 @@ def test_binary_values_are_written_as_they_are_held() -> None:
     assert written[128:] == out.getvalue()[128:]
 
 
+def test_numbers_and_names_are_written_as_pydicom_writes_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Converted binary numbers and person names (the pixel check and pydicom's own lookups
+    convert Rows, Columns and the like in place) are encoded here, not by pydicom."""
+    from pydicom.multival import MultiValue
+    from pydicom.valuerep import PersonName
+
+    ds = read_instance(CORPUS / "pydicom__CT_small.dcm")
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
+    ds.add_new(0x00280010, "US", 7)
+    ds.add_new(0x00181310, "US", [0, 512, 65535, 3])
+    ds.add_new(0x00189219, "SS", -5)
+    ds.add_new(0x00181063, "UL", 4000000000)
+    ds.add_new(0x00189306, "FD", [1.5, -2.25e-10])
+    ds.add_new(0x00189307, "FL", 0.1)
+    ds.add_new(0x00189308, "FD", None)
+    ds.add_new(0x00100010, "PN", PersonName("Pseudo^Name^^Dr"))
+    ds.add_new(0x00080090, "PN", None)
+    ds.add_new(0x00081070, "PN", "Odd^Length")
+    ds.add_new(0x00081060, "PN", MultiValue(PersonName, ["A^B", "C^D"]))
+    ds.add_new(0x00321032, "PN", "Müller^Jörg")
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.set_original_encoding(False, True, ds._character_set)
+    from router import encode
+
+    by_pydicom = []
+    write_data_element = encode.write_data_element
+    monkeypatch.setattr(encode, "write_data_element",
+                        lambda fp, elem, encodings: (by_pydicom.append(elem.tag), write_data_element(fp, elem, encodings)))
+    written = b"".join(part10_bytes(ds, implicit=False))
+    out = io.BytesIO()
+    ds.save_as(out, implicit_vr=False, little_endian=True, enforce_file_format=True)
+    assert written[128:] == out.getvalue()[128:]
+    assert set(by_pydicom) <= {0x00081060, 0x00321032}  # a list of names; not ASCII
+
+
+def test_fast_reader_gives_what_dcmread_gives() -> None:
+    """router.decode reads the corpus element for element as pydicom does: raw values,
+    their positions, sequences, file meta and encodings; or leaves the file to pydicom."""
+    import warnings
+
+    from pydicom.dataelem import RawDataElement
+
+    from router.decode import read_part10
+
+    def same(a: Dataset, b: Dataset) -> bool:
+        assert list(a._dict) == list(b._dict)
+        assert (a.original_encoding, a._character_set) == (b.original_encoding, b._character_set)
+        for tag, x in a._dict.items():
+            y = b._dict[tag]
+            assert type(x) is type(y)
+            if isinstance(x, RawDataElement):
+                assert tuple(x) == tuple(y)
+            elif x.VR == "SQ":
+                assert (x.file_tell, x.is_undefined_length, len(x.value)) == (y.file_tell, y.is_undefined_length, len(y.value))
+                for p, q in zip(x.value, y.value):
+                    same(p, q)
+            else:
+                assert x.value == y.value
+        return True
+
+    fast = 0
+    for path in corpus_files():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ours = read_part10(path)
+            if ours is None:
+                continue
+            theirs = dcmread(path, force=True)
+        fast += 1
+        assert same(ours, theirs) and same(ours.file_meta, theirs.file_meta), path.name
+        assert (ours.preamble, ours.is_implicit_VR, ours.is_little_endian) == \
+            (theirs.preamble, theirs.is_implicit_VR, theirs.is_little_endian)
+    assert fast >= 40  # explicit and implicit VR little endian, compressed, with sequences
+
+
 def command_sets() -> list[Dataset]:
     from pynetdicom.dimse_messages import C_ECHO_RQ, C_ECHO_RSP, C_STORE_RQ, C_STORE_RSP
     from pynetdicom.dimse_primitives import C_ECHO
