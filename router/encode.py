@@ -162,7 +162,7 @@ def _encode(ds: Dataset, implicit: bool, parent_encoding, out: list[bytes]) -> i
     encodings = None
     elements = ds._dict
     size = 0
-    for tag in sorted(elements):
+    for tag in sorted(elements, key=int):  # key=int: BaseTag's __lt__ is Python, 3x slower
         if tag & 0xFFFF == 0 and tag >> 16 > 6:
             continue  # retired group lengths are never written (PS3.5 7.2)
         elem = elements[tag]
