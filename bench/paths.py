@@ -10,7 +10,6 @@ import json
 import multiprocessing
 import os
 import shutil
-import socket
 import time
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from bench.measure import Row, RssSampler, SpoolSampler, measure, megabytes, wai
 from bench.peers import PDU, SECRET, Node, OrthancPeer, StoreSCP
 from bench.synthetic import to_bytes, us_multiframe, us_rgb_with_text
 from router.config import DEFAULT_OPTIONS
+from router.forward import nodelay
 
 #: Every default de-identification option but the OCR of pixels.
 METADATA_OPTIONS = sorted(DEFAULT_OPTIONS - {"clean-pixel-data"})
@@ -177,10 +177,6 @@ def senders(work: Path, files: list[Path], workers: int, counts: tuple[int, ...]
     return rows
 
 
-def _nodelay(event) -> None:
-    event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
 def backpressure(work: Path, files: list[Path], workers: int, limit_instances: int = 4) -> list[Row]:
     """OCR on, a spool limit of a few instances, a fast sender that resends what was refused.
 
@@ -210,7 +206,7 @@ def backpressure(work: Path, files: list[Path], workers: int, limit_instances: i
             for p in pending:
                 if assoc is None or not assoc.is_established:
                     assoc = ae.associate("127.0.0.1", router.port, contexts=contexts, ae_title=router.aet,
-                                         max_pdu=PDU, evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)])
+                                         max_pdu=PDU, evt_handlers=[(evt.EVT_CONN_OPEN, nodelay)])
                     install_checkpoint(assoc)
                 status = assoc.send_c_store(p) if assoc.is_established else None
                 code = f"0x{status.Status:04X}" if status and "Status" in status else "no response"

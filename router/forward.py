@@ -104,7 +104,7 @@ def status_text(status: int) -> str:
 
 
 # ------------------------------------------------------------------------------- echo
-def _nodelay(event) -> None:
+def nodelay(event) -> None:
     """EVT_CONN_OPEN handler: pynetdicom leaves Nagle on (~40 ms per message)."""
     try:
         event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -121,7 +121,7 @@ def echo(host: str, port: int, called_ae: str = "ANY-SCP", calling_ae: str = "DE
     started = time.perf_counter()
     ok, detail = False, ""
     try:
-        assoc = ae.associate(host, port, ae_title=called_ae, evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)])
+        assoc = ae.associate(host, port, ae_title=called_ae, evt_handlers=[(evt.EVT_CONN_OPEN, nodelay)])
         if assoc.is_established:
             status = assoc.send_c_echo()
             code = status.get("Status") if status else None

@@ -34,6 +34,7 @@ from pynetdicom.sop_class import CTImageStorage, SecondaryCaptureImageStorage
 import mutations
 from bench.synthetic import ct_series
 from peers import StoreSCP, free_port
+from router.forward import nodelay
 from test_node_support import (
     ROUTER_AET,
     Router,
@@ -139,7 +140,8 @@ class Sender:
             self.close()
             pairs = list(dict.fromkeys([pair, *self.standing]))[:128]
             contexts = [build_context(sop_class, [syntax]) for sop_class, syntax in pairs]
-            self.assoc = self.ae.associate("127.0.0.1", self.port, contexts=contexts, ae_title=ROUTER_AET)
+            self.assoc = self.ae.associate("127.0.0.1", self.port, contexts=contexts, ae_title=ROUTER_AET,
+                                           evt_handlers=[(evt.EVT_CONN_OPEN, nodelay)])
             if not self.assoc.is_established:
                 return None
         try:
