@@ -30,6 +30,7 @@ import itertools
 import multiprocessing
 import os
 import queue
+import selectors
 import signal
 import socket
 import threading
@@ -37,7 +38,6 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
-from multiprocessing.connection import wait as wait_any
 from pathlib import Path
 
 from router.config import Config, Destination
@@ -360,6 +360,29 @@ class _Worker:
             self.tasks[0].started = time.monotonic()
 
 
+class _Waiter:
+    """``multiprocessing.connection.wait`` without a new selector each time: the dispatcher
+    waits a few times per instance on the same pipes and sentinels (~20 us saved each)."""
+
+    def __init__(self) -> None:
+        self._selector: selectors.BaseSelector | None = None
+        self._objects: tuple = ()
+
+    def wait(self, objects: list, timeout: float) -> list:
+        if tuple(objects) != self._objects:  # a worker died or was restarted
+            self.close()
+            self._selector = selectors.DefaultSelector()
+            for item in objects:
+                self._selector.register(item, selectors.EVENT_READ)
+            self._objects = tuple(objects)
+        return [key.fileobj for key, _events in self._selector.select(timeout)]
+
+    def close(self) -> None:
+        if self._selector is not None:
+            self._selector.close()
+            self._selector, self._objects = None, ()
+
+
 class DeidStage:
     """Feeds incoming files to worker processes; calls ``on_routed(dest, Routed)``."""
 
@@ -390,6 +413,7 @@ class DeidStage:
         self._retire: list[tuple[Path, list[str], int]] = []  # incoming path, destinations, size
         self._retire_since = 0.0
         self._idle_deaths: dict[int, int] = {}
+        self._waiter = _Waiter()
         self.stats = collections.Counter()
 
     # -------------------------------------------------------------- lifecycle
@@ -500,7 +524,9 @@ class DeidStage:
                 self._step()
             except Exception as exc:  # keep dispatching whatever happens
                 log.error("dispatch_error", error=describe_exception(exc))
+                self._waiter.close()
                 time.sleep(0.5)
+        self._waiter.close()
 
     def _step(self) -> None:
         now = time.monotonic()
@@ -521,7 +547,7 @@ class DeidStage:
             timeout = min(timeout, max(0.0, min(self._restart_after.values()) - now))
         if self._retire:
             timeout = min(timeout, max(0.0, self._retire_since + RETIRE_SECONDS - now))
-        for ready in wait_any(waitables, timeout=timeout):
+        for ready in self._waiter.wait(waitables, timeout):
             if ready is self._wake_r:
                 try:
                     while self._wake_r.recv(4096):
@@ -562,8 +588,8 @@ class DeidStage:
             return
 
         def remove_originals() -> None:
-            for path, _routes, size in batch:
-                self.spool.recycle(path, size)
+            self.spool.recycle_all([(path, size) for path, _routes, size in batch])
+            for path, _routes, _size in batch:
                 self._forget(path)
 
         if self.events:

@@ -214,19 +214,28 @@ class Spool:
                 size = os.stat(path).st_size
         except FileNotFoundError:
             return
+        self.recycle_all([(path, size)])
+
+    def recycle_all(self, files: list[tuple[Path, int]]) -> None:
+        """``recycle`` for (path, size) pairs, looking at recycle/ once."""
         try:
-            if 0 < size <= RECYCLE_MAX_FILE_BYTES:
-                names = os.listdir(self.recycle_dir)
-                held = sum(_recycled_size(name) for name in names)
-                if len(names) < RECYCLE_FILES and held + size <= RECYCLE_BYTES:
-                    os.rename(path, self.recycle_dir / f"{size}-{new_id()}")
-                    return
+            names = os.listdir(self.recycle_dir)
         except OSError:
-            pass  # no recycle/ (deleted, or an older spool), or the rename failed: delete
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
+            names = None  # no recycle/ (deleted, or an older spool): delete
+        count = len(names) if names is not None else RECYCLE_FILES
+        held = sum(_recycled_size(name) for name in names) if names else 0
+        for path, size in files:
+            if 0 < size <= RECYCLE_MAX_FILE_BYTES and count < RECYCLE_FILES and held + size <= RECYCLE_BYTES:
+                try:
+                    os.rename(path, self.recycle_dir / f"{size}-{new_id()}")
+                    count, held = count + 1, held + size
+                    continue
+                except OSError:
+                    pass  # gone already, or recycle/ is: delete
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
 
     def write_failed(self, exc: OSError) -> bool:
         """A write into the spool failed: if the file system is full, give the recycled files
