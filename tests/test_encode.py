@@ -135,46 +135,6 @@ def test_numbers_and_names_are_written_as_pydicom_writes_them(monkeypatch: pytes
     assert set(by_pydicom) <= {0x00081060, 0x00321032}  # a list of names; not ASCII
 
 
-def test_fast_reader_gives_what_dcmread_gives() -> None:
-    """router.decode reads the corpus element for element as pydicom does: raw values,
-    their positions, sequences, file meta and encodings; or leaves the file to pydicom."""
-    import warnings
-
-    from pydicom.dataelem import RawDataElement
-
-    from router.decode import read_part10
-
-    def same(a: Dataset, b: Dataset) -> bool:
-        assert list(a._dict) == list(b._dict)
-        assert (a.original_encoding, a._character_set) == (b.original_encoding, b._character_set)
-        for tag, x in a._dict.items():
-            y = b._dict[tag]
-            assert type(x) is type(y)
-            if isinstance(x, RawDataElement):
-                assert tuple(x) == tuple(y)
-            elif x.VR == "SQ":
-                assert (x.file_tell, x.is_undefined_length, len(x.value)) == (y.file_tell, y.is_undefined_length, len(y.value))
-                for p, q in zip(x.value, y.value):
-                    same(p, q)
-            else:
-                assert x.value == y.value
-        return True
-
-    fast = 0
-    for path in corpus_files():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ours = read_part10(path)
-            if ours is None:
-                continue
-            theirs = dcmread(path, force=True)
-        fast += 1
-        assert same(ours, theirs) and same(ours.file_meta, theirs.file_meta), path.name
-        assert (ours.preamble, ours.is_implicit_VR, ours.is_little_endian) == \
-            (theirs.preamble, theirs.is_implicit_VR, theirs.is_little_endian)
-    assert fast >= 40  # explicit and implicit VR little endian, compressed, with sequences
-
-
 def command_sets() -> list[Dataset]:
     from pynetdicom.dimse_messages import C_ECHO_RQ, C_ECHO_RSP, C_STORE_RQ, C_STORE_RSP
     from pynetdicom.dimse_primitives import C_ECHO
