@@ -32,6 +32,7 @@ from pynetdicom.dsutils import split_dataset
 from pynetdicom.sop_class import CTImageStorage, SecondaryCaptureImageStorage
 
 import mutations
+from bench.passthrough import install_checkpoint
 from bench.synthetic import ct_series
 from peers import StoreSCP, free_port
 from router.forward import nodelay
@@ -144,6 +145,9 @@ class Sender:
                                            evt_handlers=[(evt.EVT_CONN_OPEN, nodelay)])
             if not self.assoc.is_established:
                 return None
+            # pynetdicom's send race (field notes): without Nagle's delays the node's answers
+            # come fast enough to lose one now and then to pynetdicom's reactor
+            install_checkpoint(self.assoc)
         try:
             answer = self.assoc.send_c_store(path)
         except (RuntimeError, ValueError, OSError):
