@@ -65,6 +65,11 @@ _DUMMIED_IN_ITEMS = TEXT_VRS | DATE_VRS | BINARY_VRS | {"TM", "AE", "AS", "UR"}
 #: (``Deidentifier._sequence_key``); this many are remembered.
 SEQUENCE_CACHE_BYTES = 16 * 1024
 SEQUENCE_CACHE_ENTRIES = 256
+#: Top-level element values up to this size are de-identified once per patient (see
+#: ``_element_once``); at most this many per patient, for this many patients (< 40 MB).
+ELEMENT_CACHE_BYTES = 1024
+ELEMENT_CACHE_ENTRIES = 2048
+ELEMENT_CACHE_PATIENTS = 16
 #: Identifiers an audit crosswalk maps from original to pseudonym.
 CROSSWALK_TAGS = {"patient_id": 0x00100020, "accession": 0x00080050, "study_uid": 0x0020000D,
                   "series_uid": 0x0020000E, "sop_instance_uid": 0x00080018}
@@ -172,6 +177,8 @@ class Deidentifier:
         self._marks: dict[bool, tuple[ConstantElement, ...]] = {}
         #: Top-level sequences de-identified already, see ``_sequence_key``.
         self._sequences: dict[tuple, ConstantElement] = {}
+        #: What became of top-level elements, by what they depend on, see ``_element_once``.
+        self._elements: dict[tuple, dict[tuple, ConstantElement | bool]] = {}
         self._instance: Dataset | None = None  # the dataset being de-identified
         #: Return the original identifiers with each result (for an audit crosswalk).
         self.keep_originals = False
@@ -294,6 +301,7 @@ class Deidentifier:
     def _apply(self, ds: Dataset, patient: _Patient) -> None:
         """Apply the profile to every element of ds, recursing into sequences."""
         private: list[int] = []
+        done = self._elements_done(ds, patient) if ds is self._instance else None
         for tag in list(ds._dict):
             group, element = tag >> 16, tag & 0xFFFF
             if group == 0x0002:
@@ -302,10 +310,58 @@ class Deidentifier:
                 private.append(tag)
             elif element == 0 or self.profile.removes_group(group):
                 del ds[tag]  # group lengths (now wrong) and whole curve/overlay groups
+            elif done is not None:
+                self._element_once(ds, tag, patient, done)
             else:
                 self._element(ds, tag, patient)
         if private:
             self._private(ds, private, patient)
+
+    def _elements_done(self, ds: Dataset, patient: _Patient) -> dict[tuple, ConstantElement | bool]:
+        """The elements de-identified already for this patient in this character set."""
+        charset = ds._character_set
+        key = (patient.signature, charset if isinstance(charset, str) else tuple(charset))
+        done = self._elements.get(key)
+        if done is None:
+            if len(self._elements) >= ELEMENT_CACHE_PATIENTS:
+                self._elements.clear()
+            done = self._elements[key] = {}
+        return done
+
+    def _element_once(self, ds: Dataset, tag: int, patient: _Patient, done: dict) -> None:
+        """``_element`` for a top-level element, remembered: a series repeats most values
+        slice after slice (equipment, study, series, protocol...). What an element becomes
+        depends only on its tag and encoded value, the patient (pseudonyms, date shift,
+        values cut from text: ``done`` is the patient's) and the character set, never on
+        the other elements; it is kept (True), removed (False) or replaced by an element
+        that nothing changes afterwards (a ConstantElement, encoded once)."""
+        raw = ds._dict.get(tag)
+        if type(raw) is not RawDataElement or raw.VR == "SQ" or raw.value is None \
+                or len(raw.value) > ELEMENT_CACHE_BYTES:
+            self._element(ds, tag, patient)
+            return
+        key = (tag, raw.VR, raw.length, raw.value, raw.is_implicit_VR, raw.is_little_endian)
+        outcome = done.get(key)
+        if outcome is None:
+            self._element(ds, tag, patient)
+            after = ds._dict.get(tag)
+            if after is None:
+                outcome = False
+            elif after is raw:
+                outcome = True
+            elif type(after) is DataElement and after.VR != "SQ":
+                outcome = ConstantElement(after.tag, after.VR, after.value)
+            else:
+                return  # a sequence (cached as such) or an element of another kind: not kept
+            if len(done) >= ELEMENT_CACHE_ENTRIES:
+                done.clear()
+            done[key] = outcome
+            if outcome is True or outcome is False:
+                return  # done by _element
+        if outcome is False:
+            del ds._dict[tag]
+        elif outcome is not True:
+            ds._dict[tag] = outcome
 
     def _element(self, ds: Dataset, tag: int, patient: _Patient, action: Action | None = None) -> None:
         raw = _get(ds, tag)

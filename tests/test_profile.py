@@ -623,3 +623,30 @@ def test_repeated_sequences_are_reused_only_for_the_same_patient(tmp_path):
     assert other.ScheduledProcedureStepStartDate != first.ScheduledProcedureStepStartDate  # its own shift
     assert "Smith" not in first.ReasonForTheRequestedProcedure and "MRN-4711" not in first.ReasonForTheRequestedProcedure
     assert first.ReferencedSOPInstanceUID == second.ReferencedSOPInstanceUID == outputs[0].SOPInstanceUID
+
+
+def test_what_an_engine_remembers_never_crosses_patients(tmp_path):
+    """The engine remembers what repeated values and sequences become, per patient and
+    character set: slices of two patients interleaved (same study dates and equipment,
+    other names and IDs) and PHI instances in several character sets come out byte for
+    byte as from an engine that saw nothing before."""
+    from bench.synthetic import PHI_CHARSETS, ct_series, phi_instance, to_bytes
+
+    options = ("retain-longitudinal-modified-dates", "clean-descriptors", "clean-structured-content",
+               "retain-device-identity", "retain-safe-private")
+    inputs = []
+    for first, second in zip(ct_series(6, rows=16, columns=16, study_date="20240105"),
+                             ct_series(6, patient_id="PID-0002", patient_name="ROE^RICHARD", rows=16, columns=16,
+                                       study_date="20240105")):
+        inputs += [first, second]
+    for charset in PHI_CHARSETS:
+        inputs += [phi_instance(charset, patient=1)[0], phi_instance(charset, patient=2)[0]]
+    inputs += inputs  # everything again, now remembered
+    remembering = engine(*options)
+    for n, ds in enumerate(inputs):
+        src = tmp_path / f"in{n}.dcm"
+        src.write_bytes(to_bytes(ds))
+        remembering.process_file(src, tmp_path / "remembered.dcm")
+        engine(*options).process_file(src, tmp_path / "fresh.dcm")
+        assert (tmp_path / "remembered.dcm").read_bytes() == (tmp_path / "fresh.dcm").read_bytes(), n
+    assert remembering._elements and remembering._sequences
