@@ -66,10 +66,11 @@ _DUMMIED_IN_ITEMS = TEXT_VRS | DATE_VRS | BINARY_VRS | {"TM", "AE", "AS", "UR"}
 SEQUENCE_CACHE_BYTES = 16 * 1024
 SEQUENCE_CACHE_ENTRIES = 256
 #: Top-level element values up to this size are de-identified once per patient (see
-#: ``_element_once``); at most this many per patient, for this many patients (< 40 MB).
-ELEMENT_CACHE_BYTES = 1024
+#: ``_element_once``); at most this many per patient, for this many patients (~20 MB at
+#: worst, measured; a few hundred kB for a CT series).
+ELEMENT_CACHE_BYTES = 256
 ELEMENT_CACHE_ENTRIES = 2048
-ELEMENT_CACHE_PATIENTS = 16
+ELEMENT_CACHE_PATIENTS = 8
 #: Identifiers an audit crosswalk maps from original to pseudonym.
 CROSSWALK_TAGS = {"patient_id": 0x00100020, "accession": 0x00080050, "study_uid": 0x0020000D,
                   "series_uid": 0x0020000E, "sop_instance_uid": 0x00080018}
