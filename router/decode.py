@@ -8,10 +8,10 @@ read straight from the file into its own bytes, so a large instance costs no mor
 than with pydicom. The result is what ``dcmread(path, force=True)`` returns for the same
 file: the same raw elements (tag, VR, length, value, position), undefined-length
 sequences parsed by pydicom's own ``read_sequence``, the same file meta and encoding (a
-test compares both over the corpus). Whatever is not the common shape (implicit VR big
-endian, deflate, no preamble, a command set, an unknown VR, a truncated or
-undefined-length value other than pixel data and sequences...) returns None and is read
-by pydicom, which then decides how it fails.
+test compares both over the corpus and damaged files). Whatever is not the common shape
+(big endian, deflate, no preamble, a command set, an unknown VR, a truncated value, an
+undefined length on anything but pixel data and sequences, an element past the head that
+is not the last...) returns None and is read by pydicom, which then decides how it fails.
 """
 
 from __future__ import annotations
