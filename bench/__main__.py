@@ -14,7 +14,8 @@ Paths (rows; the ratio column compares a row's inst/s with its baselines'):
   without fsync); storescu -> deid-router ->
   storescp with every default option but clean-pixel-data. Ratios router / pass-through
   and router / Orthanc. Then storescu -> deid-router -> Orthanc (as a site deploys it)
-  against storescu -> Orthanc.
+  against storescu -> Orthanc. Then large instances (the ultrasound clips, 18 MB each):
+  storescu -> storescp, storescu -> Orthanc and storescu -> deid-router -> storescp.
 - ocr: the pixel stage alone in one process (OCR itself: decode, detect, mask, encode;
   with the detector's time per call), then the router with the default options (OCR of
   every frame) on CT, on ultrasound images and on ultrasound clips, 1 worker and N
@@ -96,7 +97,7 @@ def run(args: argparse.Namespace, work: Path, rows: list[Row]) -> None:
     print(f"writing {ct_count} synthetic CT slices ...", flush=True)
     ct = write_ct_series(work / "ct", ct_count) if ct_count else []
     us, cine = [], []
-    if only & {"ocr", "backpressure"}:
+    if only & {"network", "ocr", "backpressure"}:
         print("writing ultrasound images and clips ...", flush=True)
         us, cine = paths.write_us(work / "us", max(sizes.ocr_us, sizes.backpressure), sizes.clip_frames, sizes.clips)
     print(f"   {time.perf_counter() - generating:.0f} s", flush=True)
@@ -113,6 +114,7 @@ def run(args: argparse.Namespace, work: Path, rows: list[Row]) -> None:
         rows.extend(median_rows(runs))
 
     step("network", paths.network, ct[:sizes.network])
+    step("network/large", paths.large, f"US clips {sizes.clip_frames} frames", cine)
     step("ocr/ct", paths.ocr, "CT 512x512", ct[:sizes.ocr_ct])
     step("ocr/us", paths.ocr, "US 800x600 RGB", us[:sizes.ocr_us])
     step("ocr/clip", paths.ocr, f"US clip {sizes.clip_frames} frames", cine)

@@ -91,6 +91,35 @@ def network(work: Path, files: list[Path], workers: int, *, path: str = "network
     return rows
 
 
+def large(work: Path, kind: str, files: list[Path], workers: int) -> list[Row]:
+    """The metadata path with large instances (ultrasound clips): storescu -> storescp,
+    storescu -> Orthanc and storescu -> deid-router -> storescp, one sender."""
+    rows = []
+    scp = StoreSCP(work / "scp")
+    try:
+        rows.append(measure("network", f"{kind}: storescu -> storescp", files, port=scp.port, aet=scp.aet,
+                            delivered=scp.count, tree_pid=scp.process.pid, note="the machine's ceiling"))
+        scp.clear()
+        orthanc = OrthancPeer(work / "orthanc")
+        try:
+            rows.append(measure("network", f"{kind}: {ORTHANC}", files, port=orthanc.port, aet=orthanc.aet,
+                                delivered=orthanc.count, tree_pid=orthanc.process.pid,
+                                note="ingest only, as shipped: each file fsynced before the answer"))
+        finally:
+            orthanc.stop()
+        router = Node(work / "router", scp, "router", options=METADATA_OPTIONS, workers=workers)
+        try:
+            rows.append(measure("network", f"{ROUTER}: {kind}", files, port=router.port, aet=router.aet,
+                                delivered=scp.count, tree_pid=router.pid, node=router, scp=scp,
+                                baselines=(f"{kind}: {ORTHANC}",),
+                                note=f"all default options but clean-pixel-data, {_plural(workers, 'worker')}"))
+        finally:
+            router.stop()
+    finally:
+        scp.stop()
+    return rows
+
+
 def ocr(work: Path, kind: str, files: list[Path], workers: int) -> list[Row]:
     """The pixel stage alone in one process (the baseline: OCR itself), then the router
     with the default options (OCR of every frame), 1 worker and ``workers``."""
