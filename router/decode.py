@@ -178,7 +178,7 @@ def _undefined_length(head: bytes, start: int, tag: int, vr: str | None, implici
             raise _NotCommon from None
         if fp.tell() >= len(head) and len(head) < size:
             raise _NotCommon  # it may run on past the head: cut short here, not in the file
-        return DataElement(BaseTag(tag), vr, sequence, start, is_undefined_length=True), fp.tell()
+        return DataElement(tag_object(tag), vr, sequence, start, is_undefined_length=True), fp.tell()
     if tag != PIXEL_DATA or implicit:
         raise _NotCommon
     pos = start
@@ -190,7 +190,7 @@ def _undefined_length(head: bytes, start: int, tag: int, vr: str | None, implici
         item = group << 16 | number
         if item == SEQUENCE_END and length == 0:
             value = head[start:pos]
-            return RawDataElement(BaseTag(tag), vr, UNDEFINED, value, start, False, True), pos + 8
+            return RawDataElement(tag_object(tag), vr, UNDEFINED, value, start, False, True), pos + 8
         if item != ITEM or length == UNDEFINED:
             raise _NotCommon
         pos += 8 + length

@@ -202,31 +202,23 @@ def _encode_converted(tag: int, elem: DataElement, implicit: bool, encodings, ou
     vr = elem.VR
     if vr == "SQ":
         return _sequence(tag, elem, implicit, encodings, out)
+    value = elem.value
     if vr in ASCII_TEXT_VRS:
-        data = _ascii_value(elem.value, vr)
-        if data is not None and (implicit or vr in LONG_VRS or len(data) <= 0xFFFF):
-            header = _header(tag, vr, len(data), implicit)
-            out += (header, data)
-            return len(header) + len(data)
+        data = _ascii_value(value, vr)
     elif vr in _NUMBER_FORMATS:
-        data = _number_value(elem.value, _NUMBER_FORMATS[vr])
-        if data is not None and (implicit or len(data) <= 0xFFFF):
-            header = _header(tag, vr, len(data), implicit)
-            out += (header, data)
-            return len(header) + len(data)
+        data = _number_value(value, _NUMBER_FORMATS[vr])
     elif vr == "PN":
-        value = elem.value
-        data = _ascii_value(str(value), vr) if isinstance(value, (str, PersonName)) else _ascii_value(value, vr)
-        if data is not None and (implicit or len(data) <= 0xFFFF):
-            header = _header(tag, vr, len(data), implicit)
-            out += (header, data)
-            return len(header) + len(data)
-    elif vr in _BYTES_VRS and type(elem.value) is bytes and not len(elem.value) & 1 and not elem.is_undefined_length:
+        data = _ascii_value(str(value) if isinstance(value, PersonName) else value, vr)
+    elif vr in _BYTES_VRS and type(value) is bytes and not len(value) & 1 and not elem.is_undefined_length:
         # Pixel data (masked, or converted to be looked at) as it is: pydicom's writer would
         # copy it twice, a second and third copy of a large instance in memory.
-        header = _header(tag, vr, len(elem.value), implicit)
-        out += (header, elem.value)
-        return len(header) + len(elem.value)
+        data = value
+    else:
+        data = None
+    if data is not None and (implicit or vr in LONG_VRS or len(data) <= 0xFFFF):
+        header = _header(tag, vr, len(data), implicit)
+        out += (header, data)
+        return len(header) + len(data)
     fp = DicomBytesIO()
     fp.is_implicit_VR, fp.is_little_endian = implicit, True
     write_data_element(fp, elem, encodings)

@@ -137,7 +137,7 @@ class _Patient:
     text_dates: str  # dates written in kept text: "keep", "shift" or "remove"
     new_uid: Callable[[str], str] | None  # UIDs written in kept text are remapped (None: kept)
 
-    @property
+    @functools.cached_property
     def signature(self) -> tuple:
         """Everything about the patient that decides how a value is de-identified."""
         return (self.key, self.shift_days, self.scrub.pattern if self.scrub is not None else None,
@@ -357,10 +357,8 @@ class Deidentifier:
             if len(done) >= ELEMENT_CACHE_ENTRIES:
                 done.clear()
             done[key] = outcome
-            if outcome is True or outcome is False:
-                return  # done by _element
         if outcome is False:
-            del ds._dict[tag]
+            ds._dict.pop(tag, None)
         elif outcome is not True:
             ds._dict[tag] = outcome
 
