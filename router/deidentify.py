@@ -4,15 +4,18 @@ The main process owns the queue and keeps each worker process (``node.workers`` 
 started from a fork server; each builds one ``profile.Deidentifier``) one incoming file
 ahead of the one it computes (``PREFETCH``). A worker de-identifies the file into tmp/, routes it
 (``Destination.from_ae_titles`` against the calling AE title kept in the file meta,
-``Destination.modalities`` against the instance's modality; an empty filter matches all)
-and says "computed"; it computes its next instance before it fsyncs that output, hard-links
-it into every routed outgoing/<dest>/ (the last by a rename) and reports it done
-(``_Publisher``).
-The main process hands the new outgoing files to the forwarders at once, and every
-~200 ms fsyncs the outgoing directories that got new links and only then unlinks the
-incoming files of that batch (group commit: one directory fsync per batch instead of one
-per instance; a crash before it leaves the instance in incoming/, and doing it again
-yields the same file under the same name).
+``Destination.modalities`` against the instance's modality; an empty filter matches all),
+links it into every routed outgoing/<dest>/ (the last by a rename) and reports it.
+
+The output is not fsynced: it is marked volatile (see router.spool) and the main process
+hands it to the forwarders at once, keeping its original in incoming/. When every
+destination has it (or has quarantined it) the original goes; an output still waiting
+DURABLE_AFTER_SECONDS later is made durable (fsync, mark cleared, outgoing directory
+fsynced) and then the original goes. Originals are removed in batches, once the audit store
+holds their records. A crash before that finds the original in incoming/ and de-identifies
+it again, to the same file under the same name; volatile outputs are deleted at start.
+Most outputs are delivered within a second and never fsynced: the disk writes each CT
+slice once, not twice.
 
 An instance that cannot be de-identified (``InstanceRefused`` or any exception) goes to
 quarantine/deidentify/ with a PHI-free reason (the exception type and where it was raised,
@@ -29,6 +32,7 @@ import heapq
 import itertools
 import multiprocessing
 import os
+import queue
 import selectors
 import signal
 import socket
@@ -41,8 +45,7 @@ from pathlib import Path
 
 from router.config import Config, Destination
 from router.log import get_logger
-from router.spool import (DEIDENTIFY_QUARANTINE, SUFFIX, UNROUTED_QUARANTINE, Spool, fsync_file, safe_name,
-                          start_writeback)
+from router.spool import DEIDENTIFY_QUARANTINE, SUFFIX, UNROUTED_QUARANTINE, Spool, safe_name
 
 log = get_logger("router.deidentify")
 
@@ -57,11 +60,12 @@ MAX_CRASHES_PER_INSTANCE = 2
 #: (an I/O error), and how many such failures quarantine it.
 TRANSIENT_RETRY_SECONDS = 10.0
 MAX_TRANSIENT_FAILURES = 5
-#: Group commit of the outgoing links: at most this long, or this many instances.
+#: Originals of delivered or durable outputs are removed in batches: at most this long, or
+#: this many instances.
 RETIRE_SECONDS = 0.2
 RETIRE_BATCH = 64
-#: Written outputs a worker holds before it publishes the oldest (see _Publisher).
-SYNC_BACKLOG = 2
+#: An output not delivered this long after it was published is made durable.
+DURABLE_AFTER_SECONDS = 2.0
 #: Instances sent to a worker ahead of its answer about the one it computes: it takes the
 #: next from its pipe at once instead of waiting for the dispatcher (which shares a busy
 #: process with the receiving threads: ~2 ms per instance with 4 senders here).
@@ -138,30 +142,23 @@ def worker_main(conn, config: Config, secret: bytes, spool_root: str, index: int
         worker_log.error("worker_init_failed", error=describe_exception(exc))
         conn.send(("init_failed", describe_exception(exc)))
         return
+    volatile = spool.marks_volatile()
     if not _send(conn, ("ready", os.getpid())):
         return
-    publisher = _Publisher(spool, conn, worker_log)
     while True:
-        # The previous output is published while the next instance waits in the pipe
-        # (PREFETCH); all of them before waiting for one.
-        while publisher.waiting and (len(publisher.waiting) >= SYNC_BACKLOG or not conn.poll()):
-            if not publisher.publish_oldest():
-                return
         try:
             message = conn.recv()
         except (EOFError, OSError):
             return  # the main process is gone
         if message is None:
-            while publisher.waiting:
-                if not publisher.publish_oldest():
-                    return
             return
         spool_id, path = message
         try:
-            reply = process_one(deid, spool, config, spool_id, Path(path), worker_log, publisher)
+            reply = process_one(deid, spool, config, spool_id, Path(path), worker_log, volatile)
         except Exception as exc:
             # Quarantining or linking failed (e.g. the disk is full): not the instance's
             # fault; it stays in incoming/ and is tried again later.
+            _unlink(_output_path(spool, spool_id))
             worker_log.error("deidentify_failed", spool_id=spool_id, error=describe_exception(exc))
             reply = ("transient", spool_id, describe_exception(exc))
         if not _send(conn, reply):
@@ -177,76 +174,25 @@ def _send(conn, reply: tuple) -> bool:
     return True
 
 
-@dataclass
-class _Output:
-    """A de-identified file in tmp/, written but not yet durable or linked."""
+def _publish(spool: Spool, src: Path, dst: Path, name: str, routes: list[str], volatile: bool) -> None:
+    """Link an output into every routed outgoing/<dest>/ (the last by a rename).
 
-    spool_id: str
-    src: Path
-    dst: Path
-    name: str
-    routes: list[str]
-    info: dict
-    log_fields: dict
-    started: float
-
-
-class _Publisher:
-    """Makes outputs durable and links them into outgoing/, one instance behind the worker.
-
-    fsync of a file waits for the disk (~2 ms for a CT slice, ~10 ms for an 18 MB clip
-    here): the worker starts an output's writeback as soon as it is written, tells the main
-    process "computed", computes the next instance (already in its pipe), and only then
-    fsyncs, links and reports the previous output, whose writeback has run meanwhile. On
-    the worker's one thread: a thread of its own for this (as before) cost the workers
-    ~17 context switches per CT slice with 4 senders, a wake-up at every hand-off.
-    At most SYNC_BACKLOG outputs wait.
+    Not fsynced: marked volatile instead (``Spool.make_volatile``), its original stays in
+    incoming/ until it is delivered or made durable (see DeidStage). Where the mark cannot
+    be set (``Spool.marks_volatile``), fsynced here.
     """
-
-    def __init__(self, spool: Spool, conn, worker_log):
-        self.spool = spool
-        self.conn = conn
-        self.log = worker_log
-        self.waiting: collections.deque[_Output] = collections.deque()
-
-    def add(self, output: _Output) -> None:
-        try:
-            fd = os.open(output.dst, os.O_RDONLY)
-            try:
-                start_writeback(fd)
-            finally:
-                os.close(fd)
-        except OSError:
-            pass  # only a head start: the fsync in _publish does it all
-        self.waiting.append(output)
-
-    def publish_oldest(self) -> bool:
-        """Publish the oldest waiting output and report it; False if the main process is gone."""
-        output = self.waiting.popleft()
-        try:
-            reply = self._publish(output)
-        except Exception as exc:  # an I/O failure: the instance stays in incoming/
-            _unlink(output.dst)
-            self.log.error("deidentify_failed", spool_id=output.spool_id, error=describe_exception(exc))
-            reply = ("transient", output.spool_id, describe_exception(exc))
-        return _send(self.conn, reply)
-
-    def _publish(self, output: _Output) -> tuple:
-        fsync_file(output.dst)
-        # The outgoing file carries the receive time as its mtime: the forwarder measures
-        # latency from it, and sends oldest first after a restart.
-        received = os.stat(output.src)
-        os.utime(output.dst, ns=(received.st_atime_ns, received.st_mtime_ns))
-        *linked, last = output.routes
-        for dest in linked:
-            self.spool.link_outgoing(output.dst, dest, output.name)
-        self.spool.move_outgoing(output.dst, last, output.name)
-        # The incoming file stays until the main process has made the new outgoing links
-        # durable (one fsync per outgoing directory for a batch of instances): a crash before
-        # that finds it in incoming/ and de-identifies it again, to the same file.
-        seconds = time.perf_counter() - output.started
-        self.log.info("deidentified", destinations=output.routes, ms=round(seconds * 1000, 2), **output.log_fields)
-        return ("ok", output.spool_id, {**output.info, "seconds": seconds})
+    # The outgoing file carries the receive time as its mtime: the forwarder measures
+    # latency from it, and sends oldest first after a restart.
+    received = os.stat(src)
+    os.utime(dst, ns=(received.st_atime_ns, received.st_mtime_ns))
+    if volatile:
+        spool.make_volatile(dst)
+    else:
+        spool.make_durable(dst)
+    *linked, last = routes
+    for dest in linked:
+        spool.link_outgoing(dst, dest, name)
+    spool.move_outgoing(dst, last, name)
 
 
 def _output_path(spool: Spool, spool_id: str) -> Path:
@@ -255,15 +201,15 @@ def _output_path(spool: Spool, spool_id: str) -> Path:
 
 
 def process_one(deid, spool: Spool, config: Config, spool_id: str, src: Path, worker_log,
-                publisher: _Publisher) -> tuple:
-    """De-identify one incoming file into tmp/ and hand it to the publisher ("computed"), or
-    quarantine it (the reply says why)."""
+                volatile: bool) -> tuple:
+    """De-identify one incoming file into outgoing/<dest>/ for each routed destination
+    (volatile: see ``_publish``), or quarantine it (the reply says why)."""
     from router.profile import InstanceRefused
 
     started = time.perf_counter()
     dst = _output_path(spool, spool_id)
     try:
-        result = deid.process_file(src, dst, durable=False, reuse=spool.reuse)  # the publisher fsyncs it
+        result = deid.process_file(src, dst, durable=False, reuse=spool.reuse)  # see _publish
     except InstanceRefused as exc:
         return _quarantine(spool, src, dst, spool_id, exc.reason, "InstanceRefused", worker_log)
     except OSError as exc:
@@ -283,7 +229,6 @@ def process_one(deid, spool: Spool, config: Config, spool_id: str, src: Path, wo
                   bytes_in=result.bytes_in, bytes_out=result.bytes_out)
     if not routes:
         reason = "no destination matches this instance (source AE title / modality filters)"
-        fsync_file(dst)
         spool.quarantine(dst, UNROUTED_QUARANTINE, name, reason, stage="route", spool_id=spool_id,
                          source_ae_title=result.source_ae_title, modality=result.modality,
                          sop_instance_uid=result.sop_instance_uid)
@@ -297,8 +242,11 @@ def process_one(deid, spool: Spool, config: Config, spool_id: str, src: Path, wo
                 patient_pseudonym=result.patient_pseudonym, bytes_in=result.bytes_in, bytes_out=result.bytes_out,
                 regions=result.pixel_regions_masked, source_ae=result.source_ae_title,
                 crosswalk=result.crosswalk, pixel_text=result.pixel_text)
-    publisher.add(_Output(spool_id, src, dst, name, routes, info, {**fields, "deid_ms": round(deid_ms, 2)}, started))
-    return ("computed", spool_id)
+    _publish(spool, src, dst, name, routes, volatile)
+    seconds = time.perf_counter() - started
+    worker_log.info("deidentified", destinations=routes, ms=round(seconds * 1000, 2), deid_ms=round(deid_ms, 2),
+                    **fields)
+    return ("ok", spool_id, {**info, "seconds": seconds})
 
 
 def _quarantine(spool: Spool, src: Path, dst: Path, spool_id: str, reason: str, kind: str, worker_log) -> tuple:
@@ -336,19 +284,16 @@ class _Worker:
         self.process = process
         self.conn = conn
         self.ready = False
-        #: Sent, not yet computed, in the worker's order: the first is being computed.
+        #: Sent, not yet answered, in the worker's order: the first is being computed.
         self.tasks: collections.deque[_Task] = collections.deque()
-        #: Computed instances whose outputs the worker has yet to make durable:
-        #: spool_id -> (incoming path, input size).
-        self.syncing: dict[str, tuple[Path, int]] = {}
         self.dead = False
 
     def held(self) -> int:
-        """Instances this worker holds: those sent to it, and those it has yet to publish."""
-        return len(self.tasks) + len(self.syncing)
+        """Instances this worker holds."""
+        return len(self.tasks)
 
     def held_bytes(self) -> int:
-        return sum(task.size for task in self.tasks) + sum(size for _path, size in self.syncing.values())
+        return sum(task.size for task in self.tasks)
 
     def deadline(self) -> float:
         """When the instance being computed counts as hung."""
@@ -360,6 +305,17 @@ class _Worker:
         self.tasks.popleft()
         if self.tasks:
             self.tasks[0].started = time.monotonic()
+
+
+@dataclass
+class _Held:
+    """A de-identified instance whose original stays in incoming/ until each of its
+    outputs is delivered (or quarantined) or durable."""
+
+    path: Path  # the original
+    size: int
+    name: str  # of its outputs in outgoing/<dest>/
+    waiting: set[str]  # destinations whose output is neither delivered nor durable
 
 
 class _Waiter:
@@ -412,8 +368,17 @@ class DeidStage:
         self._closed = False
         self._thread: threading.Thread | None = None
         self._restart_after: dict[int, float] = {}
-        self._retire: list[tuple[Path, list[str], int]] = []  # incoming path, destinations, size
+        #: De-identified instances whose originals wait for their outputs, oldest first
+        #: (by spool id), the same by output ((destination, file name) -> spool ids), and
+        #: when each is due to be made durable.
+        self._held: dict[str, _Held] = {}
+        self._by_output: dict[tuple[str, str], list[str]] = {}
+        self._due: collections.deque[tuple[float, str]] = collections.deque()
+        #: Settled instances whose originals are removed in the next batch.
+        self._retire: list[_Held] = []
         self._retire_since = 0.0
+        self._promotions: queue.SimpleQueue[list[tuple[str, str, list[str]]] | None] = queue.SimpleQueue()
+        self._promoter: threading.Thread | None = None
         self._idle_deaths: dict[int, int] = {}
         self._waiter = _Waiter()
         self.stats = collections.Counter()
@@ -440,6 +405,8 @@ class DeidStage:
             worker.ready = True
         self._thread = threading.Thread(target=self._loop, name="deid-dispatch", daemon=True)
         self._thread.start()
+        self._promoter = threading.Thread(target=self._promote_loop, name="deid-durable", daemon=True)
+        self._promoter.start()
         log.info("workers_started", workers=self.count, pids=[w.process.pid for w in self._workers])
 
     def _spawn(self, index: int) -> _Worker:
@@ -495,6 +462,13 @@ class DeidStage:
         self._wake()
         if self._thread:
             self._thread.join(timeout=5)
+        if self._promoter:
+            self._promotions.put(None)
+            self._promoter.join(timeout=max(0.1, deadline - time.monotonic()))
+        with self._lock:  # what is still waiting for a destination is made durable now
+            waiting = [(spool_id, held.name, sorted(held.waiting)) for spool_id, held in self._held.items()]
+        if waiting:
+            self._promote(waiting)
         if self._retire:
             self._retire_batch()
         for worker in self._workers:
@@ -547,8 +521,8 @@ class DeidStage:
             timeout = min(timeout, max(0.0, self._delayed[0][0] - now))
         if self._restart_after:
             timeout = min(timeout, max(0.0, min(self._restart_after.values()) - now))
-        if self._retire:
-            timeout = min(timeout, max(0.0, self._retire_since + RETIRE_SECONDS - now))
+        if self._retire or self._held:  # settled by the forwarders' events meanwhile
+            timeout = min(timeout, RETIRE_SECONDS)
         for ready in self._waiter.wait(waitables, timeout):
             if ready is self._wake_r:
                 try:
@@ -574,25 +548,92 @@ class DeidStage:
             if when <= now and not self._closed:
                 del self._restart_after[index]
                 self._restart(index)
+        self._promote_due(now)
         if self._retire and (len(self._retire) >= RETIRE_BATCH or now - self._retire_since >= RETIRE_SECONDS):
             self._retire_batch()
 
-    def _retire_batch(self) -> None:
-        """Make a batch's outgoing links durable, then remove their incoming files once the
-        audit store holds their records (the crosswalk: see router.audit)."""
-        batch, self._retire = self._retire, []
-        try:
-            self.spool.sync_outgoing(sorted({dest for _path, routes, _size in batch for dest in routes}))
-        except OSError as exc:
-            log.error("sync_failed", error=describe_exception(exc), action="incoming files kept")
-            self._retire = batch + self._retire
-            self._retire_since = time.monotonic()
+    # ------------------------------------------------------- outputs and originals
+    def settled(self, dest: str, name: str) -> None:
+        """outgoing/<dest>/<name> was delivered (or quarantined): its originals may go once
+        their other outputs have too. Called by the thread reading a forwarder's events."""
+        with self._lock:
+            for spool_id in self._by_output.pop((dest, name), []):
+                self._settle(spool_id, dest)
+
+    def _hold(self, spool_id: str, path: Path, size: int, name: str, routes: list[str]) -> None:
+        with self._lock:
+            self._held[spool_id] = _Held(path, size, name, set(routes))
+            for dest in routes:
+                self._by_output.setdefault((dest, name), []).append(spool_id)
+            self._due.append((time.monotonic() + DURABLE_AFTER_SECONDS, spool_id))
+
+    def _settle(self, spool_id: str, dest: str) -> None:
+        """(self._lock held) One output of a held instance needs its original no more."""
+        held = self._held.get(spool_id)
+        if held is None or dest not in held.waiting:
             return
+        held.waiting.discard(dest)
+        others = self._by_output.get((dest, held.name))
+        if others and spool_id in others:
+            others.remove(spool_id)
+            if not others:
+                del self._by_output[(dest, held.name)]
+        if not held.waiting:
+            del self._held[spool_id]
+            if not self._retire:
+                self._retire_since = time.monotonic()
+            self._retire.append(held)
+
+    def _promote_due(self, now: float) -> None:
+        """Hand outputs still waiting DURABLE_AFTER_SECONDS after publication to the thread
+        that makes them durable."""
+        due = []
+        with self._lock:
+            while self._due and self._due[0][0] <= now:
+                _when, spool_id = self._due.popleft()
+                held = self._held.get(spool_id)
+                if held is not None:
+                    due.append((spool_id, held.name, sorted(held.waiting)))
+        if due:
+            self._promotions.put(due)
+
+    def _promote_loop(self) -> None:
+        while (batch := self._promotions.get()) is not None:
+            self._promote(batch)
+
+    def _promote(self, batch: list[tuple[str, str, list[str]]]) -> None:
+        """Make a batch of outputs durable (each file, then their outgoing directories);
+        their originals may go then."""
+        try:
+            for _spool_id, name, dests in batch:
+                for dest in dests:
+                    try:
+                        self.spool.make_durable(self.spool.outgoing(dest) / name)
+                    except FileNotFoundError:
+                        pass  # delivered meanwhile (quarantined ones are made durable there)
+            self.spool.sync_outgoing(sorted({dest for _spool_id, _name, dests in batch for dest in dests}))
+        except OSError as exc:
+            log.error("sync_failed", error=describe_exception(exc), action="incoming files kept, tried again")
+            with self._lock:
+                retry = time.monotonic() + DURABLE_AFTER_SECONDS
+                self._due.extendleft((retry, spool_id) for spool_id, _name, _dests in reversed(batch))
+            return
+        with self._lock:
+            for spool_id, _name, dests in batch:
+                for dest in dests:
+                    self._settle(spool_id, dest)
+
+    def _retire_batch(self) -> None:
+        """Remove the originals of settled instances once the audit store holds their
+        records (the crosswalk: see router.audit)."""
+        with self._lock:
+            batch, self._retire = self._retire, []
 
         def remove_originals() -> None:
-            self.spool.recycle_all([(path, size) for path, _routes, size in batch])
-            for path, _routes, _size in batch:
-                self._forget(path)
+            self.spool.recycle_all([(held.path, held.size) for held in batch])
+            self.spool.add_usage(-sum(held.size for held in batch))
+            for held in batch:
+                self._forget(held.path)
 
         if self.events:
             self.events.after_recorded(remove_originals)
@@ -651,17 +692,11 @@ class DeidStage:
             log.error("worker_init_failed", worker=worker.index, error=message[1])
             return  # it exits; _died schedules a delayed restart
         spool_id = message[1]
-        if worker.tasks and worker.tasks[0].spool_id == spool_id:
-            task = worker.tasks[0]
-            path = task.path
-            worker.next_started()
-            if kind == "computed":  # published later; the worker goes on with the next one
-                worker.syncing[spool_id] = (path, task.size)
-                return
-        elif spool_id in worker.syncing:
-            path = worker.syncing.pop(spool_id)[0]
-        else:
+        if not worker.tasks or worker.tasks[0].spool_id != spool_id:
             return
+        task = worker.tasks[0]
+        path = task.path
+        worker.next_started()
         with self._lock:
             self._crashes.pop(path, None)
             if kind != "transient":
@@ -669,7 +704,8 @@ class DeidStage:
         if kind == "ok":
             info = message[2]
             self.stats["deidentified"] += 1
-            self.spool.add_usage(info["bytes_out"] - info["bytes_in"])
+            self.spool.add_usage(info["bytes_out"])
+            self._hold(spool_id, path, task.size, info["name"], info["routes"])
             for dest in info["routes"]:
                 routed = Routed(
                     path=self.spool.outgoing(dest) / info["name"], sop_class_uid=info["sop_class_uid"],
@@ -682,9 +718,6 @@ class DeidStage:
                     self.on_routed(dest, routed)
                 except Exception as exc:
                     log.error("notify_failed", destination=dest, error=describe_exception(exc))
-            if not self._retire:
-                self._retire_since = time.monotonic()
-            self._retire.append((path, info["routes"], info["bytes_in"]))
             if self.events:
                 self.events.deidentified(spool_id, info)
         elif kind in ("quarantined", "unrouted"):
@@ -726,15 +759,6 @@ class DeidStage:
             worker.conn.close()
         except OSError:
             pass
-        for spool_id, (path, _size) in worker.syncing.items():
-            # Computed, not yet reported: done again by another worker (same output file).
-            _unlink(_output_path(self.spool, spool_id))
-            if path.exists():
-                with self._lock:
-                    self._queue.appendleft(path)
-            else:
-                self._forget(path)
-        worker.syncing = {}
         task = worker.tasks.popleft() if worker.tasks else None
         with self._lock:
             for waiting in reversed(worker.tasks):  # sent, not begun: no attempt spent

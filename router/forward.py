@@ -463,8 +463,8 @@ class Forwarder:
                  on_event: Callable[..., None] = lambda *event: None):
         self.dest = dest
         self.spool = spool
-        #: ("delivered", freed bytes, send s, latency s, sop uid, study uid, series uid, patient),
-        #: ("retried", sop uid, detail), ("quarantined", sop uid, reason), ("state", up|down, detail)
+        #: ("delivered", freed bytes, send s, latency s, sop uid, study uid, series uid, patient, file name),
+        #: ("retried", sop uid, detail), ("quarantined", sop uid, reason, file name), ("state", up|down, detail)
         self.on_event = on_event
         if dest.type == "folder":
             self.senders: list[FolderSender | DicomSender] = [FolderSender(dest)]
@@ -662,7 +662,7 @@ class Forwarder:
             self._count("forwarded")
             latency = max(0.0, time.time() - acknowledged)
             self.on_event("delivered", freed, seconds, latency, info.sop_instance_uid, info.study_instance_uid,
-                          info.series_instance_uid, info.patient_pseudonym)
+                          info.series_instance_uid, info.patient_pseudonym, item.path.name)
             log.info("forwarded", destination=self.dest.name, sop_instance_uid=info.sop_instance_uid,
                      patient=info.patient_pseudonym or None, bytes=info.bytes, ms=round(seconds * 1000, 2),
                      latency_ms=round(latency * 1000, 1), status=f"0x{outcome.status:04X}",
@@ -717,7 +717,7 @@ class Forwarder:
             return
         self._forget(item)
         self._count("quarantined")
-        self.on_event("quarantined", uid, reason)
+        self.on_event("quarantined", uid, reason, item.path.name)
         log.warning("quarantined", stage="forward", destination=self.dest.name, sop_instance_uid=uid,
                     reason=reason, attempts=item.attempts,
                     status=f"0x{status:04X}" if status is not None else None)

@@ -78,9 +78,10 @@ def _run(config: Config, stop: threading.Event, received_signal: list[str]) -> i
     spool = Spool(node.spool_dir, [d.name for d in config.destinations], node.keep_delivered)
     spool.create()
     removed = spool.clean_tmp()
+    dropped = spool.drop_volatile()  # before anything is sent: made again from incoming/
     spool.rescan()
     log.info("spool_opened", path=str(spool.root), bytes=spool.usage, removed_partial=removed,
-             stages=spool.stage_counts())
+             dropped_volatile=dropped, stages=spool.stage_counts())
 
     metrics = NodeMetrics([d.name for d in config.destinations])
     metrics.set_probe(lambda: Probe(spool.stage_counts(), spool.usage))
@@ -90,7 +91,12 @@ def _run(config: Config, stop: threading.Event, received_signal: list[str]) -> i
         log.error("audit_store_failed", reason=str(exc))
         return 1
     events = NodeEvents(metrics, audit)
-    forwarders = {d.name: ForwarderProcess(config, d, spool, events.forward_event) for d in config.destinations}
+    def on_forward_event(dest: str, event: tuple) -> None:
+        events.forward_event(dest, event)
+        if event[0] in ("delivered", "quarantined"):
+            stage.settled(dest, event[-1])  # its original may go
+
+    forwarders = {d.name: ForwarderProcess(config, d, spool, on_forward_event) for d in config.destinations}
     events.spool = spool
 
     def on_routed(dest, routed):
@@ -230,7 +236,7 @@ class NodeEvents:
         """Events a forwarder process reports (see router.forward.Forwarder.on_event)."""
         kind = event[0]
         if kind == "delivered":
-            _kind, freed, seconds, latency, uid, study, series, patient = event
+            _kind, freed, seconds, latency, uid, study, series, patient, _name = event
             if self.spool:
                 self.spool.add_usage(-freed)
             self.metrics.forwarded(dest, seconds, latency)

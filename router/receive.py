@@ -28,7 +28,7 @@ from router.config import NodeConfig
 from router.encode import PREAMBLE, meta_group
 from router.log import get_logger
 from router.profile import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
-from router.spool import Spool, new_id, reusable, start_writeback
+from router.spool import DURABLE_MODE, Spool, new_id, reusable, start_writeback
 from router.tls import finish_handshake, server_context
 
 log = get_logger("router.receive")
@@ -92,7 +92,9 @@ class SpoolFile:
         self.name = str(path)
         self._recycled = spool.reuse(path)
         flags = os.O_WRONLY if self._recycled else os.O_WRONLY | os.O_CREAT | os.O_EXCL
-        self._fd = os.open(path, flags, 0o600)
+        self._fd = os.open(path, flags, DURABLE_MODE)
+        if self._recycled:
+            os.fchmod(self._fd, DURABLE_MODE)  # it may have been a volatile output
         self._written = self._started = 0
 
     def write(self, data) -> int:

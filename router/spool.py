@@ -12,10 +12,17 @@ Layout under ``node.spool_dir`` (one file system, so renames and hard links are 
     recycle/<bytes>-<id>      files no stage needs any more, kept to be written over
 
 ``<id>`` is a random uuid4 hex, ``<uid>`` the NEW (pseudonymous) SOP Instance UID: no
-original identifier ever appears in a file name. A file is written completely and fsynced
-in ``tmp/`` and only then renamed into a stage, and the stage directory is fsynced, so a
-crash at any moment leaves every acknowledged instance in at least one stage. A crash
-between two renames can leave an instance in two stages (say incoming/ and outgoing/):
+original identifier ever appears in a file name. A received file is written completely and
+fsynced in ``tmp/`` and only then renamed into incoming/, and the directory is fsynced, so a
+crash at any moment leaves every acknowledged instance in at least one stage.
+
+A de-identified file is not fsynced when it is linked into outgoing/: it is *volatile*
+(``VOLATILE_MODE``: the sticky bit marks it) and its original stays in incoming/ until the
+file is delivered, or is made durable (``make_durable``: fsync, mark cleared, fsync) if it
+waits longer. Most are delivered within a second and never written to disk. At start,
+before anything is sent, volatile files are deleted (``drop_volatile``; after a power loss
+one may hold anything, even the earlier bytes of a recycled file) and made again from their
+originals. A crash can leave an instance in two stages (say incoming/ and outgoing/):
 de-identification is deterministic (keyed pseudonyms), so processing it again yields the
 same file under the same name, and the duplicate is harmless.
 
@@ -38,6 +45,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import threading
 import time
 import uuid
@@ -62,6 +70,11 @@ RECYCLE_MAX_FILE_BYTES = 32 * 1024 * 1024
 DEIDENTIFY_QUARANTINE = "deidentify"
 UNROUTED_QUARANTINE = "unrouted"
 RESERVED_NAMES = frozenset({DEIDENTIFY_QUARANTINE, UNROUTED_QUARANTINE})
+
+#: Modes of spool files: a file written but not fsynced carries the sticky bit, which no
+#: umask sets and Linux ignores on files; hard links share it.
+DURABLE_MODE = 0o600
+VOLATILE_MODE = stat.S_ISVTX | DURABLE_MODE
 
 SUFFIX = ".dcm"
 REASON_SUFFIX = ".reason.json"
@@ -176,6 +189,54 @@ class Spool:
             path.mkdir(parents=True, exist_ok=True)
         for path in {p.parent for p in dirs} | set(dirs):
             fsync_dir(path)
+
+    def drop_volatile(self) -> int:
+        """Delete every volatile file in outgoing/ (at start, before anything is sent): its
+        original is still in incoming/ and is de-identified again. Returns how many."""
+        count = 0
+        for folder in _subfolders(self.outgoing_root):
+            for entry in os.scandir(folder):
+                try:
+                    if entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_mode & stat.S_ISVTX:
+                        os.unlink(entry.path)
+                        count += 1
+                except FileNotFoundError:
+                    pass
+        return count
+
+    def marks_volatile(self) -> bool:
+        """Can files here carry the volatile mark? (Linux file systems can; without it,
+        every de-identified file is fsynced before it is linked.)"""
+        probe = self.tmp_path(".probe")
+        try:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, DURABLE_MODE)
+            try:
+                os.fchmod(fd, VOLATILE_MODE)
+                return bool(os.fstat(fd).st_mode & stat.S_ISVTX)
+            finally:
+                os.close(fd)
+                os.unlink(probe)
+        except OSError:
+            return False
+
+    @staticmethod
+    def make_volatile(path: Path) -> None:
+        """Mark a file written but not fsynced, before it is linked into outgoing/ (the
+        mark is in the inode: the journal has it no later than the link)."""
+        os.chmod(path, VOLATILE_MODE)
+
+    @staticmethod
+    def make_durable(path: Path) -> None:
+        """fsync a file and clear its volatile mark: its bytes reach the disk before the
+        mark goes, so a file without the mark is whole after any crash."""
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            if os.fstat(fd).st_mode & stat.S_ISVTX:
+                os.fchmod(fd, DURABLE_MODE)
+                os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def clean_tmp(self) -> int:
         """Delete leftovers of partial writes (never acknowledged). Returns how many."""
@@ -385,6 +446,7 @@ class Spool:
             except FileNotFoundError:
                 return 0
             if self.keep_delivered:
+                self.make_durable(path)
                 target_dir = self.done(dest)
                 target_dir.mkdir(parents=True, exist_ok=True)
                 os.replace(path, target_dir / path.name)
@@ -400,7 +462,9 @@ class Spool:
             return freed
 
     def quarantine(self, path: Path, where: str, name: str, reason: str, stage: str, **details) -> Path:
-        """Move ``path`` into quarantine/<where>/<name>.dcm next to a PHI-free reason file."""
+        """Move ``path`` (made durable) into quarantine/<where>/<name>.dcm next to a PHI-free
+        reason file."""
+        self.make_durable(path)
         qdir = self.quarantine_dir(where)
         qdir.mkdir(parents=True, exist_ok=True)
         base = name[: -len(SUFFIX)] if name.endswith(SUFFIX) else name
@@ -427,6 +491,13 @@ class Spool:
                 if entry.is_dir():
                     counts[f"{QUARANTINE}/{entry.name}"] = _count(Path(entry.path))
         return counts
+
+
+def _subfolders(folder: Path) -> list[str]:
+    try:
+        return [e.path for e in os.scandir(folder) if e.is_dir(follow_symlinks=False)]
+    except FileNotFoundError:
+        return []
 
 
 def _count(folder: Path) -> int:

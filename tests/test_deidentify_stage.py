@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import shutil
+import stat
 import threading
 import time
 from pathlib import Path
@@ -13,7 +14,7 @@ from test_node_support import NODE_TEST_OPTIONS
 
 from bench.synthetic import write_ct_series
 from router import config as config_module
-from router.deidentify import LARGE_INSTANCE_BYTES, DeidStage, Routed, _Task, _Worker
+from router.deidentify import DURABLE_AFTER_SECONDS, LARGE_INSTANCE_BYTES, DeidStage, Routed, _Task, _Worker
 from router.spool import Spool
 
 
@@ -43,49 +44,111 @@ def _incoming(spool: Spool, files: list[Path]) -> list[Path]:
     return paths
 
 
-def test_every_instance_is_routed_durably_then_leaves_incoming(tmp_path: Path) -> None:
-    """Workers hand outputs to their syncer ("computed") and take the next instance; each
-    output still reaches outgoing/ whole, is reported once, and only then does its
-    incoming file go."""
+def _run_stage(stage: DeidStage, spool: Spool, files: list[Path], settle=None) -> None:
+    """Submit files and wait until the stage holds none of them and incoming/ is empty."""
+    for path in _incoming(spool, files):
+        stage.submit(path)
+    deadline = time.monotonic() + 120
+    while (stage.pending() or list(spool.incoming.iterdir())) and time.monotonic() < deadline:
+        if settle:
+            settle()
+        time.sleep(0.05)
+    assert stage.pending() == 0
+    assert stage.in_flight_bytes() == 0
+
+
+def test_outputs_not_delivered_in_time_are_made_durable_then_their_originals_go(tmp_path: Path) -> None:
+    """Outputs are linked into outgoing/ volatile (not fsynced, the sticky bit set) while
+    their originals stay in incoming/; with no forwarder to deliver them, each is made durable
+    (mark cleared) after DURABLE_AFTER_SECONDS, and only then does its original go."""
     config = _config(tmp_path / "spool", workers=2)
     spool = Spool(config.node.spool_dir, ["pacs"])
     spool.create()
     files = write_ct_series(tmp_path / "ct", 40, patient_id="PID-STAGE-1")
     routed: list[Routed] = []
+    volatile_when_routed: list[bool] = []
     lock = threading.Lock()
 
     def on_routed(dest: str, item: Routed) -> None:
         with lock:
             routed.append(item)
+            volatile_when_routed.append(bool(item.path.stat().st_mode & stat.S_ISVTX))
 
     stage = DeidStage(config, b"k" * 32, spool, on_routed)
     stage.start()
+    started = time.monotonic()
     try:
-        for path in _incoming(spool, files):
-            stage.submit(path)
-        deadline = time.monotonic() + 120
-        while (stage.pending() or list(spool.incoming.iterdir())) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert stage.pending() == 0
-        assert stage.in_flight_bytes() == 0
+        _run_stage(stage, spool, files)
     finally:
         assert stage.stop() == 0
+    assert time.monotonic() - started >= DURABLE_AFTER_SECONDS
     assert len(routed) == len(files) == len({r.sop_instance_uid for r in routed})
+    assert all(volatile_when_routed)
     assert list(spool.incoming.iterdir()) == []
     assert sorted(p.name for p in spool.outgoing("pacs").iterdir()) == sorted(r.path.name for r in routed)
     assert all(r.path.stat().st_size == r.bytes > 0 for r in routed)
+    assert not any(r.path.stat().st_mode & stat.S_ISVTX for r in routed)
     assert list(spool.tmp.iterdir()) == []
     assert stage.stats["deidentified"] == len(files)
 
 
-def test_a_dead_worker_blames_only_the_instance_it_was_computing(tmp_path: Path) -> None:
-    """Instances a dead worker had computed (its syncer had not reported them yet) or had
-    been sent but not begun are done again without counting a crash against them; the one
-    it was computing counts one, and a second crash quarantines it."""
+def test_a_delivered_output_lets_its_original_go_without_being_made_durable(tmp_path: Path) -> None:
+    """What a forwarder settles (delivered: deleted from outgoing/) frees its original at
+    once; the output was never fsynced, so never marked durable."""
     config = _config(tmp_path / "spool", workers=1)
     spool = Spool(config.node.spool_dir, ["pacs"])
     spool.create()
-    computing, waiting, synced = _incoming(spool, write_ct_series(tmp_path / "ct", 3, patient_id="PID-STAGE-2"))
+    files = write_ct_series(tmp_path / "ct", 10, patient_id="PID-STAGE-3")
+    routed: list[Routed] = []
+    stage = DeidStage(config, b"k" * 32, spool, lambda dest, item: routed.append(item))
+    durable: list[Path] = []
+    make_durable = spool.make_durable
+    spool.make_durable = lambda path: (durable.append(path), make_durable(path))
+    stage.start()
+    started = time.monotonic()
+
+    def deliver() -> None:
+        while routed:
+            item = routed.pop()
+            assert item.path.stat().st_mode & stat.S_ISVTX
+            spool.delivered(item.path, "pacs")
+            stage.settled("pacs", item.path.name)
+
+    try:
+        _run_stage(stage, spool, files, settle=deliver)
+        assert time.monotonic() - started < DURABLE_AFTER_SECONDS
+    finally:
+        assert stage.stop() == 0
+    assert durable == []
+    assert list(spool.outgoing("pacs").iterdir()) == []
+    assert stage.stats["deidentified"] == len(files)
+
+
+def test_volatile_outputs_are_dropped_at_start_and_durable_ones_kept(tmp_path: Path) -> None:
+    """After a crash a volatile output may hold anything (even a recycled file's earlier
+    bytes): the spool deletes those before anything is sent; their originals are in incoming/."""
+    spool = Spool(tmp_path / "spool", ["pacs"])
+    spool.create()
+    assert spool.marks_volatile()
+    volatile, durable = spool.outgoing("pacs") / "1.2.3.dcm", spool.outgoing("pacs") / "1.2.4.dcm"
+    for path in (volatile, durable):
+        path.write_bytes(b"PHI-LIKE BYTES OF AN EARLIER LIFE")
+    spool.make_volatile(volatile)
+    spool.make_volatile(durable)
+    spool.make_durable(durable)
+    assert spool.drop_volatile() == 1
+    assert not volatile.exists() and durable.exists()
+    assert stat.S_IMODE(durable.stat().st_mode) == 0o600
+
+
+def test_a_dead_worker_blames_only_the_instance_it_was_computing(tmp_path: Path) -> None:
+    """Instances a dead worker had been sent but not begun are done again without counting a
+    crash against them; the one it was computing counts one, and a second crash
+    quarantines it."""
+    config = _config(tmp_path / "spool", workers=1)
+    spool = Spool(config.node.spool_dir, ["pacs"])
+    spool.create()
+    computing, waiting = _incoming(spool, write_ct_series(tmp_path / "ct", 2, patient_id="PID-STAGE-2"))
     stage = DeidStage(config, b"k" * 32, spool, lambda dest, item: None)
     dead = multiprocessing.get_context("fork").Process(target=lambda: None)
     dead.start()
@@ -97,19 +160,18 @@ def test_a_dead_worker_blames_only_the_instance_it_was_computing(tmp_path: Path)
     for crash in (1, 2):
         worker = _Worker(0, dead, parent)
         worker.tasks.extend([_Task(computing.stem, computing, 1, time.monotonic()), _Task(waiting.stem, waiting, 1)])
-        worker.syncing = {synced.stem: (synced, synced.stat().st_size)}
         stage._workers = [worker]
         stage._queue.clear()
         stage._died(worker)
-        assert stage._crashes.get(synced, 0) == stage._crashes.get(waiting, 0) == 0
+        assert stage._crashes.get(waiting, 0) == 0
         if crash == 1:
-            assert list(stage._queue) == [computing, waiting, synced]
+            assert list(stage._queue) == [computing, waiting]
             assert stage._crashes[computing] == 1
         else:
-            assert list(stage._queue) == [waiting, synced]
+            assert list(stage._queue) == [waiting]
             assert not computing.exists()
             assert [p.name for p in spool.quarantine_dir("deidentify").glob("*.dcm")] == [computing.name]
-    assert synced.exists()
+    assert waiting.exists()
 
 
 def test_large_instances_never_wait_in_two_workers_at_once_and_smaller_ones_go_ahead(tmp_path: Path) -> None:

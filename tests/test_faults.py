@@ -431,7 +431,9 @@ def test_spool_over_its_limit_refuses_while_the_destination_is_down_then_recover
         with Router(tmp_path, [dest], node={"max_spool_bytes": size * 6}) as router:
             answers = send_all(router.port, files)
             accepted = [p for p in files if answers[p] == 0x0000]
-            assert 4 <= len(accepted) <= 9, answers
+            # an instance counts twice (its original and its output) until the output is
+            # delivered or made durable (DURABLE_AFTER_SECONDS): 3 at least
+            assert 3 <= len(accepted) <= 9, answers
             assert {answers[p] for p in files if p not in accepted} == {OUT_OF_RESOURCES}
             wait_until(lambda: len(router.events("destination_unavailable")) >= 3, timeout=30, what="an outage")
             assert router.echo_ok()

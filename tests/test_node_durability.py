@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import sqlite3
+import stat
 import threading
 import time
 from pathlib import Path
@@ -138,6 +139,41 @@ def test_destination_down_queues_then_delivers_without_restart(tmp_path: Path, c
             wait_until(lambda: not router.files("outgoing", "pacs"), timeout=10, what="an empty outgoing/pacs")
             assert router.files("quarantine", "pacs") == []
             assert router.events("destination_available")
+            assert router.stop() == 0
+    finally:
+        pacs.kill()
+
+
+def test_outputs_volatile_at_a_kill_are_made_again_not_sent_as_found(tmp_path: Path, ct300: list[Path]) -> None:
+    """Outputs are not fsynced until delivered or DURABLE_AFTER_SECONDS old: a crash (here
+    SIGKILL; after a power loss such a file may hold anything) leaves them marked volatile
+    beside their originals. At the next start they are deleted before anything is sent and
+    made again from the originals: the destination gets every instance, never what was found."""
+    files = ct300[:30]
+    pacs = Orthanc(tmp_path).start()
+    pacs.stop()  # down while the outputs wait
+    try:
+        router = Router(tmp_path, [dicom_destination("pacs", "127.0.0.1", pacs.dicom_port, pacs.aet)])
+        with router:
+            proc = storescu("127.0.0.1", router.port, files, called_ae=ROUTER_AET)
+            assert proc.returncode == 0, proc.stderr
+            wait_until(lambda: len(router.events("deidentified")) >= len(files), timeout=60, interval=0.02,
+                       what="30 instances de-identified")
+            router.kill()
+        volatile = [p for p in router.files("outgoing", "pacs") if p.stat().st_mode & stat.S_ISVTX]
+        assert volatile, "the last outputs are younger than DURABLE_AFTER_SECONDS"
+        assert len(router.files("incoming")) >= len(volatile)  # their originals
+        found = b"NOT-WHAT-THE-ROUTER-WROTE " * 1000
+        for path in volatile:
+            path.write_bytes(found)
+        pacs.start()
+        with router.start():
+            wait_until(lambda: pacs.count() >= len(files), timeout=60, interval=0.2, what="30 instances in Orthanc")
+            assert set(pacs.sop_instance_uids()) == expected_uids(files)
+            wait_until(lambda: not router.files("incoming") and not router.files("outgoing", "pacs"),
+                       timeout=30, what="an empty spool")
+            assert router.files("quarantine", "pacs") == []  # nothing unreadable was sent or tried
+            assert router.events("spool_opened")[-1]["dropped_volatile"] == len(volatile)
             assert router.stop() == 0
     finally:
         pacs.kill()
