@@ -650,3 +650,28 @@ def test_what_an_engine_remembers_never_crosses_patients(tmp_path):
         engine(*options).process_file(src, tmp_path / "fresh.dcm")
         assert (tmp_path / "remembered.dcm").read_bytes() == (tmp_path / "fresh.dcm").read_bytes(), n
     assert remembering._elements and remembering._sequences
+
+
+def test_identifying_values_are_worked_out_again_when_any_of_their_elements_differs(tmp_path):
+    """The values cut from kept text are remembered by the elements they come from: two
+    slices of one patient that differ only in the referring physician, or only in the
+    accession number, each lose their own from the comments (as from an engine that saw
+    nothing)."""
+    from bench.synthetic import ct_series, to_bytes
+
+    options = ("clean-descriptors", "retain-safe-private")
+    remembering = engine(*options)
+    for n, (physician, accession) in enumerate((("WHO^ALICE", "ACC111111"), ("WHO^BOBBY", "ACC111111"),
+                                                ("WHO^BOBBY", "ACC222222"), ("WHO^ALICE", "ACC111111"))):
+        ds = next(iter(ct_series(1, rows=16, columns=16)))
+        ds.ReferringPhysicianName = physician
+        ds.AccessionNumber = accession
+        ds.ImageComments = f"seen by {physician.split('^')[1]} for order {accession}"
+        src = tmp_path / f"in{n}.dcm"
+        src.write_bytes(to_bytes(ds))
+        remembering.process_file(src, tmp_path / "remembered.dcm")
+        engine(*options).process_file(src, tmp_path / "fresh.dcm")
+        out = (tmp_path / "remembered.dcm").read_bytes()
+        assert out == (tmp_path / "fresh.dcm").read_bytes(), n
+        assert physician.split("^")[1].encode() not in out and accession.encode() not in out, n
+    assert len(remembering._identities) == 3
