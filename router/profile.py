@@ -217,11 +217,12 @@ class Deidentifier:
     # -- files ---------------------------------------------------------------------------
 
     def process_file(self, src: Path, dst: Path | Callable[[InstanceResult], Path], durable: bool = True,
-                     reuse: Callable[[Path, int], bool] | None = None) -> InstanceResult:
+                     reuse: Callable[[Path, int], bool] | None = None, atomic: bool = True) -> InstanceResult:
         """Read the Part 10 (or raw dataset) file src, de-identify it, write Part 10 dst.
 
         dst is a path, or a function naming the path from the (pseudonymous) result. It is
-        written completely (and, if durable, fsynced) or not at all. ``reuse`` (the spool's)
+        written completely (and, if durable, fsynced) or not at all (unless not ``atomic``:
+        a path of the caller's own, see ``write_instance``). ``reuse`` (the spool's)
         may give the file to write over, see ``write_instance``. Raises InstanceRefused for
         anything in the input that cannot be read, de-identified or written back.
         """
@@ -230,7 +231,7 @@ class Deidentifier:
         try:
             result = self.deidentify(ds)
             size = write_instance(ds, Path(dst(result) if callable(dst) else dst), durable,
-                                  reuse=reuse, size_hint=size_in)
+                                  reuse=reuse, size_hint=size_in, atomic=atomic)
         except InstanceRefused:
             raise
         except (ValueError, TypeError, KeyError, NotImplementedError, OverflowError, EOFError, struct.error, OSError) as exc:
@@ -710,14 +711,15 @@ def transfer_syntax_of(ds: Dataset) -> UID:
 
 
 def write_instance(ds: Dataset, dst: Path, durable: bool = True,
-                   reuse: Callable[[Path, int], bool] | None = None, size_hint: int = 0) -> int:
+                   reuse: Callable[[Path, int], bool] | None = None, size_hint: int = 0, atomic: bool = True) -> int:
     """Write ds as a Part 10 file, atomically: a temporary file, fsync if durable, rename.
+    Not ``atomic``: straight to dst (a path nobody else reads, deleted if the write fails).
 
     ``reuse(tmp, size_hint)``, if given, may rename a recycled file to tmp (``Spool.reuse``):
     it is written over from its start and cut to the new length (checked).
     """
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp") if atomic else dst
     ts = ds.file_meta.TransferSyntaxUID
     implicit = fast_syntax(ts)
     recycled = reuse is not None and reuse(tmp, size_hint)
@@ -732,7 +734,8 @@ def write_instance(ds: Dataset, dst: Path, durable: bool = True,
                 reusable(out.fileno(), out.tell())
             if durable:
                 os.fsync(out.fileno())
-        os.replace(tmp, dst)
+        if atomic:
+            os.replace(tmp, dst)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
