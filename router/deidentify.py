@@ -175,8 +175,9 @@ def _send(conn, reply: tuple) -> bool:
     return True
 
 
-def _publish(spool: Spool, src: Path, dst: Path, name: str, routes: list[str], volatile: bool) -> None:
-    """Link an output into every routed outgoing/<dest>/ (the last by a rename).
+def _publish(spool: Spool, src: Path, dst: Path, name: str, routes: list[str], volatile: bool) -> int:
+    """Link an output into every routed outgoing/<dest>/ (the last by a rename); returns
+    its inode, which tells it from an output of the same name it replaces (a re-send).
 
     Not fsynced: marked volatile instead (``Spool.make_volatile``), its original stays in
     incoming/ until it is delivered or made durable (see DeidStage). Where the mark cannot
@@ -190,10 +191,12 @@ def _publish(spool: Spool, src: Path, dst: Path, name: str, routes: list[str], v
         spool.make_volatile(dst)
     else:
         spool.make_durable(dst)
+    inode = os.stat(dst).st_ino
     *linked, last = routes
     for dest in linked:
         spool.link_outgoing(dst, dest, name)
     spool.move_outgoing(dst, last, name)
+    return inode
 
 
 def _output_path(spool: Spool, spool_id: str) -> Path:
@@ -244,7 +247,7 @@ def process_one(deid, spool: Spool, config: Config, spool_id: str, src: Path, wo
                 patient_pseudonym=result.patient_pseudonym, bytes_in=result.bytes_in, bytes_out=result.bytes_out,
                 regions=result.pixel_regions_masked, source_ae=result.source_ae_title,
                 crosswalk=result.crosswalk, pixel_text=result.pixel_text)
-    _publish(spool, src, dst, name, routes, volatile)
+    info["inode"] = _publish(spool, src, dst, name, routes, volatile)
     seconds = time.perf_counter() - started
     worker_log.info("deidentified", destinations=routes, ms=round(seconds * 1000, 2), deid_ms=round(deid_ms, 2),
                     **fields)
@@ -317,6 +320,7 @@ class _Held:
     path: Path  # the original
     size: int
     name: str  # of its outputs in outgoing/<dest>/
+    inode: int  # of its outputs (one file, linked once per destination)
     waiting: set[str]  # destinations whose output is neither delivered nor durable
 
 
@@ -374,7 +378,7 @@ class DeidStage:
         #: (by spool id), the same by output ((destination, file name) -> spool ids), and
         #: when each is due to be made durable.
         self._held: dict[str, _Held] = {}
-        self._by_output: dict[tuple[str, str], list[str]] = {}
+        self._by_output: dict[tuple[str, str, int], list[str]] = {}
         self._due: collections.deque[tuple[float, str]] = collections.deque()
         #: Settled instances whose originals are removed in the next batch.
         self._retire: list[_Held] = []
@@ -555,18 +559,19 @@ class DeidStage:
             self._retire_batch()
 
     # ------------------------------------------------------- outputs and originals
-    def settled(self, dest: str, name: str) -> None:
-        """outgoing/<dest>/<name> was delivered (or quarantined): its originals may go once
-        their other outputs have too. Called by the thread reading a forwarder's events."""
+    def settled(self, dest: str, name: str, inode: int) -> None:
+        """outgoing/<dest>/<name>, that file (inode), was delivered (or quarantined): its
+        originals may go once their other outputs have too (not those of a newer file of
+        the same name). Called by the thread reading a forwarder's events."""
         with self._lock:
-            for spool_id in self._by_output.pop((dest, name), []):
+            for spool_id in self._by_output.pop((dest, name, inode), []):
                 self._settle(spool_id, dest)
 
-    def _hold(self, spool_id: str, path: Path, size: int, name: str, routes: list[str]) -> None:
+    def _hold(self, spool_id: str, path: Path, size: int, name: str, inode: int, routes: list[str]) -> None:
         with self._lock:
-            self._held[spool_id] = _Held(path, size, name, set(routes))
+            self._held[spool_id] = _Held(path, size, name, inode, set(routes))
             for dest in routes:
-                self._by_output.setdefault((dest, name), []).append(spool_id)
+                self._by_output.setdefault((dest, name, inode), []).append(spool_id)
             self._due.append((time.monotonic() + DURABLE_AFTER_SECONDS, spool_id))
 
     def _settle(self, spool_id: str, dest: str) -> None:
@@ -575,11 +580,12 @@ class DeidStage:
         if held is None or dest not in held.waiting:
             return
         held.waiting.discard(dest)
-        others = self._by_output.get((dest, held.name))
+        key = (dest, held.name, held.inode)
+        others = self._by_output.get(key)
         if others and spool_id in others:
             others.remove(spool_id)
             if not others:
-                del self._by_output[(dest, held.name)]
+                del self._by_output[key]
         if not held.waiting:
             del self._held[spool_id]
             if not self._retire:
@@ -707,7 +713,7 @@ class DeidStage:
             info = message[2]
             self.stats["deidentified"] += 1
             self.spool.add_usage(info["bytes_out"])
-            self._hold(spool_id, path, task.size, info["name"], info["routes"])
+            self._hold(spool_id, path, task.size, info["name"], info["inode"], info["routes"])
             for dest in info["routes"]:
                 routed = Routed(
                     path=self.spool.outgoing(dest) / info["name"], sop_class_uid=info["sop_class_uid"],

@@ -162,6 +162,9 @@ class Item:
     enqueued: float = field(default_factory=time.monotonic)
     #: Where the file's data set starts, when its meta was read just before the send.
     dataset_offset: int | None = None
+    #: The file sent (its inode, found just before the send): a re-sent instance may replace
+    #: the file of the same name meanwhile, and that one is still to be sent.
+    inode: int | None = None
 
 
 def read_info(path: Path) -> Routed:
@@ -463,8 +466,9 @@ class Forwarder:
                  on_event: Callable[..., None] = lambda *event: None):
         self.dest = dest
         self.spool = spool
-        #: ("delivered", freed bytes, send s, latency s, sop uid, study uid, series uid, patient, file name),
-        #: ("retried", sop uid, detail), ("quarantined", sop uid, reason, file name), ("state", up|down, detail)
+        #: ("delivered", freed bytes, send s, latency s, sop uid, study uid, series uid, patient, file name,
+        #: inode), ("retried", sop uid, detail), ("quarantined", sop uid, reason, file name, inode),
+        #: ("state", up|down, detail)
         self.on_event = on_event
         if dest.type == "folder":
             self.senders: list[FolderSender | DicomSender] = [FolderSender(dest)]
@@ -642,10 +646,12 @@ class Forwarder:
             if (sop_class, syntax) != (item.info.sop_class_uid, item.info.transfer_syntax_uid):
                 item.info = replace(item.info, sop_class_uid=sop_class, transfer_syntax_uid=syntax)
         try:
-            acknowledged = os.stat(item.path).st_mtime  # set to the receive time by the de-identify stage
+            found = os.stat(item.path)
         except FileNotFoundError:
             self._forget(item)
             return
+        acknowledged = found.st_mtime  # set to the receive time by the de-identify stage
+        item.inode = found.st_ino
         started = time.perf_counter()
         try:
             outcome = self.senders[lane].send(item, self._lookahead)
@@ -657,12 +663,16 @@ class Forwarder:
         if outcome.kind == "delivered":
             item.attempts += 1
             self._recovered()
-            freed = self.spool.delivered(item.path, self.dest.name)
-            self._forget(item)
+            freed = self.spool.delivered(item.path, self.dest.name, item.inode)
+            sent = item.inode
+            if freed is None:
+                self._send_again(item)
+            else:
+                self._forget(item)
             self._count("forwarded")
             latency = max(0.0, time.time() - acknowledged)
-            self.on_event("delivered", freed, seconds, latency, info.sop_instance_uid, info.study_instance_uid,
-                          info.series_instance_uid, info.patient_pseudonym, item.path.name)
+            self.on_event("delivered", freed or 0, seconds, latency, info.sop_instance_uid, info.study_instance_uid,
+                          info.series_instance_uid, info.patient_pseudonym, item.path.name, sent)
             log.info("forwarded", destination=self.dest.name, sop_instance_uid=info.sop_instance_uid,
                      patient=info.patient_pseudonym or None, bytes=info.bytes, ms=round(seconds * 1000, 2),
                      latency_ms=round(latency * 1000, 1), status=f"0x{outcome.status:04X}",
@@ -683,6 +693,17 @@ class Forwarder:
             self._recovered()
             self._schedule_retry(item, outcome.detail, outcome.status, outcome.mode)
 
+    def _send_again(self, item: Item) -> None:
+        """The file was replaced while it was being sent (the same instance received again,
+        maybe changed): the new one is sent too, first, with attempts of its own."""
+        log.info("replaced_while_sent", destination=self.dest.name,
+                 sop_instance_uid=item.info.sop_instance_uid if item.info else None)
+        item.attempts = item.free_retries = 0
+        item.dataset_offset = item.inode = None
+        with self._cond:
+            self._ready.appendleft(item)
+            self._cond.notify_all()
+
     def _schedule_retry(self, item: Item, detail: str, status: int | None, mode: str) -> None:
         info = item.info
         uid = info.sop_instance_uid if info else None
@@ -702,7 +723,12 @@ class Forwarder:
         info = item.info
         uid = info.sop_instance_uid if info else None
         reason = f"not delivered after {item.attempts} attempt(s): {detail}"
+        inode = None
         try:
+            inode = os.stat(item.path).st_ino
+            if item.inode is not None and inode != item.inode:
+                self._send_again(item)  # what failed is gone; its replacement is tried afresh
+                return
             self.spool.quarantine(item.path, self.dest.name, item.path.name, reason, stage="forward",
                                   destination=self.dest.name, attempts=item.attempts,
                                   status=f"0x{status:04X}" if status is not None else None,
@@ -717,7 +743,7 @@ class Forwarder:
             return
         self._forget(item)
         self._count("quarantined")
-        self.on_event("quarantined", uid, reason, item.path.name)
+        self.on_event("quarantined", uid, reason, item.path.name, inode)
         log.warning("quarantined", stage="forward", destination=self.dest.name, sop_instance_uid=uid,
                     reason=reason, attempts=item.attempts,
                     status=f"0x{status:04X}" if status is not None else None)

@@ -94,7 +94,7 @@ def _run(config: Config, stop: threading.Event, received_signal: list[str]) -> i
     def on_forward_event(dest: str, event: tuple) -> None:
         events.forward_event(dest, event)
         if event[0] in ("delivered", "quarantined"):
-            stage.settled(dest, event[-1])  # its original may go
+            stage.settled(dest, *event[-2:])  # (file name, inode): its original may go
 
     forwarders = {d.name: ForwarderProcess(config, d, spool, on_forward_event) for d in config.destinations}
     events.spool = spool
@@ -236,7 +236,7 @@ class NodeEvents:
         """Events a forwarder process reports (see router.forward.Forwarder.on_event)."""
         kind = event[0]
         if kind == "delivered":
-            _kind, freed, seconds, latency, uid, study, series, patient, _name = event
+            _kind, freed, seconds, latency, uid, study, series, patient, _name, _inode = event
             if self.spool:
                 self.spool.add_usage(-freed)
             self.metrics.forwarded(dest, seconds, latency)

@@ -435,16 +435,20 @@ class Spool:
         for dest in dests:
             fsync_dir(self.outgoing(dest))
 
-    def delivered(self, path: Path, dest: str) -> int:
-        """An outgoing file reached its destination: delete it, or keep it in done/.
+    def delivered(self, path: Path, dest: str, inode: int | None = None) -> int | None:
+        """An outgoing file (``inode``, if given) reached its destination: delete it, or
+        keep it in done/.
 
-        Returns the bytes freed from the accounted spool (0 while other links remain).
+        Returns the bytes freed from the accounted spool (0 while other links remain), or
+        None if ``path`` is another file by now (a re-sent instance replaced it), left as is.
         """
         with self._lock:
             try:
                 st = os.stat(path)
             except FileNotFoundError:
                 return 0
+            if inode is not None and st.st_ino != inode:
+                return None
             if self.keep_delivered:
                 self.make_durable(path)
                 target_dir = self.done(dest)

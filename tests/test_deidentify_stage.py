@@ -110,9 +110,10 @@ def test_a_delivered_output_lets_its_original_go_without_being_made_durable(tmp_
     def deliver() -> None:
         while routed:
             item = routed.pop()
-            assert item.path.stat().st_mode & stat.S_ISVTX
-            spool.delivered(item.path, "pacs")
-            stage.settled("pacs", item.path.name)
+            found = item.path.stat()
+            assert found.st_mode & stat.S_ISVTX
+            spool.delivered(item.path, "pacs", found.st_ino)
+            stage.settled("pacs", item.path.name, found.st_ino)
 
     try:
         _run_stage(stage, spool, files, settle=deliver)

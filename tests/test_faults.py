@@ -193,6 +193,7 @@ class RecordingSCP:
         self.most_storing = 0
         self.received: dict[str, list[str]] = {}
         self.hang = threading.Event()
+        self.hanging = threading.Event()  # a C-STORE is waiting for ``released``
         self.released = threading.Event()
         self.port = port or free_port()
         self.lock = threading.Lock()
@@ -209,6 +210,7 @@ class RecordingSCP:
 
     def _store(self, event) -> int:
         if self.hang.is_set():
+            self.hanging.set()
             self.released.wait(120)
         with self.lock:
             self.storing += 1
@@ -355,6 +357,49 @@ def test_hanging_destination_times_out_and_the_node_keeps_receiving(tmp_path: Pa
             scp.hang.clear()
             scp.released.set()
             wait_until(lambda: new_uids(series) <= scp.uids(), timeout=60, what="all delivered once it answers")
+            assert router.reasons("recorder") == []
+            assert router.stop() == 0
+        assert_no_phi(router)
+    finally:
+        scp.stop()
+
+
+def test_an_instance_received_again_changed_while_it_is_sent_reaches_the_destination_changed(
+        tmp_path: Path) -> None:
+    """A modality sends an instance, then a corrected one with the same SOP Instance UID
+    while the destination still holds the first C-STORE unanswered: the corrected output
+    replaces the first in outgoing/, and once the first is delivered the corrected one is
+    sent too (it was deleted unsent before), and both originals leave incoming/."""
+    first = phi_series(1)[0]
+    second = phi_series(1)[0]
+    second.SOPInstanceUID = first.SOPInstanceUID
+    second.PixelData = bytes(b ^ 0x5A for b in first.PixelData)
+    files = write_all(tmp_path / "first", [first]) + write_all(tmp_path / "second", [second])
+    uid = new_uid(str(first.SOPInstanceUID))
+    scp = RecordingSCP().start()
+    scp.hang.set()
+
+    def outgoing_inode() -> int | None:
+        try:
+            return router.files("outgoing", "recorder")[0].stat().st_ino
+        except (IndexError, FileNotFoundError):
+            return None
+
+    try:
+        dest = dicom_destination("recorder", "127.0.0.1", scp.port, "RECORDER", timeout_seconds=60)
+        with Router(tmp_path, [dest]) as router:
+            assert send_all(router.port, files[:1]) == {files[0]: 0x0000}
+            wait_until(scp.hanging.is_set, timeout=30, what="the first version being sent")
+            sent = outgoing_inode()
+            assert sent is not None
+            assert send_all(router.port, files[1:]) == {files[1]: 0x0000}
+            wait_until(lambda: outgoing_inode() not in (sent, None), timeout=30, what="the second version published")
+            scp.hang.clear()
+            scp.released.set()
+            wait_until(lambda: len(scp.received.get(uid, [])) >= 2, timeout=30, what="the second version sent")
+            wait_until(lambda: not router.files("incoming") and not router.files("outgoing", "recorder"),
+                       timeout=30, what="both originals and outputs gone")
+            assert len(scp.received[uid]) == 2 and len(set(scp.received[uid])) == 2  # the first, then the second
             assert router.reasons("recorder") == []
             assert router.stop() == 0
         assert_no_phi(router)
