@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from pydicom import config as pydicom_config
 from pydicom import dcmread
 from pydicom.charset import decode_bytes
-from pydicom.datadict import dictionary_VM, dictionary_VR
+from pydicom.datadict import DicomDictionary, dictionary_VM, dictionary_VR
 from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
@@ -766,15 +766,99 @@ _IDENTITY_TAGS = frozenset(_ID_TAGS + _ORDER_TAGS + _RESIDENCE_TAGS + _INSTITUTI
 
 def _identity_key(ds: Dataset) -> tuple | None:
     """What ``identifying_values`` depends on: the character set and, as bytes, the elements
-    it reads and every person name; None where one is no longer raw or is long."""
+    it reads, every person name and every sequence that may name someone; None where one
+    is no longer raw or is long."""
     charset = ds._character_set
     key: list = [charset if isinstance(charset, str) else tuple(charset)]
     for tag, raw in ds._dict.items():
-        if tag in _IDENTITY_TAGS or (not tag >> 16 & 1 and _vr(raw, tag) == "PN"):
-            if type(raw) is not RawDataElement or len(raw.value or b"") > SEQUENCE_CACHE_BYTES:
-                return None
-            key.append((int(tag), raw.VR, raw.value, raw.is_implicit_VR, raw.is_little_endian))
+        if tag not in _IDENTITY_TAGS:
+            if tag >> 16 & 1:
+                continue
+            vr = _vr(raw, tag)
+            if vr != "PN" and not (vr == "SQ" and _may_name_someone(raw)):
+                continue
+        if type(raw) is not RawDataElement or len(raw.value or b"") > SEQUENCE_CACHE_BYTES:
+            return None
+        key.append((int(tag), raw.VR, raw.value, raw.is_implicit_VR, raw.is_little_endian))
     return tuple(key)
+
+
+def _pn_tags_pattern() -> re.Pattern[bytes]:
+    """The tags of the dictionary's person-name attributes as a little-endian data set
+    writes them, grouped by group number (a fast first-byte test)."""
+    groups: dict[bytes, list[bytes]] = {}
+    for tag, entry in DicomDictionary.items():
+        if entry[0] == "PN" and not tag >> 16 & 1:
+            groups.setdefault(struct.pack("<H", tag >> 16), []).append(struct.pack("<H", tag & 0xFFFF))
+    return re.compile(b"|".join(re.escape(group) + b"(?:" + b"|".join(map(re.escape, elements)) + b")"
+                                for group, elements in groups.items()))
+
+
+_PN_TAGS = _pn_tags_pattern()
+
+
+def _may_name_someone(raw) -> bool:
+    """Could a sequence hold a person's name? A cheap test of its bytes before it is read:
+    with explicit VRs the letters "PN" (a VR, or text that merely contains them), with
+    implicit ones a person-name attribute's tag; a converted or big-endian one may."""
+    value = raw.value
+    if type(raw) is not RawDataElement or not isinstance(value, bytes) or not raw.is_little_endian:
+        return True
+    if not value:
+        return False
+    return b"PN" in value if not raw.is_implicit_VR else _PN_TAGS.search(value) is not None
+
+
+def _nested_person_names(ds: Dataset) -> list[str]:
+    """The person names in the instance's (not private) sequences, at any depth."""
+    charset = ds.original_character_set or ds._character_set
+    charset = charset if isinstance(charset, str) else tuple(charset)
+    names: list[str] = []
+    for tag, raw in ds._dict.items():
+        if tag >> 16 & 1 or _vr(raw, tag) != "SQ" or not _may_name_someone(raw):
+            continue
+        if type(raw) is RawDataElement and len(raw.value or b"") <= SEQUENCE_CACHE_BYTES:
+            names += _sequence_person_names(raw._replace(value_tell=0), charset)  # read once a series
+        else:
+            names += _sequence_person_names.__wrapped__(raw, charset)
+    return names
+
+
+@functools.lru_cache(maxsize=64)
+def _sequence_person_names(elem, charset: str | tuple[str, ...]) -> tuple[str, ...]:
+    try:
+        if isinstance(elem, RawDataElement):
+            elem = convert_raw_data_element(elem, encoding=charset if isinstance(charset, str) else list(charset))
+        names: list[str] = []
+        _collect_person_names(elem.value, names, depth=0)
+    except Exception:  # noqa: BLE001 - an unreadable sequence names nobody we can read
+        return ()
+    return tuple(names)
+
+
+def _collect_person_names(items, names: list[str], depth: int) -> None:
+    if depth > _MAX_NAME_DEPTH or not isinstance(items, Sequence):
+        return
+    for item in items:
+        if not isinstance(item, Dataset):
+            continue
+        for tag in list(item._dict):
+            if tag >> 16 & 1:
+                continue
+            try:
+                elem = item[tag]
+            except Exception:  # noqa: BLE001 - an unreadable element names nobody we can read
+                continue
+            if elem.VR == "PN":
+                values = elem.value if isinstance(elem.value, (list, MultiValue)) else [elem.value]
+                names += [str(v).strip("\0 ") for v in values if v is not None and str(v).strip("\0 ")]
+            elif elem.VR == "SQ":
+                _collect_person_names(elem.value, names, depth + 1)
+
+
+#: How deep names are looked for in nested sequences (real data nests a few levels; damaged
+#: data may nest thousands).
+_MAX_NAME_DEPTH = 32
 
 
 def identifying_values(ds: Dataset, institution: bool = True) -> set[str]:
@@ -808,10 +892,10 @@ def identifying_values(ds: Dataset, institution: bool = True) -> set[str]:
         places = {p for p in places if p.lower() not in kept}
     values |= places
     person_names = [tag for tag, raw in ds._dict.items() if not tag >> 16 & 1 and _vr(raw, tag) == "PN"]
-    for tag in person_names:  # the patient's names and every other person named in the header
-        for name in _decoded(ds, tag):
-            values.add(name)
-            values.update(re.split(r"[\^=,\s]+", name))  # components of every group
+    # the patient's names and every other person named in the header, at any depth
+    for name in [name for tag in person_names for name in _decoded(ds, tag)] + _nested_person_names(ds):
+        values.add(name)
+        values.update(re.split(r"[\^=,\s]+", name))  # components of every group
     for birth_date in _strings(_get(ds, 0x00100030)):
         values.update(date_spellings(birth_date))
     return {v for v in values if v.strip("^= ")}

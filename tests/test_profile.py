@@ -675,3 +675,29 @@ def test_identifying_values_are_worked_out_again_when_any_of_their_elements_diff
         assert out == (tmp_path / "fresh.dcm").read_bytes(), n
         assert physician.split("^")[1].encode() not in out and accession.encode() not in out, n
     assert len(remembering._identities) == 3
+
+
+def test_a_person_named_only_inside_a_sequence_is_cut_from_kept_text_too(tmp_path):
+    """Names of people found in nested items (here a scheduled performing physician two
+    levels down) are cut from kept free text like names at the top level, in explicit and
+    implicit VR."""
+    from bench.synthetic import ct_series, to_bytes
+
+    for implicit in (False, True):
+        ds = next(iter(ct_series(1, rows=16, columns=16)))
+        step = Dataset()
+        step.ScheduledPerformingPhysicianName = "QUINTUS^OTTOLINE"
+        request = Dataset()
+        request.RequestedProcedureID = "RP1"
+        request.ScheduledProcedureStepSequence = Sequence([step])  # not a standard nesting: any place counts
+        ds.RequestAttributesSequence = Sequence([request])
+        ds.ImageComments = "Scanned by Quintus, ottoline protocol"
+        if implicit:
+            ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+        src = tmp_path / f"in{implicit}.dcm"
+        src.write_bytes(to_bytes(ds))
+        dst = tmp_path / f"out{implicit}.dcm"
+        engine("clean-descriptors", "retain-safe-private").process_file(src, dst)
+        comments = str(pydicom.dcmread(dst).get("ImageComments", ""))
+        assert "protocol" in comments and "quintus" not in comments.lower() and "ottoline" not in comments.lower()
+        assert b"QUINTUS" not in dst.read_bytes() and b"OTTOLINE" not in dst.read_bytes(), implicit
