@@ -60,9 +60,11 @@ def test_sigkill_mid_transfer_loses_no_acknowledged_instance(tmp_path: Path, ct3
             sender.wait(60)
         first = acknowledged(tmp_path / "storescu-1.log", ct300)
         assert 100 <= len(first) < len(ct300)
-        # Acknowledged but not yet delivered: in the spool, to be resumed.
-        backlog = len(router.files("incoming")) + len(router.files("outgoing", "pacs"))
-        assert backlog > 0 and pacs.count() < len(first)
+        # Acknowledged and still in the spool, to be resumed: not yet delivered, or delivered
+        # with its original not yet removed (the node can keep up with storescu, so at the
+        # kill Orthanc may already hold every acknowledged instance).
+        parked = len(router.files("incoming"))
+        assert parked or router.files("outgoing", "pacs")
 
         with router.start():
             rest = [p for p in ct300 if p not in set(first)]
@@ -70,7 +72,7 @@ def test_sigkill_mid_transfer_loses_no_acknowledged_instance(tmp_path: Path, ct3
             assert proc.returncode == 0, proc.stderr
             wait_until(lambda: pacs.count() >= len(ct300), timeout=120, interval=0.5, what="300 instances in Orthanc")
             assert set(pacs.sop_instance_uids()) == expected_uids(ct300)
-            assert [e for e in router.events("resumed") if e["instances"] > 0]
+            assert bool([e for e in router.events("resumed") if e["instances"] > 0]) == bool(parked)
             wait_until(lambda: not router.files("incoming") and not router.files("outgoing", "pacs"),
                        timeout=30, what="an empty spool")
             assert router.files("quarantine", "deidentify") == []
