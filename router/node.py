@@ -41,6 +41,9 @@ log = get_logger("router.node")
 HOUSEKEEPING_SECONDS = 60.0
 #: tmp files untouched this long belong to aborted transfers.
 STALE_TMP_SECONDS = 3600.0
+#: Recycled files (removed originals' bytes) that lay unused this long are deleted: an idle
+#: node keeps none for more than about this plus HOUSEKEEPING_SECONDS.
+RECYCLED_IDLE_SECONDS = 60.0
 
 
 def run(config: Config) -> int:
@@ -79,9 +82,10 @@ def _run(config: Config, stop: threading.Event, received_signal: list[str]) -> i
     spool.create()
     removed = spool.clean_tmp()
     dropped = spool.drop_volatile()  # before anything is sent: made again from incoming/
+    drained = spool.drain_recycled()  # a killed node's: earlier originals' bytes
     spool.rescan()
     log.info("spool_opened", path=str(spool.root), bytes=spool.usage, removed_partial=removed,
-             dropped_volatile=dropped, stages=spool.stage_counts())
+             dropped_volatile=dropped, removed_recycled=drained, stages=spool.stage_counts())
 
     metrics = NodeMetrics([d.name for d in config.destinations])
     metrics.set_probe(lambda: Probe(spool.stage_counts(), spool.usage))
@@ -146,6 +150,7 @@ def _run(config: Config, stop: threading.Event, received_signal: list[str]) -> i
             next_housekeeping = time.monotonic() + HOUSEKEEPING_SECONDS
             try:
                 swept = spool.sweep_tmp(STALE_TMP_SECONDS)
+                spool.drain_recycled(RECYCLED_IDLE_SECONDS)
                 spool.rescan()
                 if swept:
                     log.info("tmp_swept", files=swept)
@@ -159,6 +164,7 @@ def _run(config: Config, stop: threading.Event, received_signal: list[str]) -> i
     receiver.stop_accepting()
     aborted = receiver.drain()
     _stop_pipeline(stage, forwarders, audit)
+    spool.drain_recycled()
     if status:
         status.stop()
     log.info("stopped", seconds=round(time.monotonic() - started, 2), aborted_associations=aborted,

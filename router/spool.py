@@ -307,19 +307,25 @@ class Spool:
             self.drain_recycled()
         return full
 
-    def drain_recycled(self) -> int:
-        """Delete every recycled file (the file system is short of space). Returns how many."""
+    def drain_recycled(self, idle_seconds: float = 0.0) -> int:
+        """Delete the recycled files: every one (the file system is short of space, or the
+        node starts or stops), or those that lay in recycle/ ``idle_seconds`` (the node is
+        idle): they hold the bytes of removed originals, PHI the spool needs no more.
+        Returns how many."""
+        limit = time.time() - idle_seconds
         count = 0
         try:
-            names = os.listdir(self.recycle_dir)
+            entries = list(os.scandir(self.recycle_dir))
         except OSError:
             return 0
-        for name in names:
+        for entry in entries:
             try:
-                os.unlink(self.recycle_dir / name)
-                count += 1
+                # a rename into recycle/ sets the file's ctime
+                if not idle_seconds or entry.stat(follow_symlinks=False).st_ctime < limit:
+                    os.unlink(entry.path)
+                    count += 1
             except OSError:
-                pass
+                pass  # taken by reuse() meanwhile
         return count
 
     def reuse(self, target: Path, size_hint: int = 0) -> bool:

@@ -65,6 +65,7 @@ def test_sigkill_mid_transfer_loses_no_acknowledged_instance(tmp_path: Path, ct3
         # kill Orthanc may already hold every acknowledged instance).
         parked = len(router.files("incoming"))
         assert parked or router.files("outgoing", "pacs")
+        recycled = len(router.files("recycle", suffix=""))
 
         with router.start():
             rest = [p for p in ct300 if p not in set(first)]
@@ -73,6 +74,7 @@ def test_sigkill_mid_transfer_loses_no_acknowledged_instance(tmp_path: Path, ct3
             wait_until(lambda: pacs.count() >= len(ct300), timeout=120, interval=0.5, what="300 instances in Orthanc")
             assert set(pacs.sop_instance_uids()) == expected_uids(ct300)
             assert bool([e for e in router.events("resumed") if e["instances"] > 0]) == bool(parked)
+            assert router.events("spool_opened")[-1]["removed_recycled"] == recycled  # the killed node's
             wait_until(lambda: not router.files("incoming") and not router.files("outgoing", "pacs"),
                        timeout=30, what="an empty spool")
             assert router.files("quarantine", "deidentify") == []
@@ -95,8 +97,11 @@ def test_sigterm_exits_zero_and_accounts_for_every_acknowledged_instance(tmp_pat
             sender = storescu_background(router.port, files, tmp_path / "storescu.log")
             wait_until(lambda: len(router.events("received")) >= 50, timeout=60, interval=0.02,
                        what="50 instances received")
+            wait_until(lambda: router.files("recycle", suffix=""), timeout=30,
+                       what="removed originals kept in recycle/ to be written over")
             started = time.monotonic()
             assert router.stop(signal.SIGTERM, timeout=60) == 0
+            assert not router.files("recycle", suffix="")  # no removed original's bytes stay
             assert time.monotonic() - started < 45
             sender.wait(60)
             acked = acknowledged(tmp_path / "storescu.log", files)

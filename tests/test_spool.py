@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 from pydicom import dcmread
@@ -118,3 +119,19 @@ def test_a_deleted_recycle_folder_still_removes_files_from_their_stage(tmp_path:
         spool.recycle(path, size)
         assert not path.exists()
     assert not spool.reuse(spool.tmp / "new")
+
+
+def test_recycled_files_that_lay_unused_are_deleted_and_fresh_ones_kept(tmp_path: Path) -> None:
+    """An idle node keeps no removed original's bytes for long: housekeeping deletes the
+    recycled files that lay there longer than it allows; those just recycled stay."""
+    spool = _spool(tmp_path)
+    old = _recycled(spool)
+    time.sleep(0.6)
+    fresh = spool.incoming / "fresh.dcm"
+    fresh.write_bytes(b"x" * 1000)
+    spool.recycle(fresh)
+    assert spool.drain_recycled(idle_seconds=0.5) == 1
+    remaining = list(spool.recycle_dir.iterdir())
+    assert old not in remaining and len(remaining) == 1
+    assert spool.drain_recycled() == 1
+    assert list(spool.recycle_dir.iterdir()) == []
