@@ -11,7 +11,7 @@ Layout under ``node.spool_dir`` (one file system, so renames and hard links are 
                               routed nowhere ("unrouted") or delivered ("<dest>")
     recycle/<bytes>-<id>      files no stage needs any more, kept to be written over
 
-``<id>`` is a random uuid4 hex, ``<uid>`` the NEW (pseudonymous) SOP Instance UID: no
+``<id>`` is 32 hex digits (a random prefix per process and a counter), ``<uid>`` the NEW (pseudonymous) SOP Instance UID: no
 original identifier ever appears in a file name. A received file is written completely and
 fsynced in ``tmp/`` and only then renamed into incoming/, and the directory is fsynced, so a
 crash at any moment leaves every acknowledged instance in at least one stage.
@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import itertools
 import json
 import os
 import re
@@ -48,7 +49,6 @@ import shutil
 import stat
 import threading
 import time
-import uuid
 from collections.abc import Iterable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -76,6 +76,9 @@ RESERVED_NAMES = frozenset({DEIDENTIFY_QUARANTINE, UNROUTED_QUARANTINE})
 DURABLE_MODE = 0o600
 VOLATILE_MODE = stat.S_ISVTX | DURABLE_MODE
 
+#: How long a free-space figure far above the minimum is trusted (see Spool._free_space).
+FREE_SPACE_CHECK_SECONDS = 0.1
+
 SUFFIX = ".dcm"
 REASON_SUFFIX = ".reason.json"
 
@@ -95,8 +98,22 @@ def safe_name(uid: str) -> str:
     return "x" + hashlib.sha256(uid.encode("utf-8", "surrogateescape")).hexdigest()[:40]
 
 
+def _new_id_prefix() -> None:
+    """A random prefix per process (again in every forked child) and a counter: spool ids
+    unique across processes and restarts without a getrandom call (and a hand-off of the
+    GIL) per id, three per instance."""
+    global _id_prefix, _id_counter
+    _id_prefix = os.urandom(8).hex()
+    _id_counter = itertools.count()
+
+
+_new_id_prefix()
+os.register_at_fork(after_in_child=_new_id_prefix)
+
+
 def new_id() -> str:
-    return uuid.uuid4().hex
+    """32 hex digits, like a uuid4's."""
+    return f"{_id_prefix}{next(_id_counter):016x}"
 
 
 def fsync_dir(path: Path) -> None:
@@ -164,6 +181,7 @@ class Spool:
         self.quarantine_root = self.root / QUARANTINE
         self.recycle_dir = self.root / RECYCLE
         self._lock = threading.Lock()
+        self._free_checked = (-FREE_SPACE_CHECK_SECONDS, 0)  # (monotonic time, free bytes)
         self._usage = 0
         self._incoming_sync = DirSyncer(self.incoming)
 
@@ -380,6 +398,17 @@ class Spool:
         st = os.statvfs(self.root)
         return st.f_bavail * st.f_frsize
 
+    def _free_space(self, min_free_bytes: int) -> int:
+        """``free_bytes``, looked up at most every FREE_SPACE_CHECK_SECONDS while far above
+        the minimum (a statvfs per instance was one more GIL hand-off); every time near it."""
+        now = time.monotonic()
+        checked, free = self._free_checked
+        if now - checked < FREE_SPACE_CHECK_SECONDS and free > 2 * min_free_bytes:
+            return free
+        free = self.free_bytes()
+        self._free_checked = (now, free)
+        return free
+
     def capacity_problem(self, max_spool_bytes: int, min_free_bytes: int, incoming: int = 0,
                          reserved: int = 0) -> str | None:
         """Why the spool cannot take another instance of ``incoming`` bytes now, or None.
@@ -392,7 +421,7 @@ class Spool:
         if max_spool_bytes and held and held + incoming > max_spool_bytes:
             return f"spool holds {held} bytes (with those being de-identified), limit {max_spool_bytes}"
         if min_free_bytes:
-            free = self.free_bytes()
+            free = self._free_space(min_free_bytes)
             if free < min_free_bytes and self.drain_recycled():
                 free = self.free_bytes()
             if free < min_free_bytes:
