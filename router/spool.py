@@ -104,16 +104,21 @@ def _new_id_prefix() -> None:
     GIL) per id, three per instance."""
     global _id_prefix, _id_counter
     _id_prefix = os.urandom(8).hex()
-    _id_counter = itertools.count()
+    _id_counter = itertools.count(int.from_bytes(os.urandom(8), "little"))
 
 
 _new_id_prefix()
 os.register_at_fork(after_in_child=_new_id_prefix)
 
+#: An odd 64-bit multiplier: counter values map one to one onto scrambled ones, so that an id
+#: shows no run of zeros and small numbers, which a short numeric identifier (of a patient,
+#: an accession) could match by chance where ids are logged.
+_ID_MIX = 0x9E3779B97F4A7C15
+
 
 def new_id() -> str:
     """32 hex digits, like a uuid4's."""
-    return f"{_id_prefix}{next(_id_counter):016x}"
+    return f"{_id_prefix}{next(_id_counter) * _ID_MIX & 0xFFFFFFFFFFFFFFFF:016x}"
 
 
 def fsync_dir(path: Path) -> None:
