@@ -133,10 +133,15 @@ class _Reader:
     def pipe(self, n: int, write: Callable[[memoryview], object]) -> None:
         """Pass the next n bytes to write, in pieces of up to the buffer's size."""
         while n:
-            if self._start == self._end:
-                self._start = self._end = 0
-                want = min(n, _BUFFER)
-                while self._end < want:  # one write per full piece, not per recv
+            want = min(n, _BUFFER)
+            if self._end - self._start < want:  # one write per full piece, not per recv
+                if self._start == self._end:
+                    self._start = self._end = 0
+                elif self._start + want > _BUFFER:  # (a fragment's first bytes came with its header)
+                    self._buffer[:self._end - self._start] = self._view[self._start:self._end]
+                    self._end -= self._start
+                    self._start = 0
+                while self._end - self._start < want:
                     self._recv_some()
             count = min(self._end - self._start, n)
             write(self._view[self._start:self._start + count])

@@ -85,9 +85,10 @@ _WRITEBACK_CHUNK = 256 * 1024
 
 class SpoolFile:
     """A received data set's file in the spool's tmp/. Writes go straight to the file: a
-    recycled one where the spool has one (``Spool.reuse``), cut to length by ``finish``."""
+    recycled one where the spool has one (``Spool.reuse``), cut to length by ``finish``.
+    ``head`` (the file meta) goes out with the first write, in one system call."""
 
-    def __init__(self, spool: Spool):
+    def __init__(self, spool: Spool, head: bytes = b""):
         path = spool.tmp_path()
         self.name = str(path)
         self._recycled = spool.reuse(path)
@@ -95,13 +96,19 @@ class SpoolFile:
         self._fd = os.open(path, flags, DURABLE_MODE)
         if self._recycled:
             os.fchmod(self._fd, DURABLE_MODE)  # it may have been a volatile output
+        self._head = head
         self._written = self._started = 0
 
     def write(self, data) -> int:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self._fd, view):]
-        self._written += len(data)
+        parts = [self._head, data] if self._head else [data]
+        total = sum(len(part) for part in parts)
+        done = os.writev(self._fd, parts)
+        if done < total:  # a short write (rare on a regular file): the rest, in order
+            rest = memoryview(b"".join(parts))[done:]
+            while rest:
+                rest = rest[os.write(self._fd, rest):]
+        self._head = b""
+        self._written += total
         if self._written - self._started >= _WRITEBACK_CHUNK:
             # start writing back what arrived so far: the fsync before the answer then
             # waits for the last fragment only
@@ -111,12 +118,14 @@ class SpoolFile:
 
     @property
     def size(self) -> int:
-        """Bytes written so far."""
+        """Bytes written so far (the head counts once it is out)."""
         return self._written
 
     def finish(self) -> int:
         """The data set is complete: cut a recycled file to what was written, fsync it and
         close it (raises OSError if any of that fails). Returns the file's size."""
+        if self._head:  # an empty data set
+            self.write(b"")
         if self._recycled:
             reusable(self._fd, self._written)
             self._recycled = False
@@ -307,13 +316,7 @@ class Receiver:
 
     def open_data_set(self, assoc: InboundAssociation, sop_class: str, sop_instance: str,
                       transfer_syntax: str) -> SpoolFile:
-        spool_file = SpoolFile(self.spool)
-        try:
-            spool_file.write(file_meta_bytes(sop_class, sop_instance, transfer_syntax, assoc.calling_ae))
-        except OSError:
-            spool_file.discard()
-            raise
-        return spool_file
+        return SpoolFile(self.spool, file_meta_bytes(sop_class, sop_instance, transfer_syntax, assoc.calling_ae))
 
     def store(self, assoc: InboundAssociation, spool_file: SpoolFile | None, sop_class: str, transfer_syntax: str,
               failure: OSError | None) -> int:
