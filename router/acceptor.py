@@ -119,34 +119,34 @@ class _Reader:
 
     def take(self, n: int) -> bytes:
         """The next n bytes (n <= the buffer's size)."""
-        if self._end - self._start < n:
-            if self._start:
-                self._buffer[:self._end - self._start] = self._view[self._start:self._end]
-                self._end -= self._start
-                self._start = 0
-            while self._end < n:
-                self._recv_some()
+        self._fill(n)
         data = bytes(self._view[self._start:self._start + n])
         self._start += n
         return data
 
     def pipe(self, n: int, write: Callable[[memoryview], object]) -> None:
-        """Pass the next n bytes to write, in pieces of up to the buffer's size."""
+        """Pass the next n bytes to write, in pieces of up to the buffer's size: one write per
+        full piece, not per recv (a fragment's first bytes often come with its header)."""
         while n:
-            want = min(n, _BUFFER)
-            if self._end - self._start < want:  # one write per full piece, not per recv
-                if self._start == self._end:
-                    self._start = self._end = 0
-                elif self._start + want > _BUFFER:  # (a fragment's first bytes came with its header)
-                    self._buffer[:self._end - self._start] = self._view[self._start:self._end]
-                    self._end -= self._start
-                    self._start = 0
-                while self._end - self._start < want:
-                    self._recv_some()
+            self._fill(min(n, _BUFFER))
             count = min(self._end - self._start, n)
             write(self._view[self._start:self._start + count])
             self._start += count
             n -= count
+
+    def _fill(self, want: int) -> None:
+        """Have at least ``want`` bytes (<= the buffer's size) buffered; what is left moves to
+        the buffer's start only when the rest would not fit behind it."""
+        if self._end - self._start >= want:
+            return
+        if self._start == self._end:
+            self._start = self._end = 0
+        elif self._start + want > _BUFFER:
+            self._buffer[:self._end - self._start] = self._view[self._start:self._end]
+            self._end -= self._start
+            self._start = 0
+        while self._end - self._start < want:
+            self._recv_some()
 
     def _recv_some(self) -> None:
         count = self._sock.recv_into(self._view[self._end:])

@@ -809,10 +809,16 @@ def _may_name_someone(raw) -> bool:
     return b"PN" in value if not raw.is_implicit_VR else _PN_TAGS.search(value) is not None
 
 
+def _charset_key(ds: Dataset) -> str | tuple[str, ...]:
+    """The data set's character set as it was read, hashable (a key of the caches of
+    sequences read by their bytes)."""
+    charset = ds.original_character_set or ds._character_set
+    return charset if isinstance(charset, str) else tuple(charset)
+
+
 def _nested_person_names(ds: Dataset) -> list[str]:
     """The person names in the instance's (not private) sequences, at any depth."""
-    charset = ds.original_character_set or ds._character_set
-    charset = charset if isinstance(charset, str) else tuple(charset)
+    charset = _charset_key(ds)
     names: list[str] = []
     for tag, raw in ds._dict.items():
         if tag >> 16 & 1 or _vr(raw, tag) != "SQ" or not _may_name_someone(raw):
@@ -874,9 +880,7 @@ def identifying_values(ds: Dataset, institution: bool = True) -> set[str]:
     values.update(_order_numbers(ds))
     request = _get(ds, 0x00400275)
     if isinstance(request, RawDataElement) and len(request.value or b"") <= SEQUENCE_CACHE_BYTES:  # read once a series
-        charset = ds.original_character_set or ds._character_set
-        values.update(_request_order_numbers(request._replace(value_tell=0),
-                                             charset if isinstance(charset, str) else tuple(charset)))
+        values.update(_request_order_numbers(request._replace(value_tell=0), _charset_key(ds)))
     else:
         for item in _items(ds, 0x00400275):
             values.update(_order_numbers(item))

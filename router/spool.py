@@ -11,10 +11,11 @@ Layout under ``node.spool_dir`` (one file system, so renames and hard links are 
                               routed nowhere ("unrouted") or delivered ("<dest>")
     recycle/<bytes>-<id>      files no stage needs any more, kept to be written over
 
-``<id>`` is 32 hex digits (a random prefix per process and a counter), ``<uid>`` the NEW (pseudonymous) SOP Instance UID: no
-original identifier ever appears in a file name. A received file is written completely and
-fsynced in ``tmp/`` and only then renamed into incoming/, and the directory is fsynced, so a
-crash at any moment leaves every acknowledged instance in at least one stage.
+``<id>`` is 32 hex digits (a random prefix per process and a scrambled counter, see
+``new_id``), ``<uid>`` the NEW (pseudonymous) SOP Instance UID: no original identifier ever
+appears in a file name. A received file is written completely and fsynced in ``tmp/`` and
+only then renamed into incoming/, and the directory is fsynced, so a crash at any moment
+leaves every acknowledged instance in at least one stage.
 
 A de-identified file is not fsynced when it is linked into outgoing/: it is *volatile*
 (``VOLATILE_MODE``: the sticky bit marks it) and its original stays in incoming/ until the
