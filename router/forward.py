@@ -20,7 +20,9 @@ others go on, and after ``max_attempts`` it goes to quarantine/<dest>/ with a re
 When the destination cannot be reached at all (connection refused, association rejected),
 no instance is charged: the whole destination backs off the same way and everything stays
 queued in outgoing/<dest>/ until it is back (an outage must not empty the queue into the
-quarantine).
+quarantine). So with 0xA7xx (Refused: Out of Resources: a PACS whose disk is full), unless
+the destination took other instances between two such refusals of one instance: then it
+is that instance it cannot take, and from then on its refusals count as attempts.
 
 Folder destinations: ``<path>/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm`` (new UIDs),
 written atomically (tmp + fsync + rename).
@@ -165,6 +167,11 @@ class Item:
     #: The file sent (its inode, found just before the send): a re-sent instance may replace
     #: the file of the same name meanwhile, and that one is still to be sent.
     inode: int | None = None
+    #: The destination's count of delivered instances when it last refused this one for
+    #: lack of resources (0xA7xx), or None; and whether it took others since (then it is
+    #: this instance it has no room for).
+    refused_at: int | None = None
+    refused_alone: bool = False
 
 
 def read_info(path: Path) -> Routed:
@@ -185,7 +192,9 @@ def read_info(path: Path) -> Routed:
 
 @dataclass
 class Outcome:
-    kind: str  # "delivered", "failed" (charged to the instance), "unavailable" (destination), "retry" (free)
+    #: "delivered", "failed" (charged to the instance), "unavailable" (the destination),
+    #: "retry" (free), "out_of_resources" (0xA7xx: see Forwarder._refused_only_this)
+    kind: str
     detail: str = ""
     status: int | None = None
     mode: str = ""
@@ -332,7 +341,8 @@ class DicomSender:
         self.sent_on_assoc += 1
         if status_category(code) in ("success", "warning"):
             return Outcome("delivered", status=code, mode=mode)
-        return Outcome("failed", f"destination answered {status_text(code)}", status=code, mode=mode)
+        kind = "out_of_resources" if 0xA700 <= code <= 0xA7FF else "failed"
+        return Outcome(kind, f"destination answered {status_text(code)}", status=code, mode=mode)
 
 
 def _dataset_offset(path: Path) -> int:
@@ -684,6 +694,8 @@ class Forwarder:
             self._rest(lane, item, outcome.detail)
         elif outcome.kind == "unavailable":
             self._unavailable(item, outcome.detail)
+        elif outcome.kind == "out_of_resources" and not self._refused_only_this(item):
+            self._unavailable(item, outcome.detail, last=True)
         elif outcome.kind == "retry" and item.free_retries < 2:
             item.free_retries += 1
             with self._cond:
@@ -699,7 +711,8 @@ class Forwarder:
         log.info("replaced_while_sent", destination=self.dest.name,
                  sop_instance_uid=item.info.sop_instance_uid if item.info else None)
         item.attempts = item.free_retries = 0
-        item.dataset_offset = item.inode = None
+        item.dataset_offset = item.inode = item.refused_at = None
+        item.refused_alone = False
         with self._cond:
             self._ready.appendleft(item)
             self._cond.notify_all()
@@ -766,14 +779,32 @@ class Forwarder:
         log.info("extra_association_refused", destination=self.dest.name, lane=lane, reason=detail,
                  retry_in_s=EXTRA_REST_SECONDS)
 
-    def _unavailable(self, item: Item, detail: str) -> None:
+    def _refused_only_this(self, item: Item) -> bool:
+        """The destination refused ``item`` for lack of resources (0xA7xx). That is its
+        state (a full disk, say), like an outage, unless it ever took other instances
+        between two such refusals of this one: then it cannot take this one (too large,
+        say), and from then on the refusal is charged to the instance like any failure."""
+        with self._cond:
+            delivered = self.stats["forwarded"]
+        if item.refused_at is not None and delivered > item.refused_at:
+            item.refused_alone = True
+        item.refused_at = delivered
+        return item.refused_alone
+
+    def _unavailable(self, item: Item, detail: str, last: bool = False) -> None:
+        """The destination cannot take instances now: nothing is charged, everything waits
+        while it backs off. ``item`` goes back first in line, or ``last`` (it was refused:
+        the others are tried before it again)."""
         now = time.monotonic()
         with self._cond:
             if self._outage_started is None:
                 self._outage_started = now
             self._outage_backoff = min(self.dest.retry_max_seconds,
                                        max(self.dest.retry_initial_seconds, self._outage_backoff * 2))
-            self._ready.appendleft(item)
+            if last:
+                self._ready.append(item)
+            else:
+                self._ready.appendleft(item)
             self._unavailable_until = now + self._outage_backoff
             queued = len(self._ready) + len(self._delayed) + self._busy - 1
             backoff, started = self._outage_backoff, self._outage_started

@@ -184,9 +184,10 @@ def send_all(port: int, paths: Iterable[Path], standing: Iterable[tuple[str, str
 
 class RecordingSCP:
     """A pynetdicom Storage SCP that keeps a hash of every data set it is sent, per SOP
-    Instance UID, answers ``status_for(sop_class)`` and can be made to hang."""
+    Instance UID, answers ``status_for(sop_class, sop_instance)`` and can be made to hang."""
 
-    def __init__(self, status_for=lambda sop_class: 0x0000, port: int | None = None, seconds_per_store: float = 0.0):
+    def __init__(self, status_for=lambda sop_class, sop_instance: 0x0000, port: int | None = None,
+                 seconds_per_store: float = 0.0):
         self.status_for = status_for
         self.seconds_per_store = seconds_per_store
         self.storing = 0  # C-STOREs being answered now, and the most at once
@@ -221,7 +222,7 @@ class RecordingSCP:
             self.storing -= 1
             self.received.setdefault(str(event.request.AffectedSOPInstanceUID), []).append(
                 hashlib.sha256(data).hexdigest())
-        return self.status_for(str(event.request.AffectedSOPClassUID))
+        return self.status_for(str(event.request.AffectedSOPClassUID), str(event.request.AffectedSOPInstanceUID))
 
     def uids(self) -> set[str]:
         with self.lock:
@@ -316,7 +317,7 @@ def test_destination_failing_one_sop_class_quarantines_only_that_class(tmp_path:
     for ds in captures:
         ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
     files = write_all(tmp_path / "in", [*series, *captures])
-    scp = RecordingSCP(lambda sop_class: status if sop_class == SecondaryCaptureImageStorage else 0x0000).start()
+    scp = RecordingSCP(lambda sop_class, _uid: status if sop_class == SecondaryCaptureImageStorage else 0x0000).start()
     try:
         dest = dicom_destination("recorder", "127.0.0.1", scp.port, "RECORDER", max_attempts=2,
                                  retry_initial_seconds=0.2, retry_max_seconds=0.4)
@@ -333,6 +334,71 @@ def test_destination_failing_one_sop_class_quarantines_only_that_class(tmp_path:
             for path in router.files("quarantine", "recorder"):
                 assert MARKER.encode() not in path.read_bytes()
             wait_until(lambda: not router.files("outgoing", "recorder"), timeout=10, what="an empty outgoing/")
+            assert router.stop() == 0
+        assert_no_phi(router)
+    finally:
+        scp.stop()
+
+
+def test_a_destination_out_of_resources_for_a_while_gets_everything_later(tmp_path: Path) -> None:
+    """0xA700 (Refused: Out of Resources: a PACS whose disk is full) for longer than
+    max_attempts allows: the destination's state, like an outage, so nothing goes to the
+    quarantine and everything is delivered once it takes instances again."""
+    series = phi_series(4)
+    files = write_all(tmp_path / "ct", series)
+    full = threading.Event()
+    full.set()
+    scp = RecordingSCP(lambda _class, _uid: OUT_OF_RESOURCES if full.is_set() else 0x0000).start()
+
+    def refusals() -> int:
+        with scp.lock:
+            return sum(len(hashes) for hashes in scp.received.values())
+
+    try:
+        dest = dicom_destination("recorder", "127.0.0.1", scp.port, "RECORDER", max_attempts=2,
+                                 retry_initial_seconds=0.1, retry_max_seconds=0.2)
+        with Router(tmp_path, [dest]) as router:
+            assert set(send_all(router.port, files).values()) == {0x0000}
+            # every instance refused more often than max_attempts would allow a failure
+            wait_until(lambda: refusals() >= 4 * 3, timeout=30, what="a dozen refusals")
+            assert router.reasons("recorder") == []
+            full.clear()
+            wait_until(lambda: len(router.events("forwarded")) == 4, timeout=30, what="all 4 delivered")
+            assert new_uids(series) <= scp.uids()
+            assert router.reasons("recorder") == [] and not router.files("quarantine", "recorder")
+            assert any("0xA700" in e["reason"] for e in router.events("destination_unavailable"))
+            assert router.stop() == 0
+        assert_no_phi(router)
+    finally:
+        scp.stop()
+
+
+def test_an_instance_a_destination_never_has_room_for_is_quarantined_the_others_delivered(tmp_path: Path) -> None:
+    """0xA700 for one instance while the destination takes the others: that instance is
+    what it cannot take (too large, say), so its refusals count as attempts (all but the
+    first: until then the destination may have been full)."""
+    series = phi_series(6)
+    files = write_all(tmp_path / "ct", series)
+    refused = new_uid(str(series[0].SOPInstanceUID))
+    scp = RecordingSCP(lambda _class, uid: OUT_OF_RESOURCES if uid == refused else 0x0000).start()
+    try:
+        dest = dicom_destination("recorder", "127.0.0.1", scp.port, "RECORDER", max_attempts=2,
+                                 retry_initial_seconds=0.1, retry_max_seconds=0.2)
+        with Router(tmp_path, [dest]) as router:
+            scp.hang.set()  # the first C-STORE waits until every instance is queued
+            assert set(send_all(router.port, files).values()) == {0x0000}
+            wait_until(lambda: scp.hanging.is_set() and len(router.events("deidentified")) == 6, timeout=30,
+                       what="all queued")
+            scp.hang.clear()
+            scp.released.set()
+            wait_until(lambda: len(router.reasons("recorder")) == 1, timeout=30, what="one instance quarantined")
+            [reason] = router.reasons("recorder")
+            assert reason["sop_instance_uid"] == refused and "0xA700" in reason["reason"]
+            assert reason["attempts"] == 2
+            with scp.lock:
+                assert len(scp.received[refused]) == 3
+            wait_until(lambda: len(router.events("forwarded")) == 5, timeout=30, what="the other 5 delivered")
+            assert new_uids(series) - {refused} <= scp.uids()
             assert router.stop() == 0
         assert_no_phi(router)
     finally:

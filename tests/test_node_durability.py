@@ -217,7 +217,7 @@ class FailingSCP:
         self.ae.shutdown()
 
 
-@pytest.mark.parametrize("status", [0xA700, 0xC000], ids=["0xA700", "0xC000"])
+@pytest.mark.parametrize("status", [0x0110, 0xC000], ids=["0x0110", "0xC000"])
 def test_failure_status_quarantines_that_instance_only(tmp_path: Path, ct300: list[Path], status: int) -> None:
     files = ct300[:12]
     bad = new_uid(original_ids(files[0])["SOPInstanceUID"])
