@@ -534,8 +534,10 @@ def test_device_identity_and_software_text_keep_their_numbers_and_dates(tmp_path
 def test_identifier_patterns_are_cut_from_kept_text(tmp_path):
     ds = instance()
     ds.StudyDescription = "CT CHEST, call Dr. Gregory House (555) 123-4567, MRN 00012345678, 12.5 mGy"
+    ds.SeriesDescription = "Sent from 10.20.30.40 to 1234 Elm Street; Series 2 Chest CT, 10 mm circle ROI"
     out, _ = roundtrip(ds, engine("clean-descriptors"), tmp_path)
     assert out.StudyDescription == "CT CHEST, call , MRN , 12.5 mGy"
+    assert out.SeriesDescription == "Sent from to ; Series 2 Chest CT, 10 mm circle ROI"
 
 
 def test_clean_pixel_data_through_the_engine(tmp_path):
