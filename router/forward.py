@@ -20,9 +20,12 @@ others go on, and after ``max_attempts`` it goes to quarantine/<dest>/ with a re
 When the destination cannot be reached at all (connection refused, association rejected),
 no instance is charged: the whole destination backs off the same way and everything stays
 queued in outgoing/<dest>/ until it is back (an outage must not empty the queue into the
-quarantine). So with 0xA7xx (Refused: Out of Resources: a PACS whose disk is full), unless
-the destination took other instances between two such refusals of one instance: then it
-is that instance it cannot take, and from then on its refusals count as attempts.
+quarantine). So when a failure may be the destination's state rather than the instance's
+fault: 0xA7xx (Refused: Out of Resources: a PACS whose disk is full), no answer (the
+association lost or timed out during the C-STORE: a PACS crashing or hanging), a folder
+that cannot be written (full, read-only, a share gone). Unless the destination took other
+instances between two such failures of one instance: then it is that instance it cannot
+take, and from then on its failures count as attempts.
 
 Folder destinations: ``<path>/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm`` (new UIDs),
 written atomically (tmp + fsync + rename).
@@ -167,11 +170,10 @@ class Item:
     #: The file sent (its inode, found just before the send): a re-sent instance may replace
     #: the file of the same name meanwhile, and that one is still to be sent.
     inode: int | None = None
-    #: The destination's count of delivered instances when it last refused this one for
-    #: lack of resources (0xA7xx), or None; and whether it took others since (then it is
-    #: this instance it has no room for).
-    refused_at: int | None = None
-    refused_alone: bool = False
+    #: The destination's count of delivered instances at this one's last "ambiguous"
+    #: failure (see Forwarder._fails_alone), or None; and whether it took others since.
+    failed_at: int | None = None
+    fails_alone: bool = False
 
 
 def read_info(path: Path) -> Routed:
@@ -193,7 +195,7 @@ def read_info(path: Path) -> Routed:
 @dataclass
 class Outcome:
     #: "delivered", "failed" (charged to the instance), "unavailable" (the destination),
-    #: "retry" (free), "out_of_resources" (0xA7xx: see Forwarder._refused_only_this)
+    #: "retry" (free), "ambiguous" (the destination's or the instance's: Forwarder._fails_alone)
     kind: str
     detail: str = ""
     status: int | None = None
@@ -331,7 +333,7 @@ class DicomSender:
             self.close(reason="lost")
             if exc.released:  # it ended the association in order, unanswered: send again, free
                 return Outcome("retry", str(exc), mode=mode)
-            return Outcome("failed", f"no response ({exc})", mode=mode)
+            return Outcome("ambiguous", f"no response ({exc})", mode=mode)
         except ValueError as exc:
             return Outcome("failed", f"send failed: {describe_exception(exc)}", mode=mode)
         finally:
@@ -341,7 +343,7 @@ class DicomSender:
         self.sent_on_assoc += 1
         if status_category(code) in ("success", "warning"):
             return Outcome("delivered", status=code, mode=mode)
-        kind = "out_of_resources" if 0xA700 <= code <= 0xA7FF else "failed"
+        kind = "ambiguous" if 0xA700 <= code <= 0xA7FF else "failed"  # Refused: Out of Resources
         return Outcome(kind, f"destination answered {status_text(code)}", status=code, mode=mode)
 
 
@@ -437,9 +439,9 @@ class FolderSender:
         except FileNotFoundError:
             if not item.path.exists():
                 raise
-            return Outcome("failed", "cannot write to the folder: FileNotFoundError")
+            return Outcome("ambiguous", "cannot write to the folder: FileNotFoundError")
         except OSError as exc:
-            return Outcome("failed", f"cannot write to the folder: {exc.strerror or type(exc).__name__}")
+            return Outcome("ambiguous", f"cannot write to the folder: {exc.strerror or type(exc).__name__}")
         return Outcome("delivered", status=0, mode="file")
 
 
@@ -694,7 +696,7 @@ class Forwarder:
             self._rest(lane, item, outcome.detail)
         elif outcome.kind == "unavailable":
             self._unavailable(item, outcome.detail)
-        elif outcome.kind == "out_of_resources" and not self._refused_only_this(item):
+        elif outcome.kind == "ambiguous" and not self._fails_alone(item):
             self._unavailable(item, outcome.detail, last=True)
         elif outcome.kind == "retry" and item.free_retries < 2:
             item.free_retries += 1
@@ -711,8 +713,8 @@ class Forwarder:
         log.info("replaced_while_sent", destination=self.dest.name,
                  sop_instance_uid=item.info.sop_instance_uid if item.info else None)
         item.attempts = item.free_retries = 0
-        item.dataset_offset = item.inode = item.refused_at = None
-        item.refused_alone = False
+        item.dataset_offset = item.inode = item.failed_at = None
+        item.fails_alone = False
         with self._cond:
             self._ready.appendleft(item)
             self._cond.notify_all()
@@ -779,22 +781,23 @@ class Forwarder:
         log.info("extra_association_refused", destination=self.dest.name, lane=lane, reason=detail,
                  retry_in_s=EXTRA_REST_SECONDS)
 
-    def _refused_only_this(self, item: Item) -> bool:
-        """The destination refused ``item`` for lack of resources (0xA7xx). That is its
-        state (a full disk, say), like an outage, unless it ever took other instances
-        between two such refusals of this one: then it cannot take this one (too large,
-        say), and from then on the refusal is charged to the instance like any failure."""
+    def _fails_alone(self, item: Item) -> bool:
+        """Sending ``item`` failed in a way that may be the destination's state (0xA7xx: a
+        full disk; no answer: a crashing or hanging PACS; a folder not writable), which is
+        like an outage: nothing charged. Unless the destination ever took other instances
+        between two such failures of this one: then it is this one it cannot take (too
+        large, say, or one that crashes it), and from then on its failures are charged."""
         with self._cond:
             delivered = self.stats["forwarded"]
-        if item.refused_at is not None and delivered > item.refused_at:
-            item.refused_alone = True
-        item.refused_at = delivered
-        return item.refused_alone
+        if item.failed_at is not None and delivered > item.failed_at:
+            item.fails_alone = True
+        item.failed_at = delivered
+        return item.fails_alone
 
     def _unavailable(self, item: Item, detail: str, last: bool = False) -> None:
         """The destination cannot take instances now: nothing is charged, everything waits
-        while it backs off. ``item`` goes back first in line, or ``last`` (it was refused:
-        the others are tried before it again)."""
+        while it backs off. ``item`` goes back first in line, or ``last`` (it failed: the
+        others are tried before it again)."""
         now = time.monotonic()
         with self._cond:
             if self._outage_started is None:

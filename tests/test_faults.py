@@ -415,7 +415,10 @@ def test_hanging_destination_times_out_and_the_node_keeps_receiving(tmp_path: Pa
                                  retry_initial_seconds=0.5, retry_max_seconds=1)
         with Router(tmp_path, [dest]) as router:
             assert set(send_all(router.port, files[:3]).values()) == {0x0000}
-            wait_until(lambda: router.events("retried"), timeout=30, what="a send timed out and was retried")
+            # a destination that answers nothing may be hanging or crashing as a whole: an
+            # outage, charging no instance
+            wait_until(lambda: len(router.events("destination_unavailable")) >= 2, timeout=30,
+                       what="two sends timed out")
             started = time.monotonic()
             assert set(send_all(router.port, files[3:]).values()) == {0x0000}
             assert time.monotonic() - started < 10  # receiving does not wait for the destination
@@ -423,11 +426,40 @@ def test_hanging_destination_times_out_and_the_node_keeps_receiving(tmp_path: Pa
             scp.hang.clear()
             scp.released.set()
             wait_until(lambda: new_uids(series) <= scp.uids(), timeout=60, what="all delivered once it answers")
-            assert router.reasons("recorder") == []
+            assert router.reasons("recorder") == [] and not router.events("retried")
             assert router.stop() == 0
         assert_no_phi(router)
     finally:
         scp.stop()
+
+
+def test_a_full_folder_destination_keeps_everything_queued_until_it_has_room(tmp_path: Path,
+                                                                              small_filesystem: Path) -> None:
+    """A folder destination on a full file system (a share, a disk): the folder's state,
+    like an outage, however many times max_attempts over; delivered once there is room."""
+    series = phi_series(4)
+    files = write_all(tmp_path / "ct", series)
+    filler = small_filesystem / "filler"
+    with open(filler, "wb") as f:  # fill the 8 MB file system
+        try:
+            while True:
+                f.write(bytes(1 << 20))
+                f.flush()
+        except OSError:
+            pass
+    out = small_filesystem / "out"
+    dest = folder_destination("out", out, max_attempts=2, retry_initial_seconds=0.1, retry_max_seconds=0.2)
+    with Router(tmp_path, [dest]) as router:
+        assert set(send_all(router.port, files).values()) == {0x0000}
+        wait_until(lambda: len(router.events("destination_unavailable")) >= 4 * 3, timeout=30,
+                   what="a dozen failed writes")
+        assert router.reasons("out") == [] and not router.events("retried")
+        filler.unlink()
+        wait_until(lambda: len(list(out.rglob("*.dcm"))) == 4, timeout=30, what="all 4 written")
+        assert {p.stem for p in out.rglob("*.dcm")} == new_uids(series)
+        assert router.reasons("out") == []
+        assert router.stop() == 0
+    assert_no_phi(router)
 
 
 def test_an_instance_received_again_changed_while_it_is_sent_reaches_the_destination_changed(
