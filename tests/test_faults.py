@@ -440,11 +440,10 @@ def test_a_full_folder_destination_keeps_everything_queued_until_it_has_room(tmp
     series = phi_series(4)
     files = write_all(tmp_path / "ct", series)
     filler = small_filesystem / "filler"
-    with open(filler, "wb") as f:  # fill the 8 MB file system
+    with open(filler, "wb", buffering=0) as f:  # fill the 8 MB file system
         try:
             while True:
                 f.write(bytes(1 << 20))
-                f.flush()
         except OSError:
             pass
     out = small_filesystem / "out"
