@@ -45,7 +45,7 @@ from pathlib import Path
 
 from router.config import Config, Destination
 from router.log import get_logger
-from router.spool import DEIDENTIFY_QUARANTINE, SUFFIX, UNROUTED_QUARANTINE, Spool, safe_name
+from router.spool import DEIDENTIFY_QUARANTINE, SUFFIX, UNROUTED_QUARANTINE, Spool, is_out_of_space, safe_name
 
 log = get_logger("router.deidentify")
 
@@ -57,7 +57,8 @@ SECONDS_PER_MB = 4.0
 #: A worker that dies twice on the same instance gets it quarantined.
 MAX_CRASHES_PER_INSTANCE = 2
 #: Delay before retrying an instance whose processing failed for a transient reason
-#: (an I/O error), and how many such failures quarantine it.
+#: (an I/O error), and how many such failures quarantine it (a full file system counts
+#: none: the instance waits for space).
 TRANSIENT_RETRY_SECONDS = 10.0
 MAX_TRANSIENT_FAILURES = 5
 #: Originals of delivered or durable outputs are removed in batches: at most this long, or
@@ -161,7 +162,8 @@ def worker_main(conn, config: Config, secret: bytes, spool_root: str, index: int
             # fault; it stays in incoming/ and is tried again later.
             _unlink(_output_path(spool, spool_id))
             worker_log.error("deidentify_failed", spool_id=spool_id, error=describe_exception(exc))
-            reply = ("transient", spool_id, describe_exception(exc))
+            full = isinstance(exc, OSError) and is_out_of_space(exc)
+            reply = ("transient", spool_id, describe_exception(exc), full)
         if not _send(conn, reply):
             return
 
@@ -737,18 +739,19 @@ class DeidStage:
                                         spool_id=spool_id)
         elif kind == "transient":
             self.stats["transient"] += 1
+            full = message[3]  # the spool's file system is full: its state, not the instance's
             with self._lock:
-                failures = self._transient.get(path, 0) + 1
+                failures = self._transient.get(path, 0) + (0 if full else 1)
                 self._transient[path] = failures
-            if failures >= MAX_TRANSIENT_FAILURES and path.exists():
+            if not full and failures >= MAX_TRANSIENT_FAILURES and path.exists():
                 reason = f"de-identification failed {failures} times with an I/O error: {message[2]}"
                 self._quarantine_here(path, spool_id, reason, failures, "OSError")
                 with self._lock:
                     self._transient.pop(path, None)
                 self._forget(path)
             else:
-                log.warning("deidentify_retry", spool_id=spool_id, error=message[2], attempt=failures,
-                            retry_in_s=TRANSIENT_RETRY_SECONDS)
+                log.warning("deidentify_waiting_for_space" if full else "deidentify_retry", spool_id=spool_id,
+                            error=message[2], attempt=failures, retry_in_s=TRANSIENT_RETRY_SECONDS)
                 with self._lock:
                     heapq.heappush(self._delayed, (time.monotonic() + TRANSIENT_RETRY_SECONDS, spool_id, path))
 
