@@ -4,7 +4,8 @@
 
 1. resolve the site secret (generated and kept in the spool directory on first start:
    said once, at warning level, never its value);
-2. create the spool, delete leftovers of partial writes in tmp/;
+2. create the spool, delete leftovers of partial writes in tmp/ (exit 1, saying why, if
+   the directory cannot be used);
 3. start the de-identification worker processes (and fail fast, exit 1, if the
    de-identifier cannot be built from the config);
 4. start one forwarder process per destination (it resumes what outgoing/<dest>/ holds);
@@ -72,18 +73,22 @@ def _run(config: Config, stop: threading.Event, received_signal: list[str]) -> i
     if not config.destinations:
         log.warning("no_destinations", note="every instance will end in quarantine/unrouted")
 
-    secret, generated = config_module.resolve_secret(config)
+    try:
+        secret, generated = config_module.resolve_secret(config)
+        spool = Spool(node.spool_dir, [d.name for d in config.destinations], node.keep_delivered)
+        spool.create()
+        removed = spool.clean_tmp()
+        dropped = spool.drop_volatile()  # before anything is sent: made again from incoming/
+        drained = spool.drain_recycled()  # a killed node's: earlier originals' bytes
+        spool.rescan()
+    except OSError as exc:
+        log.error("spool_unusable", path=str(node.spool_dir.absolute()), error=exc.strerror or type(exc).__name__,
+                  note="the spool directory (and the site secret kept in it) must be a writable directory")
+        return 1
     if generated:
         log.warning("site_secret_generated", path=str((node.spool_dir / config_module.SECRET_FILE_NAME).absolute()),
                     note="a new site secret was generated; keep this file (and a backup): the same secret "
                          "gives the same pseudonyms, a lost one cannot be recovered")
-
-    spool = Spool(node.spool_dir, [d.name for d in config.destinations], node.keep_delivered)
-    spool.create()
-    removed = spool.clean_tmp()
-    dropped = spool.drop_volatile()  # before anything is sent: made again from incoming/
-    drained = spool.drain_recycled()  # a killed node's: earlier originals' bytes
-    spool.rescan()
     log.info("spool_opened", path=str(spool.root), bytes=spool.usage, removed_partial=removed,
              dropped_volatile=dropped, removed_recycled=drained, stages=spool.stage_counts())
 

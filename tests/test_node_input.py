@@ -217,6 +217,22 @@ def test_spool_left_by_a_crash_is_resumed(tmp_path: Path, corpus_dir: Path) -> N
         assert router.stop() == 0
 
 
+def test_an_unusable_spool_directory_is_a_clear_error_not_a_traceback(tmp_path: Path) -> None:
+    """A spool_dir that cannot be made (here under a regular file; in practice a missing
+    mount or a permission) stops the node at once with exit code 1 and a logged reason."""
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    config = tmp_path / "router.toml"
+    config.write_text(f'[node]\nspool_dir = "{blocker / "spool"}"\nport = 0\n[logging]\nformat = "json"\n')
+    done = subprocess.run([sys.executable, "-m", "router", "serve", "--config", str(config)], capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert done.returncode == 1
+    assert "Traceback" not in done.stdout + done.stderr
+    [event] = [json.loads(line) for line in (done.stdout + done.stderr).splitlines()
+               if line.startswith("{") and json.loads(line)["event"] == "spool_unusable"]
+    assert event["error"] == "Not a directory" and event["path"] == str(blocker / "spool")
+
+
 def test_embedded_default_needs_no_config(tmp_path: Path, corpus_dir: Path) -> None:
     """No config file: 0.0.0.0:11112 as DEID_ROUTER, ./deid-router-spool, ./deid-router-out/."""
     with socket.socket() as probe:
