@@ -134,15 +134,18 @@ def _run(config: Config, stop: threading.Event, received_signal: list[str]) -> i
 
     receiver = Receiver(node, spool, stage.submit, events=events, reserved_bytes=stage.in_flight_bytes)
     status = None
+    listening = (node.bind, node.port, "dicom")
     try:
         receiver.start()
         if config.status.enabled:
+            listening = (config.status.bind, config.status.port, "status")
             stopping = threading.Event()
             status = StatusServer(metrics, config.status.bind, config.status.port,
                                   health=lambda: _health(stopping, stage, forwarders))
             log.info("status_listening", bind=config.status.bind, port=status.start())
     except OSError as exc:
-        log.error("listen_failed", bind=node.bind, port=node.port, error=exc.strerror or type(exc).__name__)
+        bind, port, service = listening
+        log.error("listen_failed", service=service, bind=bind, port=port, error=exc.strerror or type(exc).__name__)
         receiver.stop_accepting()
         _stop_pipeline(stage, forwarders, audit)
         return 1

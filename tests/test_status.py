@@ -3,8 +3,12 @@ headless Chromium renders it after a real transfer (storescu -> router -> folder
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import socket
 import subprocess
+import sys
 import threading
 import urllib.error
 import urllib.request
@@ -15,7 +19,7 @@ import pytest
 from peers import free_port, send_files
 from router.metrics import BUCKETS, NodeMetrics, Probe
 from router.status import StatusServer
-from test_node_support import ROUTER_AET, Router, folder_destination, wait_until
+from test_node_support import REPO_ROOT, ROUTER_AET, Router, folder_destination, wait_until
 
 CHROMIUM = "/usr/bin/chromium"
 SAMPLE = re.compile(r'^([a-z_]+)(\{[^}]*\})? (\S+)$')
@@ -172,3 +176,21 @@ def test_status_page_in_chromium_matches_metrics_after_a_transfer(tmp_path: Path
         assert shown(dom, "deid_router_instances_forwarded_total") == len(files)
         assert get(f"{base}/healthz")[0] == 200
         assert router.stop() == 0
+
+
+def test_a_taken_status_port_is_named_as_such(tmp_path: Path) -> None:
+    """The node does not start when the status port is taken, and says that it is the
+    status page's port (not the DICOM port) that could not be bound."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "router.toml"
+        config.write_text(f'[node]\nspool_dir = "{tmp_path / "spool"}"\nbind = "127.0.0.1"\nport = 0\n'
+                          f'[status]\nenabled = true\nport = {port}\n[logging]\nformat = "json"\n')
+        done = subprocess.run([sys.executable, "-m", "router", "serve", "--config", str(config)], capture_output=True,
+                              text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert done.returncode == 1
+    [event] = [json.loads(line) for line in (done.stdout + done.stderr).splitlines()
+               if line.startswith("{") and json.loads(line)["event"] == "listen_failed"]
+    assert (event["service"], event["port"], event["error"]) == ("status", port, "Address already in use")
