@@ -71,12 +71,20 @@ def run(src: Path, dst: Path, config: Config, workers: int | None = None) -> int
     if not src.exists():
         print(f"deid-router: {src}: no such file or folder", file=sys.stderr)
         return 2
-    secret, generated = resolve_secret(config)
+    try:
+        secret, generated = resolve_secret(config)
+    except OSError as exc:
+        print(f"deid-router: cannot keep the site secret in {config.node.spool_dir}: {exc.strerror}", file=sys.stderr)
+        return 2
     if generated:
         logger.warning("site_secret.generated", path=str(config.node.spool_dir / "site-secret"),
                        note="pseudonyms depend on it: keep it, and give it to every node of this site")
     paths = inputs(src)
-    dst.mkdir(parents=True, exist_ok=True)
+    try:
+        dst.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"deid-router: {dst}: cannot make the output folder: {exc.strerror}", file=sys.stderr)
+        return 2
     deidentifier = Deidentifier(config.deid, secret)
     deidentifier.keep_originals = config.audit.crosswalk
     deidentifier.keep_pixel_text = config.audit.pixel_text

@@ -147,6 +147,17 @@ def test_cli_deid_says_when_the_output_file_system_is_full(corpus_dir, tmp_path)
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
+def test_cli_deid_output_folder_that_cannot_be_made(corpus_dir, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    config = tmp_path / "router.toml"
+    config.write_text('[deid]\nsecret = "some-secret-here"\n')
+    done = subprocess.run([sys.executable, "-m", "router", "deid", str(corpus_dir / "pydicom__CT_small.dcm"),
+                           str(blocker / "out"), "--config", str(config)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "cannot make the output folder: Not a directory" in done.stderr and "Traceback" not in done.stderr
+
+
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_cli_workers_give_the_same_output(corpus_dir, tmp_path, workers):
     config = tmp_path / "router.toml"
