@@ -45,12 +45,12 @@ def process(src: Path) -> Outcome:
         result = _deidentifier.process_file(src, lambda r: output_path(_dst, r), durable=False)  # a batch can be rerun
     except InstanceRefused as exc:
         return Outcome(src, reason=exc.reason, seconds=time.perf_counter() - start)
-    except OSError as exc:  # the file system's failure (a full disk), not the instance's
-        return Outcome(src, reason=f"file system error: {exc.strerror or type(exc).__name__}",
-                       seconds=time.perf_counter() - start)
     except Exception as exc:  # noqa: BLE001 - one bad file must not stop the run
-        return Outcome(src, reason=f"internal error while de-identifying ({type(exc).__name__})",
-                       seconds=time.perf_counter() - start)
+        if isinstance(exc, OSError) and exc.strerror:  # the file system's failure (a full disk)
+            reason = f"file system error: {exc.strerror}"
+        else:
+            reason = f"internal error while de-identifying ({type(exc).__name__})"
+        return Outcome(src, reason=reason, seconds=time.perf_counter() - start)
     return Outcome(src, result=result, output=output_path(_dst, result), seconds=time.perf_counter() - start)
 
 
