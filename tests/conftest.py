@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,3 +41,15 @@ def storescp(tmp_path: Path) -> Iterator[StoreSCP]:
     """A started dcmtk storescp (AE title STORESCP) writing into tmp_path/storescp."""
     with StoreSCP(tmp_path / "storescp") as scp:
         yield scp
+
+
+@pytest.fixture
+def small_filesystem(tmp_path: Path) -> Iterator[Path]:
+    """An 8 MB tmpfs (the suite runs as root, as CI does): a spool or an output that fills."""
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)

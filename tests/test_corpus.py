@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from test_node_support import fill_file_system
 
 from router.config import DeidConfig
 from router.profile import Deidentifier, InstanceRefused, read_instance, transfer_syntax_of, write_instance
@@ -123,28 +124,18 @@ def test_cli_deid_single_file_success(corpus_dir, tmp_path):
     assert len(list((tmp_path / "out").rglob("*.dcm"))) == 1
 
 
-def test_cli_deid_says_when_the_output_file_system_is_full(corpus_dir, tmp_path):
+def test_cli_deid_says_when_the_output_file_system_is_full(corpus_dir, tmp_path, small_filesystem):
     """A full output disk is named as such (strerror, no path: a file name may hold PHI),
     not as an internal error, and the exit code says something was not written."""
-    mount = tmp_path / "full"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], check=True)
-    try:
-        (mount / "out").mkdir()
-        with open(mount / "filler", "wb", buffering=0) as filler:
-            try:
-                while True:
-                    filler.write(bytes(1 << 16))
-            except OSError:
-                pass
-        config = tmp_path / "router.toml"
-        config.write_text('[deid]\nsecret = "full-disk-secret"\noptions = ["retain-longitudinal-modified-dates"]\n')
-        done = subprocess.run([sys.executable, "-m", "router", "deid", str(corpus_dir / "pydicom__liver_1frame.dcm"),
-                               str(mount / "out"), "--config", str(config)], capture_output=True, text=True, timeout=120)
-        assert done.returncode == 1, done.stdout + done.stderr[-2000:]
-        assert "pydicom__liver_1frame.dcm: file system error: No space left on device" in done.stdout
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
+    (small_filesystem / "out").mkdir()
+    fill_file_system(small_filesystem)
+    config = tmp_path / "router.toml"
+    config.write_text('[deid]\nsecret = "full-disk-secret"\noptions = ["retain-longitudinal-modified-dates"]\n')
+    done = subprocess.run([sys.executable, "-m", "router", "deid", str(corpus_dir / "pydicom__liver_1frame.dcm"),
+                           str(small_filesystem / "out"), "--config", str(config)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 1, done.stdout + done.stderr[-2000:]
+    assert "pydicom__liver_1frame.dcm: file system error: No space left on device" in done.stdout
 
 
 def test_cli_deid_output_folder_that_cannot_be_made(corpus_dir, tmp_path):

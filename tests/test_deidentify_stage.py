@@ -6,12 +6,11 @@ import multiprocessing
 import os
 import shutil
 import stat
-import subprocess
 import threading
 import time
 from pathlib import Path
 
-from test_node_support import NODE_TEST_OPTIONS
+from test_node_support import NODE_TEST_OPTIONS, fill_file_system
 
 from bench.synthetic import write_ct_series
 from router import config as config_module
@@ -206,7 +205,8 @@ def test_large_instances_never_wait_in_two_workers_at_once_and_smaller_ones_go_a
     assert not stage._queue
 
 
-def test_a_full_file_system_keeps_instances_waiting_not_quarantined(tmp_path: Path, monkeypatch) -> None:
+def test_a_full_file_system_keeps_instances_waiting_not_quarantined(tmp_path: Path, small_filesystem: Path,
+                                                                    monkeypatch) -> None:
     """Outputs cannot be written while the spool's file system is full (ENOSPC): the file
     system's state, not the instances' fault. They wait in incoming/ however many times
     they fail (an I/O error otherwise quarantines an instance after MAX_TRANSIENT_FAILURES)
@@ -214,40 +214,28 @@ def test_a_full_file_system_keeps_instances_waiting_not_quarantined(tmp_path: Pa
     from router import deidentify
 
     monkeypatch.setattr(deidentify, "TRANSIENT_RETRY_SECONDS", 0.05)
-    mount = tmp_path / "tmpfs"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(mount)], check=True)
+    config = _config(small_filesystem / "spool", workers=1)
+    spool = Spool(config.node.spool_dir, ["pacs"])
+    spool.create()
+    paths = _incoming(spool, write_ct_series(tmp_path / "ct", 2, patient_id="PID-STAGE-FULL"))
+    filler = fill_file_system(small_filesystem)
+    routed: list[Routed] = []
+    stage = DeidStage(config, b"k" * 32, spool, lambda dest, item: routed.append(item))
+    stage.start()
     try:
-        config = _config(mount / "spool", workers=1)
-        spool = Spool(config.node.spool_dir, ["pacs"])
-        spool.create()
-        paths = _incoming(spool, write_ct_series(tmp_path / "ct", 2, patient_id="PID-STAGE-FULL"))
-        filler = mount / "filler"
-        with open(filler, "wb", buffering=0) as f:
-            try:
-                while True:
-                    f.write(bytes(1 << 16))
-            except OSError:
-                pass
-        routed: list[Routed] = []
-        stage = DeidStage(config, b"k" * 32, spool, lambda dest, item: routed.append(item))
-        stage.start()
-        try:
-            for path in paths:
-                stage.submit(path)
-            deadline = time.monotonic() + 60
-            while stage.stats["transient"] < 2 * (deidentify.MAX_TRANSIENT_FAILURES + 2) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert stage.stats["transient"] >= 2 * (deidentify.MAX_TRANSIENT_FAILURES + 2)
-            assert all(p.exists() for p in paths) and not routed
-            assert not list(spool.quarantine_dir("deidentify").glob("*"))
-            filler.unlink()
-            deadline = time.monotonic() + 60
-            while len(routed) < 2 and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert len(routed) == 2
-        finally:
-            assert stage.stop() == 0
+        for path in paths:
+            stage.submit(path)
+        deadline = time.monotonic() + 60
+        while stage.stats["transient"] < 2 * (deidentify.MAX_TRANSIENT_FAILURES + 2) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert stage.stats["transient"] >= 2 * (deidentify.MAX_TRANSIENT_FAILURES + 2)
+        assert all(p.exists() for p in paths) and not routed
         assert not list(spool.quarantine_dir("deidentify").glob("*"))
+        filler.unlink()
+        deadline = time.monotonic() + 60
+        while len(routed) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(routed) == 2
     finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
+        assert stage.stop() == 0
+    assert not list(spool.quarantine_dir("deidentify").glob("*"))

@@ -16,7 +16,6 @@ import io
 import os
 import random
 import struct
-import subprocess
 import threading
 import time
 from collections import Counter
@@ -41,6 +40,7 @@ from test_node_support import (
     Router,
     descendants,
     dicom_destination,
+    fill_file_system,
     folder_destination,
     new_uid,
     wait_until,
@@ -439,13 +439,7 @@ def test_a_full_folder_destination_keeps_everything_queued_until_it_has_room(tmp
     like an outage, however many times max_attempts over; delivered once there is room."""
     series = phi_series(4)
     files = write_all(tmp_path / "ct", series)
-    filler = small_filesystem / "filler"
-    with open(filler, "wb", buffering=0) as f:  # fill the 8 MB file system
-        try:
-            while True:
-                f.write(bytes(1 << 20))
-        except OSError:
-            pass
+    filler = fill_file_system(small_filesystem)
     out = small_filesystem / "out"
     dest = folder_destination("out", out, max_attempts=2, retry_initial_seconds=0.1, retry_max_seconds=0.2)
     with Router(tmp_path, [dest]) as router:
@@ -589,18 +583,6 @@ def test_spool_over_its_limit_refuses_while_the_destination_is_down_then_recover
         assert_no_phi(router)
     finally:
         scp.stop()
-
-
-@pytest.fixture
-def small_filesystem(tmp_path: Path) -> Iterator[Path]:
-    """An 8 MB tmpfs for the spool (the suite runs as root, as CI does)."""
-    mount = tmp_path / "tmpfs"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs", str(mount)], check=True)
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_full_file_system_answers_out_of_resources_and_recovers(tmp_path: Path, small_filesystem: Path) -> None:

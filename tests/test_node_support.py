@@ -48,6 +48,18 @@ def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0
         time.sleep(interval)
 
 
+def fill_file_system(folder: Path) -> Path:
+    """Fill the file system holding ``folder`` to the last byte; the filler, to delete for room."""
+    filler = folder / "filler"
+    with open(filler, "wb", buffering=0) as out:  # unbuffered: nothing left to flush at close
+        try:
+            while True:
+                out.write(bytes(1 << 16))
+        except OSError:
+            pass
+    return filler
+
+
 def descendants(pid: int) -> list[int]:
     """Every live descendant of a process (from /proc)."""
     children: dict[int, list[int]] = {}
