@@ -4,7 +4,7 @@
 
 1. resolve the site secret (generated and kept in the spool directory on first start:
    said once, at warning level, never its value);
-2. create the spool, delete leftovers of partial writes in tmp/ (exit 1, saying why, if
+2. create the spool and lock it (exit 1 if another node holds it), delete leftovers of partial writes in tmp/ (exit 1, saying why, if
    the directory cannot be used);
 3. start the de-identification worker processes (and fail fast, exit 1, if the
    de-identifier cannot be built from the config);
@@ -33,7 +33,7 @@ from router.forward import ForwarderProcess
 from router.metrics import NodeMetrics, Probe
 from router.log import get_logger
 from router.receive import Receiver
-from router.spool import RESERVED_NAMES, Spool
+from router.spool import RESERVED_NAMES, Spool, SpoolInUse
 from router.status import StatusServer
 
 log = get_logger("router.node")
@@ -73,14 +73,27 @@ def _run(config: Config, stop: threading.Event, received_signal: list[str]) -> i
     if not config.destinations:
         log.warning("no_destinations", note="every instance will end in quarantine/unrouted")
 
+    spool = Spool(node.spool_dir, [d.name for d in config.destinations], node.keep_delivered)
     try:
-        secret, generated = config_module.resolve_secret(config)
-        spool = Spool(node.spool_dir, [d.name for d in config.destinations], node.keep_delivered)
+        return _serve(config, spool, stop, received_signal)
+    finally:
+        spool.unlock()
+
+
+def _serve(config: Config, spool: Spool, stop: threading.Event, received_signal: list[str]) -> int:
+    node = config.node
+    try:
         spool.create()
+        spool.lock()  # before anything in the spool is touched
+        secret, generated = config_module.resolve_secret(config)
         removed = spool.clean_tmp()
         dropped = spool.drop_volatile()  # before anything is sent: made again from incoming/
         drained = spool.drain_recycled()  # a killed node's: earlier originals' bytes
         spool.rescan()
+    except SpoolInUse as exc:
+        log.error("spool_in_use", path=str(spool.root), pid=exc.pid,
+                  note="another node runs on this spool directory; stop it first, or give this one its own")
+        return 1
     except OSError as exc:
         log.error("spool_unusable", path=str(node.spool_dir.absolute()), error=exc.strerror or type(exc).__name__,
                   note="the spool directory (and the site secret kept in it) must be a writable directory")

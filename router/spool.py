@@ -10,6 +10,7 @@ Layout under ``node.spool_dir`` (one file system, so renames and hard links are 
                               instances that could not be de-identified ("deidentify"),
                               routed nowhere ("unrouted") or delivered ("<dest>")
     recycle/<bytes>-<id>      files no stage needs any more, kept to be written over
+    node.lock                 held by the running node (``Spool.lock``)
 
 ``<id>`` is 32 hex digits (a random prefix per process and a scrambled counter, see
 ``new_id``), ``<uid>`` the NEW (pseudonymous) SOP Instance UID: no original identifier ever
@@ -42,6 +43,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import itertools
 import json
 import os
@@ -81,6 +83,8 @@ VOLATILE_MODE = stat.S_ISVTX | DURABLE_MODE
 FREE_SPACE_CHECK_SECONDS = 0.1
 
 SUFFIX = ".dcm"
+#: Held (flock) by the node that runs on the spool, for as long as its process lives.
+LOCK_FILE = "node.lock"
 REASON_SUFFIX = ".reason.json"
 
 _SAFE_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
@@ -169,6 +173,14 @@ class DirSyncer:
                 self._done = max(self._done, target)
 
 
+class SpoolInUse(Exception):
+    """Another process holds the spool's lock: a node runs on it (``pid``, if it said)."""
+
+    def __init__(self, pid: int | None):
+        super().__init__(f"the spool is in use by process {pid}" if pid else "the spool is in use")
+        self.pid = pid
+
+
 class Spool:
     """Paths and atomic moves of the spool. Thread-safe; may be used by several processes.
 
@@ -190,6 +202,7 @@ class Spool:
         self._free_checked = (-FREE_SPACE_CHECK_SECONDS, 0)  # (monotonic time, free bytes)
         self._usage = 0
         self._incoming_sync = DirSyncer(self.incoming)
+        self._lock_fd: int | None = None
 
     # ----------------------------------------------------------------- layout
     def outgoing(self, dest: str) -> Path:
@@ -213,6 +226,30 @@ class Spool:
             path.mkdir(parents=True, exist_ok=True)
         for path in {p.parent for p in dirs} | set(dirs):
             fsync_dir(path)
+
+    def lock(self) -> None:
+        """Take the spool for this process (raises SpoolInUse if another holds it).
+
+        Two nodes on one spool would delete each other's partial and volatile files, each
+        de-identify and send what the other does, and remove originals the other still
+        needs. The kernel drops the lock when the process ends, kill -9 included, so a
+        crash leaves nothing to clean up. The lock file says which process holds it.
+        """
+        fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, DURABLE_MODE)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            os.close(fd)
+            raise SpoolInUse(int(text) if text.isdigit() else None) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # before the next holder can write its pid: no truncation here
+            self._lock_fd = None
 
     def drop_volatile(self) -> int:
         """Delete every volatile file in outgoing/ (at start, before anything is sent): its

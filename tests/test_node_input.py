@@ -233,6 +233,32 @@ def test_an_unusable_spool_directory_is_a_clear_error_not_a_traceback(tmp_path: 
     assert event["error"] == "Not a directory" and event["path"] == str(blocker / "spool")
 
 
+def test_a_second_node_on_the_same_spool_stops_at_once_and_touches_nothing(tmp_path: Path, corpus_dir: Path) -> None:
+    """Two nodes on one spool would delete each other's partial and volatile files and send
+    instances twice: the second one exits 1 (spool_in_use, naming the first's pid) before it
+    touches the spool, the first goes on, and the lock dies with its holder."""
+    good = corpus_dir / "pydicom__CT_small.dcm"
+    out = tmp_path / "out"
+    router = Router(tmp_path, [folder_destination("folder", out)])
+    second = tmp_path / "second.toml"
+    second.write_text(router.config_path.read_text().replace(f"port = {router.port}\n", "port = 0\n", 1))
+    with router:
+        partial = router.spool / "tmp" / "partial.dcm"  # as if a C-STORE were being received
+        partial.write_bytes(b"\0" * 100)
+        done = subprocess.run([sys.executable, "-m", "router", "serve", "--config", str(second)], capture_output=True,
+                              text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+        assert done.returncode == 1
+        [event] = [json.loads(line) for line in (done.stdout + done.stderr).splitlines()
+                   if line.startswith("{") and json.loads(line)["event"] == "spool_in_use"]
+        assert event["pid"] == router.process.pid
+        assert partial.exists()
+        assert storescu("127.0.0.1", router.port, [good], called_ae=ROUTER_AET).returncode == 0
+        wait_until(lambda: len(delivered(out)) == 1, timeout=30, what="the instance delivered")
+        router.kill()
+    router.start()  # the killed node's lock went with it
+    assert router.stop() == 0
+
+
 def test_embedded_default_needs_no_config(tmp_path: Path, corpus_dir: Path) -> None:
     """No config file: 0.0.0.0:11112 as DEID_ROUTER, ./deid-router-spool, ./deid-router-out/."""
     with socket.socket() as probe:
