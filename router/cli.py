@@ -1,4 +1,4 @@
-"""The ``deid-router`` command: serve, deid, scan, check-config, echo, crosswalk, audit."""
+"""The ``deid-router`` command: serve, deid, scan, check-config, echo, requeue, crosswalk, audit."""
 
 from __future__ import annotations
 
@@ -39,6 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     echo.add_argument("--aet", default="DEID_ROUTER", help="our (calling) AE title")
     echo.add_argument("--aec", default="ANY-SCP", help="the peer's (called) AE title")
     echo.add_argument("--timeout", type=float, default=10.0)
+
+    requeue = commands.add_parser("requeue", help="send quarantined instances through their stage again")
+    requeue.add_argument("where", nargs="+",
+                         help="quarantine folders: a destination's name (back to its outgoing/), unrouted "
+                              "(routed again by the config's filters), deidentify (back to incoming/; node stopped)")
+    requeue.add_argument("--config", type=Path, help="TOML config (default: the embedded default)")
+    requeue.add_argument("--dry-run", action="store_true", help="say why they are there and where they would go")
 
     crosswalk = commands.add_parser("crosswalk", help="the audit store's crosswalk (original -> pseudonym): PHI")
     crosswalk_commands = crosswalk.add_subparsers(dest="action", required=True)
@@ -82,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         from router import scan
 
         return scan.run(args.src, config)
+    if args.command == "requeue":
+        return requeue_quarantined(config, args.where, args.dry_run)
     if args.command == "serve":
         from router import node
 
@@ -89,6 +98,39 @@ def main(argv: list[str] | None = None) -> int:
     from router import forward
 
     return 0 if forward.echo(args.host, args.port, called_ae=args.aec, calling_ae=args.aet, timeout=args.timeout) else 1
+
+
+def requeue_quarantined(config: config_module.Config, folders: list[str], dry_run: bool) -> int:
+    from router.requeue import requeue
+    from router.spool import SpoolInUse
+
+    code = 0
+    for where in folders:
+        try:
+            outcome = requeue(config, where, dry_run)
+        except ValueError as exc:
+            print(f"deid-router: {exc}", file=sys.stderr)
+            return 2
+        except SpoolInUse as exc:
+            print(f"deid-router: {where}: {exc}: quarantine/{where}/ goes back to incoming/ only while the node is "
+                  "stopped (it is read at start)", file=sys.stderr)
+            code = 1
+            continue
+        except OSError as exc:
+            print(f"deid-router: {where}: file system error: {exc.strerror or type(exc).__name__}", file=sys.stderr)
+            code = 1
+            continue
+        count = sum(outcome.reasons.values())
+        print(f"quarantine/{where}/: {count} instance{'' if count == 1 else 's'}")
+        for reason, count in outcome.reasons.most_common():
+            print(f"  {count} x {reason}")
+        verb = "would move" if dry_run else "moved"
+        for folder, count in sorted(outcome.moved.items()):
+            print(f"  {verb} {count} to {folder}")
+        for why, count in outcome.left.most_common():
+            print(f"  left {count}: {why}")
+            code = 1
+    return code
 
 
 def store_arguments(parser: argparse.ArgumentParser) -> None:

@@ -16,6 +16,8 @@ import io
 import os
 import random
 import struct
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -36,6 +38,7 @@ from bench.synthetic import ct_series
 from peers import StoreSCP, free_port
 from router.forward import nodelay
 from test_node_support import (
+    REPO_ROOT,
     ROUTER_AET,
     Router,
     descendants,
@@ -336,6 +339,64 @@ def test_destination_failing_one_sop_class_quarantines_only_that_class(tmp_path:
             wait_until(lambda: not router.files("outgoing", "recorder"), timeout=10, what="an empty outgoing/")
             assert router.stop() == 0
         assert_no_phi(router)
+    finally:
+        scp.stop()
+
+
+def test_requeue_sends_quarantined_instances_through_their_stage_again(tmp_path: Path) -> None:
+    """Once a quarantine's cause is fixed, `deid-router requeue` puts its instances back:
+    quarantine/<dest>/ into outgoing/<dest>/, unrouted/ routed again by the new config's
+    filters, deidentify/ into incoming/ (refused while a node runs: a running node does not
+    rescan incoming/). The restarted node delivers every one of them."""
+    refused = phi_series(2, series_number=3)
+    for ds in refused:
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    unrouted = phi_series(2, series_number=4)
+    for ds in unrouted:
+        ds.Modality = "MR"
+    unread = phi_series(1, series_number=5)  # an original an earlier release refused
+    refusing = threading.Event()
+    refusing.set()
+    scp = RecordingSCP(lambda sop_class, _uid: 0xA900 if refusing.is_set() and sop_class == SecondaryCaptureImageStorage
+                       else 0x0000).start()
+
+    def requeue(router: Router, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "router", "requeue", "--config", str(router.config_path), *args],
+                              capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+
+    try:
+        dest = dicom_destination("recorder", "127.0.0.1", scp.port, "RECORDER", max_attempts=1, modalities=["CT"])
+        with Router(tmp_path, [dest]) as router:
+            assert set(send_all(router.port, write_all(tmp_path / "in", [*refused, *unrouted])).values()) == {0x0000}
+            wait_until(lambda: len(router.reasons("recorder")) == 2 and len(router.reasons("unrouted")) == 2,
+                       timeout=30, what="both kinds quarantined")
+            quarantined = router.spool / "quarantine" / "deidentify"
+            [original] = write_all(tmp_path / "unread", unread)
+            (quarantined / f"{'ab' * 16}.dcm").write_bytes(original.read_bytes())
+            (quarantined / f"{'ab' * 16}.reason.json").write_text('{"reason": "pixel data cannot be decoded"}')
+            busy = requeue(router, "deidentify")
+            assert busy.returncode == 1 and "only while the node is stopped" in busy.stderr
+            assert len(router.files("quarantine", "deidentify")) == 1
+            assert router.stop() == 0
+        refusing.clear()  # the destination takes Secondary Capture now
+        dest["modalities"] = ["CT", "MR"]  # and MR is routed to it
+        fixed = Router(tmp_path, [dest])
+        listing = requeue(fixed, "recorder", "unrouted", "deidentify", "--dry-run")
+        assert listing.returncode == 0, listing.stderr
+        assert "would move 2 to outgoing/recorder/" in listing.stdout and "would move 1 to incoming/" in listing.stdout
+        assert "1 x pixel data cannot be decoded" in listing.stdout
+        assert len(fixed.files("quarantine", "recorder")) == 2  # a dry run moves nothing
+        done = requeue(fixed, "recorder", "unrouted", "deidentify")
+        assert done.returncode == 0, done.stderr
+        for where in ("recorder", "unrouted", "deidentify"):
+            assert list((fixed.spool / "quarantine" / where).iterdir()) == []  # reason files gone too
+        assert MARKER not in listing.stdout + done.stdout + done.stderr
+        assert requeue(fixed, "elsewhere").returncode == 2
+        with fixed:
+            wanted = new_uids([*refused, *unrouted, *unread])
+            wait_until(lambda: wanted <= scp.uids(), timeout=30, what="every requeued instance delivered")
+            assert fixed.stop() == 0
+        assert_no_phi(fixed)
     finally:
         scp.stop()
 

@@ -1,0 +1,136 @@
+"""``deid-router requeue``: send quarantined instances through their stage again.
+
+Once the cause of a quarantine is fixed (a SOP class the destination now accepts, a
+routing filter, a release that reads what an earlier one refused), the operator names
+quarantine folders and their instances go back where they came from:
+
+- ``<destination>``: ``quarantine/<destination>/`` -> ``outgoing/<destination>/``;
+- ``unrouted``: routed again by the config's destination filters (source AE title and
+  modality, from each reason file) into every ``outgoing/<destination>/`` that matches;
+- ``deidentify``: the originals -> ``incoming/``, de-identified at the node's next start.
+  Only while no node runs on the spool (the command holds the spool's lock meanwhile): a
+  running node's ``incoming/`` also holds originals of outputs waiting for delivery, so it
+  does not rescan it.
+
+Each file is hard-linked into its new place before its quarantine entry and reason file
+go, so a crash at any point leaves it in one place or both, never none. An instance whose
+name is already waiting in ``outgoing/`` (a newer version of it) is left in quarantine and
+counted. A running node's forwarder finds what arrives in ``outgoing/`` within a minute of
+having nothing else to send.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from router.config import Config
+from router.deidentify import routes_to
+from router.spool import (
+    DEIDENTIFY_QUARANTINE,
+    REASON_SUFFIX,
+    SUFFIX,
+    UNROUTED_QUARANTINE,
+    Spool,
+    fsync_dir,
+    new_id,
+)
+
+ALREADY_WAITING = "a version of it already waits in outgoing/"
+
+
+@dataclass
+class Outcome:
+    """What happened to one quarantine folder's instances."""
+
+    moved: Counter = field(default_factory=Counter)  # target folder -> instances
+    left: Counter = field(default_factory=Counter)  # why an instance stayed -> instances
+    reasons: Counter = field(default_factory=Counter)  # quarantine reason -> instances (a listing)
+
+
+def requeue(config: Config, where: str, dry_run: bool = False) -> Outcome:
+    """Requeue every instance of quarantine/<where>/ (raises ValueError for a folder the
+    config does not know, SpoolInUse for ``deidentify`` while a node runs)."""
+    destinations = {d.name: d for d in config.destinations}
+    if where not in destinations and where not in (UNROUTED_QUARANTINE, DEIDENTIFY_QUARANTINE):
+        known = ", ".join([*destinations, UNROUTED_QUARANTINE, DEIDENTIFY_QUARANTINE])
+        raise ValueError(f"no quarantine folder {where!r} in this config (one of: {known})")
+    spool = Spool(config.node.spool_dir, list(destinations), config.node.keep_delivered)
+    folder = spool.quarantine_dir(where)
+    outcome = Outcome()
+    if not folder.is_dir():
+        return outcome
+    if where == DEIDENTIFY_QUARANTINE and not dry_run:
+        spool.lock()
+    try:
+        for path in sorted(folder.glob(f"*{SUFFIX}")):
+            record = _reason(path)
+            outcome.reasons[record.get("reason", "(no reason file)")] += 1
+            if where == DEIDENTIFY_QUARANTINE:
+                targets = [spool.incoming / path.name]
+            elif where == UNROUTED_QUARANTINE:
+                if not record:
+                    outcome.left["no reason file to route it by"] += 1
+                    continue
+                targets = [spool.outgoing(d.name) / path.name for d in config.destinations
+                           if routes_to(d, record.get("source_ae_title", ""), record.get("modality", ""))]
+                if not targets:
+                    outcome.left["still matches no destination"] += 1
+                    continue
+            else:
+                targets = [spool.outgoing(where) / path.name]
+            if dry_run:
+                if any(t.exists() for t in targets if t.parent != spool.incoming):
+                    outcome.left[ALREADY_WAITING] += 1
+                    continue
+                for target in targets:
+                    outcome.moved[_relative(spool, target.parent)] += 1
+                continue
+            problem = _move(spool, path, targets)
+            if problem:
+                outcome.left[problem] += 1
+            else:
+                for target in targets:
+                    outcome.moved[_relative(spool, target.parent)] += 1
+    finally:
+        spool.unlock()
+    return outcome
+
+
+def _move(spool: Spool, path: Path, targets: list[Path]) -> str | None:
+    """Link ``path`` at every target, then remove it and its reason file; None when done,
+    else why it stays (and nothing of it moved)."""
+    linked: list[Path] = []
+    for target in targets:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.parent == spool.incoming and target.exists():
+            target = target.with_name(new_id() + SUFFIX)
+        try:
+            os.link(path, target)
+        except FileExistsError:
+            for done in linked:
+                done.unlink()
+            return ALREADY_WAITING
+        linked.append(target)
+    for target in linked:
+        fsync_dir(target.parent)
+    path.unlink()
+    path.with_name(path.name[: -len(SUFFIX)] + REASON_SUFFIX).unlink(missing_ok=True)
+    fsync_dir(path.parent)
+    return None
+
+
+def _reason(path: Path) -> dict:
+    try:
+        record = json.loads(path.with_name(path.name[: -len(SUFFIX)] + REASON_SUFFIX).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _relative(spool: Spool, folder: Path) -> str:
+    return f"{folder.relative_to(spool.root)}/"
+
