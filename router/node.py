@@ -84,7 +84,9 @@ def _serve(config: Config, spool: Spool, stop: threading.Event, received_signal:
     node = config.node
     try:
         spool.create()
-        spool.lock()  # before anything in the spool is touched
+        if not spool.lock():  # before anything in the spool is touched
+            log.warning("spool_not_locked", path=str(spool.root),
+                        note="this file system has no locks: make sure no other node uses this spool directory")
         secret, generated = config_module.resolve_secret(config)
         removed = spool.clean_tmp()
         dropped = spool.drop_volatile()  # before anything is sent: made again from incoming/

@@ -227,8 +227,10 @@ class Spool:
         for path in {p.parent for p in dirs} | set(dirs):
             fsync_dir(path)
 
-    def lock(self) -> None:
-        """Take the spool for this process (raises SpoolInUse if another holds it).
+    def lock(self) -> bool:
+        """Take the spool for this process (raises SpoolInUse if another holds it); False
+        where the file system has no locks (some network shares): the spool is then used
+        unlocked, as before locks existed.
 
         Two nodes on one spool would delete each other's partial and volatile files, each
         de-identify and send what the other does, and remove originals the other still
@@ -242,9 +244,15 @@ class Spool:
             text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
             os.close(fd)
             raise SpoolInUse(int(text) if text.isdigit() else None) from None
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                return False
+            raise
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
+        return True
 
     def unlock(self) -> None:
         if self._lock_fd is not None:
