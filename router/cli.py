@@ -101,21 +101,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def requeue_quarantined(config: config_module.Config, folders: list[str], dry_run: bool) -> int:
-    from router.requeue import requeue
-    from router.spool import SpoolInUse
+    from router.requeue import requeue, tell_node
 
-    code = 0
+    code, moved = 0, 0
     for where in folders:
         try:
             outcome = requeue(config, where, dry_run)
         except ValueError as exc:
             print(f"deid-router: {exc}", file=sys.stderr)
             return 2
-        except SpoolInUse as exc:
-            print(f"deid-router: {where}: {exc}: quarantine/{where}/ goes back to incoming/ only while the node is "
-                  "stopped (it is read at start)", file=sys.stderr)
-            code = 1
-            continue
         except OSError as exc:
             print(f"deid-router: {where}: file system error: {exc.strerror or type(exc).__name__}", file=sys.stderr)
             code = 1
@@ -127,9 +121,18 @@ def requeue_quarantined(config: config_module.Config, folders: list[str], dry_ru
         verb = "would move" if dry_run else "moved"
         for folder, count in sorted(outcome.moved.items()):
             print(f"  {verb} {count} to {folder}")
+            moved += count
         for why, count in outcome.left.most_common():
             print(f"  left {count}: {why}")
             code = 1
+    if moved and not dry_run:
+        try:
+            pid = tell_node(config)
+        except OSError as exc:
+            print(f"the running node could not be told ({exc.strerror}): it finds them within a minute")
+        else:
+            print(f"the running node (pid {pid}) is looking at them now" if pid else
+                  "no node runs on this spool now: it takes them when it starts")
     return code
 
 

@@ -444,6 +444,24 @@ class DeidStage:
             self.submit(path)
         return len(paths)
 
+    def rescan(self) -> int:
+        """Submit what incoming/ holds that this stage does not know (originals an operator
+        moved back there, say with ``deid-router requeue``); only while nothing waits to be
+        sent to a worker, since a backlog is all known. Every path stays known from its
+        submission until its original leaves incoming/, so nothing is submitted twice.
+        Returns how many were new."""
+        with self._lock:
+            if self._queue:
+                return 0
+        new = 0
+        for path in self.spool.list_incoming():
+            with self._lock:
+                if path in self._known:
+                    continue
+            self.submit(path)
+            new += 1
+        return new
+
     def alive(self) -> bool:
         """Is at least one worker process running?"""
         return any(not w.dead and w.process.is_alive() for w in self._workers)

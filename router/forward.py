@@ -73,6 +73,8 @@ MAX_PDU = 131072
 LOOKAHEAD = 256
 #: Look for outgoing files nobody told us about (a lost notification) this often when idle.
 RESCAN_SECONDS = 60.0
+#: The main process's message asking a forwarder process to look at outgoing/ again.
+LOOK_AGAIN = "look-again"
 #: An extra association (a second lane) must be accepted within this, else the lane rests
 #: this long and the destination keeps one association.
 EXTRA_ASSOCIATION_SECONDS = 3.0
@@ -522,6 +524,13 @@ class Forwarder:
         with self._cond:
             return len(self._ready) + len(self._delayed) + self._busy
 
+    def look_again(self) -> None:
+        """Look for files in outgoing/<dest>/ it does not know (put back by ``deid-router
+        requeue``) as soon as nothing is ready to send, not a minute later."""
+        with self._cond:
+            self._last_rescan = -RESCAN_SECONDS
+            self._cond.notify_all()
+
     def stop(self, timeout: float = 30.0) -> None:
         with self._cond:
             self._stopping = True
@@ -861,6 +870,9 @@ def forwarder_main(conn, config: Config, spool_root: str, dest_name: str) -> Non
             message = None
         if message is None:
             break
+        if message == LOOK_AGAIN:
+            forwarder.look_again()
+            continue
         forwarder.enqueue(message)
     forwarder.stop(timeout=30.0)
     send("stopped", forwarder.pending())
@@ -915,6 +927,14 @@ class ForwarderProcess:
                 self._conn.send(routed)
             except (OSError, ValueError):
                 pass  # the process is being restarted: it will find the file in outgoing/
+
+    def look_again(self) -> None:
+        """See ``Forwarder.look_again``."""
+        with self._lock:
+            try:
+                self._conn.send(LOOK_AGAIN)
+            except (OSError, ValueError, AttributeError):
+                pass  # not started, or being restarted: a new process reads outgoing/ anyway
 
     def alive(self) -> bool:
         return self.process is not None and self.process.is_alive()

@@ -11,6 +11,10 @@
 4. start one forwarder process per destination (it resumes what outgoing/<dest>/ holds);
 5. queue what incoming/ already holds, then start the SCP (exit 1 if the port is taken).
 
+Every minute, and at once on SIGHUP: recount the spool, sweep stale tmp files, and queue
+what incoming/ holds that the node does not know (originals put back by ``deid-router
+requeue``).
+
 On SIGTERM or SIGINT: stop accepting associations, let in-flight C-STOREs finish (then
 abort the associations still open: their senders retry what was not acknowledged), stop
 feeding the workers and wait for their current instances (bounded), stop the forwarders
@@ -55,7 +59,11 @@ def run(config: Config) -> int:
         received_signal.append(signal.Signals(signum).name)
         stop.set()
 
+    def on_hangup(_signum, _frame):
+        stop.set()  # wakes the main loop: with no stopping signal received, it looks at the spool again
+
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, on_hangup)
     try:
         return _run(config, stop, received_signal)
     finally:
@@ -168,15 +176,24 @@ def _serve(config: Config, spool: Spool, stop: threading.Event, received_signal:
     log.info("node_started", ae_title=node.ae_title, port=receiver.port, workers=stage.count,
              destinations=[d.name for d in config.destinations])
     next_housekeeping = time.monotonic() + HOUSEKEEPING_SECONDS
-    while not stop.wait(1.0):
+    while not received_signal:
+        hangup = stop.wait(1.0) and not received_signal
+        if hangup:  # deid-router requeue sends SIGHUP: look at the spool again now
+            stop.clear()
+            next_housekeeping = 0.0
+            for forwarder in forwarders.values():
+                forwarder.look_again()
         if time.monotonic() >= next_housekeeping:
             next_housekeeping = time.monotonic() + HOUSEKEEPING_SECONDS
             try:
                 swept = spool.sweep_tmp(STALE_TMP_SECONDS)
                 spool.drain_recycled(RECYCLED_IDLE_SECONDS)
                 spool.rescan()
+                found = stage.rescan()
                 if swept:
                     log.info("tmp_swept", files=swept)
+                if found:
+                    log.info("resumed", stage="deidentify", instances=found)
             except OSError as exc:
                 log.error("housekeeping_failed", error=exc.strerror or type(exc).__name__)
 

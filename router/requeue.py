@@ -7,22 +7,21 @@ quarantine folders and their instances go back where they came from:
 - ``<destination>``: ``quarantine/<destination>/`` -> ``outgoing/<destination>/``;
 - ``unrouted``: routed again by the config's destination filters (source AE title and
   modality, from each reason file) into every ``outgoing/<destination>/`` that matches;
-- ``deidentify``: the originals -> ``incoming/``, de-identified at the node's next start.
-  Only while no node runs on the spool (the command holds the spool's lock meanwhile): a
-  running node's ``incoming/`` also holds originals of outputs waiting for delivery, so it
-  does not rescan it.
+- ``deidentify``: the originals -> ``incoming/`` (under new spool ids).
 
 Each file is hard-linked into its new place before its quarantine entry and reason file
-go, so a crash at any point leaves it in one place or both, never none. An instance whose
+go, so an interruption leaves it in one place or both, never in none. An instance whose
 name is already waiting in ``outgoing/`` (a newer version of it) is left in quarantine and
-counted. A running node's forwarder finds what arrives in ``outgoing/`` within a minute of
-having nothing else to send.
+counted. A node running on the spool is then sent SIGHUP (its pid is in the spool's lock
+file), on which it looks at ``incoming/`` and ``outgoing/`` again at once; a stopped node
+reads them when it starts.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +34,7 @@ from router.spool import (
     SUFFIX,
     UNROUTED_QUARANTINE,
     Spool,
+    SpoolInUse,
     fsync_dir,
     new_id,
 )
@@ -53,7 +53,7 @@ class Outcome:
 
 def requeue(config: Config, where: str, dry_run: bool = False) -> Outcome:
     """Requeue every instance of quarantine/<where>/ (raises ValueError for a folder the
-    config does not know, SpoolInUse for ``deidentify`` while a node runs)."""
+    config does not know)."""
     destinations = {d.name: d for d in config.destinations}
     if where not in destinations and where not in (UNROUTED_QUARANTINE, DEIDENTIFY_QUARANTINE):
         known = ", ".join([*destinations, UNROUTED_QUARANTINE, DEIDENTIFY_QUARANTINE])
@@ -63,41 +63,52 @@ def requeue(config: Config, where: str, dry_run: bool = False) -> Outcome:
     outcome = Outcome()
     if not folder.is_dir():
         return outcome
-    if where == DEIDENTIFY_QUARANTINE and not dry_run:
-        spool.lock()
-    try:
-        for path in sorted(folder.glob(f"*{SUFFIX}")):
-            record = _reason(path)
-            outcome.reasons[record.get("reason", "(no reason file)")] += 1
-            if where == DEIDENTIFY_QUARANTINE:
-                targets = [spool.incoming / path.name]
-            elif where == UNROUTED_QUARANTINE:
-                if not record:
-                    outcome.left["no reason file to route it by"] += 1
-                    continue
-                targets = [spool.outgoing(d.name) / path.name for d in config.destinations
-                           if routes_to(d, record.get("source_ae_title", ""), record.get("modality", ""))]
-                if not targets:
-                    outcome.left["still matches no destination"] += 1
-                    continue
-            else:
-                targets = [spool.outgoing(where) / path.name]
-            if dry_run:
-                if any(t.exists() for t in targets if t.parent != spool.incoming):
-                    outcome.left[ALREADY_WAITING] += 1
-                    continue
-                for target in targets:
-                    outcome.moved[_relative(spool, target.parent)] += 1
+    for path in sorted(folder.glob(f"*{SUFFIX}")):
+        record = _reason(path)
+        outcome.reasons[record.get("reason", "(no reason file)")] += 1
+        if where == DEIDENTIFY_QUARANTINE:
+            targets = [spool.incoming / f"{new_id()}{SUFFIX}"]
+        elif where == UNROUTED_QUARANTINE:
+            if not record:
+                outcome.left["no reason file to route it by"] += 1
                 continue
-            problem = _move(spool, path, targets)
-            if problem:
-                outcome.left[problem] += 1
-            else:
-                for target in targets:
-                    outcome.moved[_relative(spool, target.parent)] += 1
-    finally:
-        spool.unlock()
+            targets = [spool.outgoing(d.name) / path.name for d in config.destinations
+                       if routes_to(d, record.get("source_ae_title", ""), record.get("modality", ""))]
+            if not targets:
+                outcome.left["still matches no destination"] += 1
+                continue
+        else:
+            targets = [spool.outgoing(where) / path.name]
+        if dry_run:
+            if any(t.exists() for t in targets if t.parent != spool.incoming):
+                outcome.left[ALREADY_WAITING] += 1
+                continue
+            for target in targets:
+                outcome.moved[_relative(spool, target.parent)] += 1
+            continue
+        problem = _move(spool, path, targets)
+        if problem:
+            outcome.left[problem] += 1
+        else:
+            for target in targets:
+                outcome.moved[_relative(spool, target.parent)] += 1
     return outcome
+
+
+def tell_node(config: Config) -> int | None:
+    """SIGHUP to the node running on the spool, if one does (its pid, else None)."""
+    spool = Spool(config.node.spool_dir)
+    try:
+        locked = spool.lock()
+    except SpoolInUse as exc:
+        if exc.pid:
+            os.kill(exc.pid, signal.SIGHUP)
+        return exc.pid
+    except FileNotFoundError:
+        return None
+    if locked:
+        spool.unlock()
+    return None
 
 
 def _move(spool: Spool, path: Path, targets: list[Path]) -> str | None:
@@ -106,8 +117,6 @@ def _move(spool: Spool, path: Path, targets: list[Path]) -> str | None:
     linked: list[Path] = []
     for target in targets:
         target.parent.mkdir(parents=True, exist_ok=True)
-        if target.parent == spool.incoming and target.exists():
-            target = target.with_name(new_id() + SUFFIX)
         try:
             os.link(path, target)
         except FileExistsError:

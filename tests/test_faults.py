@@ -345,9 +345,9 @@ def test_destination_failing_one_sop_class_quarantines_only_that_class(tmp_path:
 
 def test_requeue_sends_quarantined_instances_through_their_stage_again(tmp_path: Path) -> None:
     """Once a quarantine's cause is fixed, `deid-router requeue` puts its instances back:
-    quarantine/<dest>/ into outgoing/<dest>/, unrouted/ routed again by the new config's
-    filters, deidentify/ into incoming/ (refused while a node runs: a running node does not
-    rescan incoming/). The restarted node delivers every one of them."""
+    quarantine/<dest>/ into outgoing/<dest>/ and deidentify/ into incoming/ while the node
+    runs (it is told by SIGHUP and delivers them at once), unrouted/ routed again by a new
+    config's filters while it is stopped (it takes them when it starts)."""
     refused = phi_series(2, series_number=3)
     for ds in refused:
         ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
@@ -374,27 +374,31 @@ def test_requeue_sends_quarantined_instances_through_their_stage_again(tmp_path:
             [original] = write_all(tmp_path / "unread", unread)
             (quarantined / f"{'ab' * 16}.dcm").write_bytes(original.read_bytes())
             (quarantined / f"{'ab' * 16}.reason.json").write_text('{"reason": "pixel data cannot be decoded"}')
-            busy = requeue(router, "deidentify")
-            assert busy.returncode == 1 and "only while the node is stopped" in busy.stderr
-            assert len(router.files("quarantine", "deidentify")) == 1
+            listing = requeue(router, "recorder", "deidentify", "--dry-run")
+            assert listing.returncode == 0, listing.stderr
+            assert "would move 2 to outgoing/recorder/" in listing.stdout and "would move 1 to incoming/" in listing.stdout
+            assert "1 x pixel data cannot be decoded" in listing.stdout
+            assert len(router.files("quarantine", "recorder")) == 2  # a dry run moves nothing
+            refusing.clear()  # the destination takes Secondary Capture now
+            started = time.monotonic()
+            done = requeue(router, "recorder", "deidentify")
+            assert done.returncode == 0, done.stderr
+            assert f"running node (pid {router.process.pid}) is looking at them now" in done.stdout
+            wanted = new_uids([*refused, *unread])
+            wait_until(lambda: wanted <= scp.uids(), timeout=30, what="requeued instances delivered by the running node")
+            assert time.monotonic() - started < 20  # told, not found by the minute's rescan
+            for where in ("recorder", "deidentify"):
+                assert list((router.spool / "quarantine" / where).iterdir()) == []  # reason files gone too
             assert router.stop() == 0
-        refusing.clear()  # the destination takes Secondary Capture now
-        dest["modalities"] = ["CT", "MR"]  # and MR is routed to it
+        dest["modalities"] = ["CT", "MR"]  # MR is routed to it now
         fixed = Router(tmp_path, [dest])
-        listing = requeue(fixed, "recorder", "unrouted", "deidentify", "--dry-run")
-        assert listing.returncode == 0, listing.stderr
-        assert "would move 2 to outgoing/recorder/" in listing.stdout and "would move 1 to incoming/" in listing.stdout
-        assert "1 x pixel data cannot be decoded" in listing.stdout
-        assert len(fixed.files("quarantine", "recorder")) == 2  # a dry run moves nothing
-        done = requeue(fixed, "recorder", "unrouted", "deidentify")
-        assert done.returncode == 0, done.stderr
-        for where in ("recorder", "unrouted", "deidentify"):
-            assert list((fixed.spool / "quarantine" / where).iterdir()) == []  # reason files gone too
-        assert MARKER not in listing.stdout + done.stdout + done.stderr
+        stopped = requeue(fixed, "unrouted")
+        assert stopped.returncode == 0 and "takes them when it starts" in stopped.stdout
+        assert list((fixed.spool / "quarantine" / "unrouted").iterdir()) == []
         assert requeue(fixed, "elsewhere").returncode == 2
+        assert MARKER not in listing.stdout + done.stdout + stopped.stdout
         with fixed:
-            wanted = new_uids([*refused, *unrouted, *unread])
-            wait_until(lambda: wanted <= scp.uids(), timeout=30, what="every requeued instance delivered")
+            wait_until(lambda: new_uids(unrouted) <= scp.uids(), timeout=30, what="the unrouted instances delivered")
             assert fixed.stop() == 0
         assert_no_phi(fixed)
     finally:
