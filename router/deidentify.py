@@ -130,6 +130,7 @@ def worker_main(conn, config: Config, secret: bytes, spool_root: str, index: int
     """Entry point of a worker process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides when we stop
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the main process's "look again" (a closed terminal's too)
     configure_logging(config)
     worker_log = get_logger("router.deidentify").bind(worker=index)
     spool = Spool(spool_root, [d.name for d in config.destinations], config.node.keep_delivered)

@@ -844,6 +844,7 @@ def forwarder_main(conn, config: Config, spool_root: str, dest_name: str) -> Non
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides when we stop
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the main process's "look again" (a closed terminal's too)
     configure_logging(config)
     dest = next(d for d in config.destinations if d.name == dest_name)
     spool = Spool(spool_root, [d.name for d in config.destinations], config.node.keep_delivered)

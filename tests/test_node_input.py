@@ -259,6 +259,24 @@ def test_a_second_node_on_the_same_spool_stops_at_once_and_touches_nothing(tmp_p
     assert router.stop() == 0
 
 
+def test_sighup_stops_nothing(tmp_path: Path, corpus_dir: Path) -> None:
+    """SIGHUP means "look at the spool again" (deid-router requeue, systemctl reload) to
+    the node, and nothing to its workers and forwarders; a closed terminal sends it to all
+    of them, which before killed the whole node."""
+    out = tmp_path / "out"
+    with Router(tmp_path, [folder_destination("folder", out)]) as router:
+        workers = router.worker_pids()
+        [forwarder] = [event["pid"] for event in router.events("forwarder_started")]
+        for pid in (router.process.pid, *workers, forwarder):
+            os.kill(pid, signal.SIGHUP)
+        assert storescu("127.0.0.1", router.port, [corpus_dir / "pydicom__CT_small.dcm"],
+                        called_ae=ROUTER_AET).returncode == 0
+        wait_until(lambda: len(delivered(out)) == 1, timeout=30, what="the instance delivered")
+        assert router.process.poll() is None and router.worker_pids() == workers
+        assert [event["pid"] for event in router.events("forwarder_started")] == [forwarder]
+        assert router.stop() == 0
+
+
 def test_embedded_default_needs_no_config(tmp_path: Path, corpus_dir: Path) -> None:
     """No config file: 0.0.0.0:11112 as DEID_ROUTER, ./deid-router-spool, ./deid-router-out/."""
     with socket.socket() as probe:
