@@ -459,6 +459,8 @@ class DeidStage:
             with self._lock:
                 if path in self._known:
                     continue
+            if not path.exists():  # after the check: an original leaves incoming/ before it is forgotten
+                continue
             self.submit(path)
             new += 1
         return new
@@ -756,6 +758,13 @@ class DeidStage:
                 where = DEIDENTIFY_QUARANTINE if kind == "quarantined" else UNROUTED_QUARANTINE
                 self.events.quarantined("deidentify" if kind == "quarantined" else "route", where, message[2],
                                         spool_id=spool_id)
+        elif kind == "transient" and not path.exists():
+            # Nothing left to de-identify (removed from incoming/ by hand): retrying would
+            # fail every 10 s for ever.
+            log.error("incoming_gone", spool_id=spool_id, error=message[2])
+            with self._lock:
+                self._transient.pop(path, None)
+            self._forget(path)
         elif kind == "transient":
             self.stats["transient"] += 1
             full = message[3]  # the spool's file system is full: its state, not the instance's

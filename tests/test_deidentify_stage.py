@@ -239,3 +239,37 @@ def test_a_full_file_system_keeps_instances_waiting_not_quarantined(tmp_path: Pa
     finally:
         assert stage.stop() == 0
     assert not list(spool.quarantine_dir("deidentify").glob("*"))
+
+
+def test_rescan_takes_what_it_does_not_know_and_an_input_gone_is_forgotten(tmp_path: Path, monkeypatch) -> None:
+    """``rescan`` submits originals put into incoming/ by hand (deid-router requeue) and
+    nothing the stage already holds; an input removed from incoming/ before its worker
+    read it is forgotten with an error, not retried every 10 s for ever."""
+    from router import deidentify
+
+    monkeypatch.setattr(deidentify, "TRANSIENT_RETRY_SECONDS", 0.05)
+    config = _config(tmp_path / "spool", workers=1)
+    spool = Spool(config.node.spool_dir, ["pacs"])
+    spool.create()
+    files = write_ct_series(tmp_path / "ct", 3, patient_id="PID-STAGE-RESCAN")
+    routed: list[Routed] = []
+    stage = DeidStage(config, b"k" * 32, spool, lambda dest, item: routed.append(item))
+    stage.start()
+    try:
+        def wait_for(count: int) -> None:
+            deadline = time.monotonic() + 60
+            while (stage.pending() or len(routed) < count) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert len(routed) == count and stage.pending() == 0
+
+        stage.submit(spool.incoming / f"{'f' * 32}.dcm")  # gone before the worker reads it
+        first, _second, _third = _incoming(spool, files)
+        stage.submit(first)
+        wait_for(1)
+        assert stage.rescan() == 2  # the two put there by hand; first is held until delivered
+        wait_for(3)
+        assert stage.rescan() == 0
+        time.sleep(0.5)
+        assert stage.stats["transient"] == 0  # the missing input was not retried
+    finally:
+        assert stage.stop() == 0
