@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     requeue = commands.add_parser("requeue", help="send quarantined instances through their stage again")
     requeue.add_argument("where", nargs="+",
                          help="quarantine folders: a destination's name (back to its outgoing/), unrouted "
-                              "(routed again by the config's filters), deidentify (back to incoming/; node stopped)")
+                              "(routed again by the config's filters), deidentify (back to incoming/)")
     requeue.add_argument("--config", type=Path, help="TOML config (default: the embedded default)")
     requeue.add_argument("--dry-run", action="store_true", help="say why they are there and where they would go")
 

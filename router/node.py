@@ -2,14 +2,15 @@
 
 ``run(config) -> int`` (``deid-router serve``):
 
-1. resolve the site secret (generated and kept in the spool directory on first start:
-   said once, at warning level, never its value);
-2. create the spool and lock it (exit 1 if another node holds it), delete leftovers of partial writes in tmp/ (exit 1, saying why, if
-   the directory cannot be used);
-3. start the de-identification worker processes (and fail fast, exit 1, if the
+1. create the spool and lock it (exit 1 if another node holds it), resolve the site
+   secret (generated and kept in the spool directory on first start: said once, at
+   warning level, never its value), delete leftovers of partial writes in tmp/ and
+   volatile outputs (made again from incoming/) (exit 1, saying why, if the directory
+   cannot be used);
+2. start the de-identification worker processes (and fail fast, exit 1, if the
    de-identifier cannot be built from the config);
-4. start one forwarder process per destination (it resumes what outgoing/<dest>/ holds);
-5. queue what incoming/ already holds, then start the SCP (exit 1 if the port is taken).
+3. start one forwarder process per destination (it resumes what outgoing/<dest>/ holds);
+4. queue what incoming/ already holds, then start the SCP (exit 1 if the port is taken).
 
 Every minute, and at once on SIGHUP: recount the spool, sweep stale tmp files, and queue
 what incoming/ holds that the node does not know (originals put back by ``deid-router
