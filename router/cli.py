@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
                          help="quarantine folders: a destination's name (back to its outgoing/), unrouted "
                               "(routed again by the config's filters), deidentify (back to incoming/)")
     requeue.add_argument("--config", type=Path, help="TOML config (default: the embedded default)")
+    requeue.add_argument("--to", metavar="DESTINATION",
+                         help="send them to this destination instead (a destination's quarantine, even one no "
+                              "longer configured, or unrouted)")
     requeue.add_argument("--dry-run", action="store_true", help="say why they are there and where they would go")
 
     crosswalk = commands.add_parser("crosswalk", help="the audit store's crosswalk (original -> pseudonym): PHI")
@@ -90,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return scan.run(args.src, config)
     if args.command == "requeue":
-        return requeue_quarantined(config, args.where, args.dry_run)
+        return requeue_quarantined(config, args.where, args.dry_run, args.to)
     if args.command == "serve":
         from router import node
 
@@ -100,13 +103,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if forward.echo(args.host, args.port, called_ae=args.aec, calling_ae=args.aet, timeout=args.timeout) else 1
 
 
-def requeue_quarantined(config: config_module.Config, folders: list[str], dry_run: bool) -> int:
+def requeue_quarantined(config: config_module.Config, folders: list[str], dry_run: bool, to: str | None) -> int:
     from router.requeue import requeue, tell_node
 
     code, moved = 0, 0
     for where in folders:
         try:
-            outcome = requeue(config, where, dry_run)
+            outcome = requeue(config, where, dry_run, to)
         except ValueError as exc:
             print(f"deid-router: {exc}", file=sys.stderr)
             return 2

@@ -7,7 +7,9 @@ quarantine folders and their instances go back where they came from:
 - ``<destination>``: ``quarantine/<destination>/`` -> ``outgoing/<destination>/``;
 - ``unrouted``: routed again by the config's destination filters (source AE title and
   modality, from each reason file) into every ``outgoing/<destination>/`` that matches;
-- ``deidentify``: the originals -> ``incoming/`` (under new spool ids).
+- ``deidentify``: the originals -> ``incoming/`` (under new spool ids);
+- with ``--to <destination>``, a destination's (even one no longer configured) or
+  ``unrouted`` -> ``outgoing/<destination>/``, whatever the filters say.
 
 Each file is hard-linked into its new place before its quarantine entry and reason file
 go, so an interruption leaves it in one place or both, never in none. An instance whose
@@ -51,22 +53,32 @@ class Outcome:
     reasons: Counter = field(default_factory=Counter)  # quarantine reason -> instances (a listing)
 
 
-def requeue(config: Config, where: str, dry_run: bool = False) -> Outcome:
-    """Requeue every instance of quarantine/<where>/ (raises ValueError for a folder the
-    config does not know)."""
+def requeue(config: Config, where: str, dry_run: bool = False, to: str | None = None) -> Outcome:
+    """Requeue every instance of quarantine/<where>/, or send the de-identified ones ``to``
+    another destination (one renamed, a PACS replaced); raises ValueError for a folder or
+    destination the config does not know."""
     destinations = {d.name: d for d in config.destinations}
-    if where not in destinations and where not in (UNROUTED_QUARANTINE, DEIDENTIFY_QUARANTINE):
-        known = ", ".join([*destinations, UNROUTED_QUARANTINE, DEIDENTIFY_QUARANTINE])
-        raise ValueError(f"no quarantine folder {where!r} in this config (one of: {known})")
     spool = Spool(config.node.spool_dir, list(destinations), config.node.keep_delivered)
     folder = spool.quarantine_dir(where)
+    if to is not None:
+        if to not in destinations:
+            raise ValueError(f"no destination {to!r} in this config (one of: {', '.join(destinations)})")
+        if where == DEIDENTIFY_QUARANTINE or not folder.is_dir():
+            raise ValueError(f"--to takes a quarantine folder of de-identified instances: a destination's "
+                             f"or {UNROUTED_QUARANTINE} (quarantine/{where}/ is not one)")
+    elif where not in destinations and where not in (UNROUTED_QUARANTINE, DEIDENTIFY_QUARANTINE):
+        known = ", ".join([*destinations, UNROUTED_QUARANTINE, DEIDENTIFY_QUARANTINE])
+        raise ValueError(f"no quarantine folder {where!r} in this config (one of: {known}; "
+                         "--to DESTINATION sends another's)")
     outcome = Outcome()
     if not folder.is_dir():
         return outcome
     for path in sorted(folder.glob(f"*{SUFFIX}")):
         record = _reason(path)
         outcome.reasons[record.get("reason", "(no reason file)")] += 1
-        if where == DEIDENTIFY_QUARANTINE:
+        if to is not None:
+            targets = [spool.outgoing(to) / path.name]
+        elif where == DEIDENTIFY_QUARANTINE:
             targets = [spool.incoming / f"{new_id()}{SUFFIX}"]
         elif where == UNROUTED_QUARANTINE:
             if not record:

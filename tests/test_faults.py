@@ -405,6 +405,29 @@ def test_requeue_sends_quarantined_instances_through_their_stage_again(tmp_path:
         scp.stop()
 
 
+def test_requeue_to_another_destination(tmp_path: Path) -> None:
+    """--to sends a quarantine's de-identified instances to another destination: one a
+    renamed or replaced PACS's quarantine held (its name no longer in the config)."""
+    router = Router(tmp_path, [dicom_destination("newpacs", "127.0.0.1", 1, "NEWPACS")])
+    old = router.spool / "quarantine" / "oldpacs"
+    old.mkdir(parents=True)
+    (old / "2.25.1.dcm").write_bytes(b"de-identified")
+    (old / "2.25.1.reason.json").write_text('{"reason": "not delivered after 10 attempt(s): no response"}')
+
+    def requeue(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "router", "requeue", "--config", str(router.config_path), *args],
+                              capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+
+    assert requeue("oldpacs").returncode == 2  # not a folder of this config without --to
+    assert requeue("oldpacs", "--to", "elsewhere").returncode == 2
+    assert requeue("deidentify", "--to", "newpacs").returncode == 2  # originals are de-identified first
+    moved = requeue("oldpacs", "--to", "newpacs")
+    assert moved.returncode == 0, moved.stderr
+    assert "moved 1 to outgoing/newpacs/" in moved.stdout
+    assert (router.spool / "outgoing" / "newpacs" / "2.25.1.dcm").read_bytes() == b"de-identified"
+    assert list(old.iterdir()) == []
+
+
 def test_a_destination_out_of_resources_for_a_while_gets_everything_later(tmp_path: Path) -> None:
     """0xA700 (Refused: Out of Resources: a PACS whose disk is full) for longer than
     max_attempts allows: the destination's state, like an outage, so nothing goes to the
