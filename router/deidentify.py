@@ -60,6 +60,8 @@ MAX_CRASHES_PER_INSTANCE = 2
 #: (an I/O error), and how many such failures quarantine it (a full file system counts
 #: none: the instance waits for space).
 TRANSIENT_RETRY_SECONDS = 10.0
+#: Files in incoming/ this recent are the receiver's to submit (``DeidStage.rescan``).
+RESCAN_MIN_AGE_SECONDS = 5.0
 MAX_TRANSIENT_FAILURES = 5
 #: Originals of delivered or durable outputs are removed in batches: at most this long, or
 #: this many instances. Small ones: the files go to recycle/, and bursts larger than it
@@ -449,8 +451,9 @@ class DeidStage:
         """Submit what incoming/ holds that this stage does not know (originals an operator
         moved back there, say with ``deid-router requeue``); only while nothing waits to be
         sent to a worker, since a backlog is all known. Every path stays known from its
-        submission until its original leaves incoming/, so nothing is submitted twice.
-        Returns how many were new."""
+        submission until its original leaves incoming/, so nothing is submitted twice; a file
+        younger than RESCAN_MIN_AGE_SECONDS is left to the receiver, which submits it right
+        after committing it. Returns how many were new."""
         with self._lock:
             if self._queue:
                 return 0
@@ -459,7 +462,10 @@ class DeidStage:
             with self._lock:
                 if path in self._known:
                     continue
-            if not path.exists():  # after the check: an original leaves incoming/ before it is forgotten
+            try:  # after the check: an original leaves incoming/ before it is forgotten
+                if os.stat(path).st_mtime > time.time() - RESCAN_MIN_AGE_SECONDS:
+                    continue  # just received: the receiver submits it (put back ones keep their age)
+            except FileNotFoundError:
                 continue
             self.submit(path)
             new += 1

@@ -373,6 +373,7 @@ def test_requeue_sends_quarantined_instances_through_their_stage_again(tmp_path:
             quarantined = router.spool / "quarantine" / "deidentify"
             [original] = write_all(tmp_path / "unread", unread)
             (quarantined / f"{'ab' * 16}.dcm").write_bytes(original.read_bytes())
+            os.utime(quarantined / f"{'ab' * 16}.dcm", (time.time() - 3600, time.time() - 3600))  # received earlier
             (quarantined / f"{'ab' * 16}.reason.json").write_text('{"reason": "pixel data cannot be decoded"}')
             listing = requeue(router, "recorder", "deidentify", "--dry-run")
             assert listing.returncode == 0, listing.stderr
