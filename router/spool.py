@@ -449,12 +449,15 @@ class Spool:
         st = os.statvfs(self.root)
         return st.f_bavail * st.f_frsize
 
-    def _free_space(self, min_free_bytes: int) -> int:
+    def _free_space(self, needed: int, taking: int) -> int:
         """``free_bytes``, looked up at most every FREE_SPACE_CHECK_SECONDS while far above
-        the minimum (a statvfs per instance was one more GIL hand-off); every time near it."""
+        what is ``needed`` (a statvfs per instance was one more GIL hand-off), every time
+        near it; between look-ups each call takes ``taking`` off the figure, so it never
+        runs ahead of the disk."""
         now = time.monotonic()
         checked, free = self._free_checked
-        if now - checked < FREE_SPACE_CHECK_SECONDS and free > 2 * min_free_bytes:
+        if now - checked < FREE_SPACE_CHECK_SECONDS and free > 2 * needed:
+            self._free_checked = (checked, free - taking)
             return free
         free = self.free_bytes()
         self._free_checked = (now, free)
@@ -466,17 +469,21 @@ class Spool:
 
         ``reserved``: bytes the spool is about to hold besides its usage (the outputs of
         instances being de-identified, written before their inputs are removed). An instance
-        larger than the limit is still taken into an empty spool.
+        larger than the limit is still taken into an empty spool. The file system must keep
+        ``min_free_bytes`` and room for those outputs and this instance's own (the instance
+        is on disk already): without it de-identification would stop with incoming/ full,
+        and nothing could ever leave the spool.
         """
         held = self._usage + reserved
         if max_spool_bytes and held and held + incoming > max_spool_bytes:
             return f"spool holds {held} bytes (with those being de-identified), limit {max_spool_bytes}"
-        if min_free_bytes:
-            free = self._free_space(min_free_bytes)
-            if free < min_free_bytes and self.drain_recycled():
-                free = self.free_bytes()
-            if free < min_free_bytes:
-                return f"file system has {free} bytes free, minimum {min_free_bytes}"
+        needed = min_free_bytes + reserved + incoming
+        free = self._free_space(needed, 2 * incoming)
+        if free < needed and self.drain_recycled():
+            free = self.free_bytes()
+        if free < needed:
+            return (f"file system has {free} bytes free, needs {needed}: minimum {min_free_bytes} and room "
+                    f"for de-identified outputs")
         return None
 
     # ----------------------------------------------------------------- stages

@@ -15,6 +15,7 @@ import hashlib
 import io
 import os
 import random
+import signal
 import struct
 import subprocess
 import sys
@@ -719,6 +720,41 @@ def test_full_file_system_answers_out_of_resources_and_recovers(tmp_path: Path, 
             assert not list((spool / "quarantine").rglob("*.dcm"))
             assert router.stop() == 0
         assert_no_phi(router)
+    finally:
+        scp.stop()
+
+
+def test_received_originals_never_fill_the_room_their_outputs_need(tmp_path: Path, small_filesystem: Path) -> None:
+    """With no free-space floor (min_free_bytes = 0) and de-identification stalled (the
+    worker stopped, as by a long OCR backlog), received originals would fill the file
+    system to the last byte: no output could be written, so no original could ever leave,
+    and nothing would be delivered again. The receiver keeps room for the outputs (0xA700
+    before that), so once the worker runs again everything it acknowledged is delivered."""
+    series = phi_series(40, rows=384)  # ~0.3 MB each: 12 MB for an 8 MB file system
+    files = write_all(tmp_path / "ct", series)
+    scp = RecordingSCP().start()
+    spool = small_filesystem / "spool"
+    dest = dicom_destination("recorder", "127.0.0.1", scp.port, "RECORDER")
+    try:
+        with Router(tmp_path, [dest], node={"spool_dir": spool, "min_free_bytes": 0, "workers": 1}) as router:
+            [worker] = router.worker_pids()
+            os.kill(worker, signal.SIGSTOP)
+            try:
+                sender, answers = Sender(router.port), {}
+                for path in files:
+                    answers[path] = sender.send(path)
+                    if sum(status != 0x0000 for status in answers.values()) == 2:
+                        break
+                sender.close()
+            finally:
+                os.kill(worker, signal.SIGCONT)
+            accepted = [p for p in answers if answers[p] == 0x0000]
+            assert 0 < len(accepted) < len(files)
+            accepted_uids = {new_uid(str(ds.SOPInstanceUID)) for p, ds in zip(files, series) if p in accepted}
+            wait_until(lambda: accepted_uids <= scp.uids(), timeout=60, what="every accepted instance delivered")
+            send_until_accepted(router, [p for p in files if p not in accepted])
+            wait_until(lambda: new_uids(series) <= scp.uids(), timeout=60, what="all 40 delivered")
+            assert router.stop() == 0
     finally:
         scp.stop()
 
