@@ -120,6 +120,33 @@ def describe_exception(exc: BaseException) -> str:
     return f"{name}{where}"
 
 
+def process_alive(process) -> bool:
+    """Is this child process (started through the forkserver) still running?
+
+    ``Process.is_alive()`` asks the forkserver, which reports exit code 255 for every child
+    once it has itself died (killed, or by the OOM killer): the children may well run on.
+    The process table says whether the child does."""
+    if process.pid is None:
+        return False
+    try:
+        os.kill(process.pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def kill_process(process) -> None:
+    """SIGKILL a child and reap it (``Process.kill`` does nothing once the forkserver said 255)."""
+    if process_alive(process):
+        try:
+            os.kill(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    process.join(timeout=5)
+
+
 def configure_logging(config: Config) -> None:
     """The node's logging set-up, in the main process and in every worker."""
     from router import log as log_module
@@ -297,6 +324,9 @@ class _Worker:
         #: Sent, not yet answered, in the worker's order: the first is being computed.
         self.tasks: collections.deque[_Task] = collections.deque()
         self.dead = False
+        #: The forkserver died: its exit-status pipe (the sentinel) says nothing more, the
+        #: worker's own pipe tells when it ends.
+        self.sentinel_lost = False
 
     def held(self) -> int:
         """Instances this worker holds."""
@@ -473,7 +503,7 @@ class DeidStage:
 
     def alive(self) -> bool:
         """Is at least one worker process running?"""
-        return any(not w.dead and w.process.is_alive() for w in self._workers)
+        return any(not w.dead and process_alive(w.process) for w in self._workers)
 
     def pending(self) -> int:
         with self._lock:
@@ -513,14 +543,14 @@ class DeidStage:
                 pass
         for worker in self._workers:
             worker.process.join(timeout=max(0.1, deadline - time.monotonic()))
+            while process_alive(worker.process) and time.monotonic() < deadline:  # the forkserver died
+                time.sleep(0.05)
         self._kill_all()
         return self.pending()
 
     def _kill_all(self) -> None:
         for worker in self._workers:
-            if worker.process.is_alive():
-                worker.process.kill()
-                worker.process.join(timeout=5)
+            kill_process(worker.process)
 
     # ----------------------------------------------------------- dispatching
     def _wake(self) -> None:
@@ -550,7 +580,7 @@ class DeidStage:
         waitables = [self._wake_r]
         for worker in self._workers:
             if not worker.dead:
-                waitables += [worker.conn, worker.process.sentinel]
+                waitables += [worker.conn] if worker.sentinel_lost else [worker.conn, worker.process.sentinel]
         timeout = 1.0
         if self._delayed:
             timeout = min(timeout, max(0.0, self._delayed[0][0] - now))
@@ -570,14 +600,17 @@ class DeidStage:
                 if ready is worker.conn and not worker.dead:
                     self._receive(worker)
                 elif ready == worker.process.sentinel and not worker.dead and not worker.conn.poll():
-                    self._died(worker)
+                    if process_alive(worker.process):  # the forkserver died, not the worker
+                        worker.sentinel_lost = True
+                        log.warning("forkserver_died", worker=worker.index, note="the worker goes on")
+                    else:
+                        self._died(worker)
         now = time.monotonic()
         for worker in self._workers:
             if worker.tasks and not worker.dead and now > worker.deadline():
                 log.error("worker_hung", worker=worker.index, spool_id=worker.tasks[0].spool_id,
                           seconds=round(now - worker.tasks[0].started))
-                worker.process.kill()
-                worker.process.join(timeout=5)
+                kill_process(worker.process)
                 self._died(worker, hung=True)
         for index, when in list(self._restart_after.items()):
             if when <= now and not self._closed:

@@ -59,7 +59,8 @@ from pynetdicom.sop_class import Verification
 from router.association import AssociationError, Lost, StoreAssociation, bytes_pdus, file_pdus
 from router.config import Config, Destination, NodeConfig
 from router.encode import read_meta_uids
-from router.deidentify import Routed, StartError, configure_logging, describe_exception
+from router.deidentify import (Routed, StartError, configure_logging, describe_exception, kill_process,
+                               process_alive)
 from router.profile import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
 from router.log import get_logger
 from router.spool import SUFFIX, Spool, fsync_dir, safe_name
@@ -938,7 +939,7 @@ class ForwarderProcess:
                 pass  # not started, or being restarted: a new process reads outgoing/ anyway
 
     def alive(self) -> bool:
-        return self.process is not None and self.process.is_alive()
+        return self.process is not None and process_alive(self.process)
 
     def request_stop(self) -> None:
         """Ask the process to finish its current send and exit (see ``wait_stopped``)."""
@@ -962,9 +963,7 @@ class ForwarderProcess:
         if process is None:
             return
         process.join(timeout=5)
-        if process.is_alive():
-            process.kill()
-            process.join(timeout=5)
+        kill_process(process)
 
     def _read(self) -> None:
         while True:

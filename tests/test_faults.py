@@ -313,6 +313,32 @@ def test_a_killed_forwarder_process_is_restarted_and_loses_nothing(tmp_path: Pat
     assert_no_phi(router)
 
 
+def test_a_killed_forkserver_kills_no_worker_and_blames_no_instance(tmp_path: Path) -> None:
+    """The workers and forwarders are forked by multiprocessing's forkserver process. When it
+    dies (kill -9, the OOM killer), it reports every child as dead (exit 255) although they
+    run on: the node must not take them for dead (a worker's instance would be blamed, and
+    quarantined the second time; a replacement would work beside the old one), and it must
+    still stop them when it stops."""
+    series = phi_series(20)
+    files = write_all(tmp_path / "ct", series)
+    out = tmp_path / "out"
+    with Router(tmp_path, [folder_destination("out", out)]) as router:
+        workers = router.worker_pids()
+        [forwarder] = [event["pid"] for event in router.events("forwarder_started")]
+        forkserver = int(Path(f"/proc/{workers[0]}/stat").read_text().rsplit(")", 1)[1].split()[1])  # its parent
+        assert forkserver != router.process.pid
+        os.kill(forkserver, signal.SIGKILL)
+        assert set(send_all(router.port, files).values()) == {0x0000}
+        wait_until(lambda: len(list(out.rglob("*.dcm"))) == 20, timeout=30, what="all 20 written")
+        assert not router.events("worker_died") and not router.events("worker_restarted")
+        assert all(Path(f"/proc/{pid}").exists() for pid in workers)  # the same workers (init's children now)
+        assert router.process.poll() is None
+        assert router.stop() == 0
+    for pid in (*workers, forwarder):
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+    assert not router.files("quarantine", "deidentify")
+
+
 # ---------------------------------------------------------------------------- destinations
 @pytest.mark.parametrize("status", [0xA900, 0xC000], ids=["0xA900", "0xC000"])
 def test_destination_failing_one_sop_class_quarantines_only_that_class(tmp_path: Path, status: int) -> None:
