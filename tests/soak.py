@@ -1,7 +1,7 @@
 """A soak: many instances through a real node while it is made to fail, then a verdict.
 
     python tests/soak.py [--instances 4000] [--senders 4] [--chaos] [--ocr] [--tmpfs 3m]
-                         [--spool-limit BYTES] [--rounds 10] [--seed 7] [--workdir DIR]
+                         [--spool-limit BYTES] [--audit] [--rounds 10] [--seed 7] [--workdir DIR]
 
 Each round starts the node (``deid-router serve``), sends what it has not acknowledged yet
 from ``--senders`` pynetdicom associations, sends it SIGHUP every 0.3 s, takes the
@@ -12,7 +12,8 @@ every acknowledged instance reached the destination, every re-delivery is byte-i
 the spool empties and nothing is quarantined. Exit code 0 when all holds.
 
 ``--ocr`` uses the product's default options (pixel data cleaned); ``--tmpfs`` puts the spool
-on a tmpfs of that size with no free-space floor; ``--spool-limit`` sets max_spool_bytes.
+on a tmpfs of that size with no free-space floor; ``--spool-limit`` sets max_spool_bytes;
+``--audit`` keeps an audit store with the crosswalk (SQLite under kill -9).
 Not part of the test suite (minutes, not seconds); the findings it led to are tests there.
 """
 
@@ -46,6 +47,7 @@ def main() -> int:
     parser.add_argument("--ocr", action="store_true", help="the product's default options (pixel data cleaned)")
     parser.add_argument("--tmpfs", help="the spool on a tmpfs of this size (e.g. 3m), min_free_bytes = 0 (root)")
     parser.add_argument("--spool-limit", type=int, help="max_spool_bytes")
+    parser.add_argument("--audit", action="store_true", help="an audit store with the crosswalk")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--workdir", type=Path)
@@ -65,7 +67,8 @@ def main() -> int:
         node["min_free_bytes"] = 0
     dest = dicom_destination("recorder", "127.0.0.1", scp.port, "RECORDER", retry_initial_seconds=0.2,
                              retry_max_seconds=2)
-    router = Router(work, [dest], node=node, deid={"options": None} if args.ocr else None)
+    sections = {"audit": {"path": work / "audit.db", "crosswalk": True}} if args.audit else None
+    router = Router(work, [dest], node=node, deid={"options": None} if args.ocr else None, sections=sections)
     if args.tmpfs:
         router.spool.mkdir(parents=True)
         subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={args.tmpfs}", "tmpfs", str(router.spool)], check=True)
