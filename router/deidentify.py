@@ -60,9 +60,9 @@ MAX_CRASHES_PER_INSTANCE = 2
 #: (an I/O error), and how many such failures quarantine it (a full file system counts
 #: none: the instance waits for space).
 TRANSIENT_RETRY_SECONDS = 10.0
+MAX_TRANSIENT_FAILURES = 5
 #: Files in incoming/ this recent are the receiver's to submit (``DeidStage.rescan``).
 RESCAN_MIN_AGE_SECONDS = 5.0
-MAX_TRANSIENT_FAILURES = 5
 #: Originals of delivered or durable outputs are removed in batches: at most this long, or
 #: this many instances. Small ones: the files go to recycle/, and bursts larger than it
 #: holds left new files to be created meanwhile (~20% of them with 64 per 0.2 s).
@@ -133,7 +133,7 @@ def process_alive(process) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass  # someone else's process by now: not ours to judge, taken as running
     return True
 
 

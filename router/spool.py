@@ -230,7 +230,7 @@ class Spool:
     def lock(self) -> bool:
         """Take the spool for this process (raises SpoolInUse if another holds it); False
         where the file system has no locks (some network shares): the spool is then used
-        unlocked, as before locks existed.
+        without one.
 
         Two nodes on one spool would delete each other's partial and volatile files, each
         de-identify and send what the other does, and remove originals the other still
