@@ -1,7 +1,7 @@
 """A soak: many instances through a real node while it is made to fail, then a verdict.
 
     python tests/soak.py [--instances 4000] [--senders 4] [--chaos] [--ocr] [--tmpfs 3m]
-                         [--spool-limit BYTES] [--audit] [--rounds 10] [--seed 7] [--workdir DIR]
+                         [--spool-limit BYTES] [--audit] [--graceful] [--rounds 10] [--seed 7] [--workdir DIR]
 
 Each round starts the node (``deid-router serve``), sends what it has not acknowledged yet
 from ``--senders`` pynetdicom associations, sends it SIGHUP every 0.3 s, takes the
@@ -13,7 +13,8 @@ the spool empties and nothing is quarantined. Exit code 0 when all holds.
 
 ``--ocr`` uses the product's default options (pixel data cleaned); ``--tmpfs`` puts the spool
 on a tmpfs of that size with no free-space floor; ``--spool-limit`` sets max_spool_bytes;
-``--audit`` keeps an audit store with the crosswalk (SQLite under kill -9).
+``--audit`` keeps an audit store with the crosswalk (SQLite under kill -9); ``--graceful``
+stops the node with SIGTERM (it must exit 0) instead of killing it.
 Not part of the test suite (minutes, not seconds); the findings it led to are tests there.
 """
 
@@ -48,6 +49,7 @@ def main() -> int:
     parser.add_argument("--tmpfs", help="the spool on a tmpfs of this size (e.g. 3m), min_free_bytes = 0 (root)")
     parser.add_argument("--spool-limit", type=int, help="max_spool_bytes")
     parser.add_argument("--audit", action="store_true", help="an audit store with the crosswalk")
+    parser.add_argument("--graceful", action="store_true", help="stop the node with SIGTERM (exit 0 asked) instead of kill -9")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--workdir", type=Path)
@@ -124,12 +126,18 @@ def main() -> int:
                     time.sleep(rng.uniform(0.5, 3))
                     scp.start()
             finished = not any(t.is_alive() for t in senders)
-            if not finished:
+            if not finished and args.graceful:
+                stop.set()  # no SIGHUP or kill during the stop
+                disturber.join(5)
+                code = router.stop()
+                assert code == 0, f"exit code {code} after SIGTERM"
+            elif not finished:
                 router.kill()
             stop.set()
             for thread in (*senders, disturber):
                 thread.join(30)
-            print(f"round {round_}: {len(acknowledged)} acknowledged{'' if finished else ', node killed'}", flush=True)
+            how = "stopped" if args.graceful else "killed"
+            print(f"round {round_}: {len(acknowledged)} acknowledged{'' if finished else ', node ' + how}", flush=True)
             if finished:
                 break
         if router.process is None or router.process.poll() is not None:
