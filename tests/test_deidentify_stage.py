@@ -251,7 +251,7 @@ def test_rescan_takes_what_it_does_not_know_and_an_input_gone_is_forgotten(tmp_p
     config = _config(tmp_path / "spool", workers=1)
     spool = Spool(config.node.spool_dir, ["pacs"])
     spool.create()
-    files = write_ct_series(tmp_path / "ct", 3, patient_id="PID-STAGE-RESCAN")
+    files = write_ct_series(tmp_path / "ct", 4, patient_id="PID-STAGE-RESCAN")
     routed: list[Routed] = []
     stage = DeidStage(config, b"k" * 32, spool, lambda dest, item: routed.append(item))
     stage.start()
@@ -263,12 +263,13 @@ def test_rescan_takes_what_it_does_not_know_and_an_input_gone_is_forgotten(tmp_p
             assert len(routed) == count and stage.pending() == 0
 
         stage.submit(spool.incoming / f"{'f' * 32}.dcm")  # gone before the worker reads it
-        first, second, third = _incoming(spool, files)
+        first, second, third, receiving = _incoming(spool, files)
         for put_back in (second, third):  # received a while ago (a file just received is the receiver's)
             os.utime(put_back, (time.time() - 60, time.time() - 60))
+        os.utime(receiving, (time.time() + 3600, time.time() + 3600))  # the receiver's, however long this takes
         stage.submit(first)
         wait_for(1)
-        assert stage.rescan() == 2  # the two put there by hand; first is held until delivered
+        assert stage.rescan() == 2  # the two put there by hand; first is held until delivered, and not the new one
         wait_for(3)
         assert stage.rescan() == 0
         time.sleep(0.5)
