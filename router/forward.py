@@ -501,6 +501,7 @@ class Forwarder:
         self._outage_backoff = 0.0
         self._outage_started: float | None = None
         self._last_rescan = time.monotonic()
+        self._asked_to_look = False  # look_again: files put back are expected, not lost notifications
         self._busy = 0  # lanes sending now
         self._resting_until = [0.0] * len(self.senders)
         self._threads = [threading.Thread(target=self._run, args=(lane,), name=f"forward-{dest.name}-{lane}",
@@ -530,6 +531,7 @@ class Forwarder:
         requeue``) as soon as nothing is ready to send, not a minute later."""
         with self._cond:
             self._last_rescan = -RESCAN_SECONDS
+            self._asked_to_look = True
             self._cond.notify_all()
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -629,7 +631,8 @@ class Forwarder:
             sender.close(reason="idle")
         if lane or now - self._last_rescan < RESCAN_SECONDS:
             return
-        self._last_rescan = now
+        with self._cond:
+            self._last_rescan, asked, self._asked_to_look = now, self._asked_to_look, False
         found = 0
         for path in self.spool.list_outgoing(self.dest.name):
             with self._cond:
@@ -637,8 +640,11 @@ class Forwarder:
             if not known:
                 self._add(Item(path))
                 found += 1
-        if found:
-            log.warning("outgoing_found", destination=self.dest.name, count=found)
+        if found and asked:
+            log.info("outgoing_put_back", destination=self.dest.name, count=found)
+        elif found:
+            log.warning("outgoing_found", destination=self.dest.name, count=found,
+                        note="in outgoing/ without the de-identify stage's notice")
 
     def _handle(self, item: Item, lane: int = 0) -> None:
         if item.info is None:

@@ -415,6 +415,7 @@ def test_requeue_sends_quarantined_instances_through_their_stage_again(tmp_path:
             wanted = new_uids([*refused, *unread])
             wait_until(lambda: wanted <= scp.uids(), timeout=30, what="requeued instances delivered by the running node")
             assert time.monotonic() - started < 20  # told, not found by the minute's rescan
+            assert router.events("outgoing_put_back") and not router.events("outgoing_found")
             for where in ("recorder", "deidentify"):
                 assert list((router.spool / "quarantine" / where).iterdir()) == []  # reason files gone too
             assert router.stop() == 0
