@@ -79,6 +79,8 @@ RESERVED_NAMES = frozenset({DEIDENTIFY_QUARANTINE, UNROUTED_QUARANTINE})
 DURABLE_MODE = 0o600
 VOLATILE_MODE = stat.S_ISVTX | DURABLE_MODE
 
+#: Room kept per de-identified output beyond its input's size (marks, block rounding).
+OUTPUT_SLACK_BYTES = 64 * 1024
 #: How long a free-space figure far above the minimum is trusted (see Spool._free_space).
 FREE_SPACE_CHECK_SECONDS = 0.1
 
@@ -477,7 +479,9 @@ class Spool:
         held = self._usage + reserved
         if max_spool_bytes and held and held + incoming > max_spool_bytes:
             return f"spool holds {held} bytes (with those being de-identified), limit {max_spool_bytes}"
-        needed = min_free_bytes + reserved + incoming
+        # outputs are a little larger than their inputs (the de-identification marks) and
+        # take whole blocks: a slack per output, so that "room for one" is room for one
+        needed = min_free_bytes + reserved + incoming + OUTPUT_SLACK_BYTES * (1 + reserved // max(incoming, 1))
         free = self._free_space(needed, 2 * incoming)
         if free < needed and self.drain_recycled():
             free = self.free_bytes()

@@ -148,7 +148,15 @@ def main() -> int:
                 acknowledged.add(path)
         sender.close()
         expected = {uid_of[p] for p in acknowledged}
-        wait_until(lambda: expected <= scp.uids(), timeout=600, interval=0.5, what="every acknowledged instance delivered")
+        try:
+            wait_until(lambda: expected <= scp.uids(), timeout=600, interval=0.5,
+                       what="every acknowledged instance delivered")
+        except AssertionError:
+            held = {stage: len(list((router.spool / stage).rglob("*.dcm")))
+                    for stage in ("tmp", "incoming", "outgoing", "quarantine", "recycle")}
+            print(f"NOT DELIVERED: {len(expected - scp.uids())} of {len(expected)}; the spool holds {held}")
+            print(subprocess.run(["df", "-k", str(router.spool)], capture_output=True, text=True).stdout)
+            raise
         wait_until(lambda: not router.files("incoming") and not router.files("outgoing", "recorder"), timeout=120,
                    what="an empty spool")
         with scp.lock:
