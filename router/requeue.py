@@ -91,14 +91,7 @@ def requeue(config: Config, where: str, dry_run: bool = False, to: str | None = 
                 continue
         else:
             targets = [spool.outgoing(where) / path.name]
-        if dry_run:
-            if any(t.exists() for t in targets if t.parent != spool.incoming):
-                outcome.left[ALREADY_WAITING] += 1
-                continue
-            for target in targets:
-                outcome.moved[_relative(spool, target.parent)] += 1
-            continue
-        problem = _move(spool, path, targets)
+        problem = _waiting(spool, targets) if dry_run else _move(spool, path, targets)
         if problem:
             outcome.left[problem] += 1
         else:
@@ -123,6 +116,11 @@ def tell_node(config: Config) -> int | None:
     return None
 
 
+def _waiting(spool: Spool, targets: list[Path]) -> str | None:
+    """What ``_move`` would find in the way (a dry run)."""
+    return ALREADY_WAITING if any(t.exists() for t in targets if t.parent != spool.incoming) else None
+
+
 def _move(spool: Spool, path: Path, targets: list[Path]) -> str | None:
     """Link ``path`` at every target, then remove it and its reason file; None when done,
     else why it stays (and nothing of it moved)."""
@@ -139,14 +137,18 @@ def _move(spool: Spool, path: Path, targets: list[Path]) -> str | None:
     for target in linked:
         fsync_dir(target.parent)
     path.unlink()
-    path.with_name(path.name[: -len(SUFFIX)] + REASON_SUFFIX).unlink(missing_ok=True)
+    _reason_path(path).unlink(missing_ok=True)
     fsync_dir(path.parent)
     return None
 
 
+def _reason_path(path: Path) -> Path:
+    return path.with_name(path.name[: -len(SUFFIX)] + REASON_SUFFIX)
+
+
 def _reason(path: Path) -> dict:
     try:
-        record = json.loads(path.with_name(path.name[: -len(SUFFIX)] + REASON_SUFFIX).read_text(encoding="utf-8"))
+        record = json.loads(_reason_path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     return record if isinstance(record, dict) else {}

@@ -35,6 +35,15 @@ port = 11112
 """)
 
 
+def _stage(spool_dir: Path, workers: int) -> tuple[Spool, list[Routed], DeidStage]:
+    """A new spool and a stage on it (not started) that lists what it routes."""
+    config = _config(spool_dir, workers)
+    spool = Spool(config.node.spool_dir, ["pacs"])
+    spool.create()
+    routed: list[Routed] = []
+    return spool, routed, DeidStage(config, b"k" * 32, spool, lambda dest, item: routed.append(item))
+
+
 def _incoming(spool: Spool, files: list[Path]) -> list[Path]:
     paths = []
     for i, src in enumerate(files):
@@ -95,12 +104,8 @@ def test_outputs_not_delivered_in_time_are_made_durable_then_their_originals_go(
 def test_a_delivered_output_lets_its_original_go_without_being_made_durable(tmp_path: Path) -> None:
     """What a forwarder settles (delivered: deleted from outgoing/) frees its original at
     once; the output was never fsynced, so never marked durable."""
-    config = _config(tmp_path / "spool", workers=1)
-    spool = Spool(config.node.spool_dir, ["pacs"])
-    spool.create()
+    spool, routed, stage = _stage(tmp_path / "spool", workers=1)
     files = write_ct_series(tmp_path / "ct", 10, patient_id="PID-STAGE-3")
-    routed: list[Routed] = []
-    stage = DeidStage(config, b"k" * 32, spool, lambda dest, item: routed.append(item))
     durable: list[Path] = []
     make_durable = spool.make_durable
     spool.make_durable = lambda path: (durable.append(path), make_durable(path))
@@ -214,13 +219,9 @@ def test_a_full_file_system_keeps_instances_waiting_not_quarantined(tmp_path: Pa
     from router import deidentify
 
     monkeypatch.setattr(deidentify, "TRANSIENT_RETRY_SECONDS", 0.05)
-    config = _config(small_filesystem / "spool", workers=1)
-    spool = Spool(config.node.spool_dir, ["pacs"])
-    spool.create()
+    spool, routed, stage = _stage(small_filesystem / "spool", workers=1)
     paths = _incoming(spool, write_ct_series(tmp_path / "ct", 2, patient_id="PID-STAGE-FULL"))
     filler = fill_file_system(small_filesystem)
-    routed: list[Routed] = []
-    stage = DeidStage(config, b"k" * 32, spool, lambda dest, item: routed.append(item))
     stage.start()
     try:
         for path in paths:
@@ -248,12 +249,8 @@ def test_rescan_takes_what_it_does_not_know_and_an_input_gone_is_forgotten(tmp_p
     from router import deidentify
 
     monkeypatch.setattr(deidentify, "TRANSIENT_RETRY_SECONDS", 0.05)
-    config = _config(tmp_path / "spool", workers=1)
-    spool = Spool(config.node.spool_dir, ["pacs"])
-    spool.create()
+    spool, routed, stage = _stage(tmp_path / "spool", workers=1)
     files = write_ct_series(tmp_path / "ct", 4, patient_id="PID-STAGE-RESCAN")
-    routed: list[Routed] = []
-    stage = DeidStage(config, b"k" * 32, spool, lambda dest, item: routed.append(item))
     stage.start()
     try:
         def wait_for(count: int) -> None:
