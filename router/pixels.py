@@ -188,7 +188,13 @@ class PixelCleaner:
         if skip is not None and not high_bits:
             return PixelReport(False, skipped_reason=skip)
 
-        arr, photometric, lossy = _decode(ds, ts)  # (frames, rows, cols, samples)
+        stored = None if encapsulated or high_bits else _stored_pixels(ds, ts, keyword)
+        if stored is not None:
+            # masked in place: the file's own bytes, not a decoded copy (a large
+            # instance would hold its pixels twice, three times while written back)
+            arr, photometric, lossy = stored, _photometric(ds), _lossy(ds, ts)
+        else:
+            arr, photometric, lossy = _decode(ds, ts)  # (frames, rows, cols, samples)
         frames, rows, cols, samples = arr.shape
         if rows != int(ds.Rows) or cols != int(ds.Columns):
             raise InstanceRefused("decoded pixel data does not match Rows/Columns")
@@ -227,7 +233,9 @@ class PixelCleaner:
         if masked:
             for r in masked:
                 arr[r.frame, r.y0:r.y1, r.x0:r.x1, :] = fill
-        if masked or high_bits:
+        if masked and stored is not None:
+            ds[keyword].VR = "OB" if arr.dtype.itemsize == 1 else "OW"  # as _write gives it
+        elif masked or high_bits:
             _write(ds, arr, photometric, ts, encapsulated, lossy, self.policy["output"]["encapsulated"], keyword)
         if high_bits:
             _drop_embedded_overlays(ds)
@@ -432,12 +440,69 @@ def inflated(ds: Dataset) -> Dataset:
     return native
 
 
+def _photometric(ds: Dataset) -> str:
+    return str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
+
+
+def _lossy(ds: Dataset, ts: UID) -> bool:
+    """Are the stored pixels lossy-compressed (now, or before they were stored natively)?"""
+    return ts in LOSSY_SYNTAXES or (ts in MAYBE_LOSSY_SYNTAXES and _codestream_lossy(ds, ts)) \
+        or str(ds.get("LossyImageCompression", "")).strip() == "01"
+
+
+def _stored_pixels(ds: Dataset, ts: UID, keyword: str) -> np.ndarray | None:
+    """Native little-endian Pixel Data as a writable (frames, rows, cols, samples) view of
+    the element's own bytes, where that view holds exactly what the decoder would return:
+    8, 16 or 32 bits allocated, samples interleaved, no chroma subsampling, unused high bits
+    empty (signed: the sign's extension). None otherwise (then decoded into a copy).
+
+    The reader gives the last element (the pixel data) as a bytearray (``router.decode``);
+    a value read any other way is bytes, read-only: None.
+    """
+    try:
+        value = ds.get_item(keyword).value if keyword == "PixelData" else None
+        if not isinstance(value, bytearray) or not ts.is_transfer_syntax or ts.is_encapsulated \
+                or ts in (ExplicitVRBigEndian, DEFLATED_IMAGE_FRAME):
+            return None
+        rows, cols, frames = int(ds.Rows), int(ds.Columns), _frames(ds)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        allocated, stored = int(ds.BitsAllocated), int(ds.get("BitsStored", ds.BitsAllocated))
+        signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+        high_bit = int(ds.get("HighBit", stored - 1))
+        planar = int(ds.get("PlanarConfiguration", 0) or 0)
+    except (AttributeError, TypeError, ValueError, KeyError):
+        return None
+    if allocated not in (8, 16, 32) or not 0 < stored <= allocated or high_bit != stored - 1 \
+            or samples not in (1, 3) or (samples == 3 and planar != 0) \
+            or _photometric(ds) not in ("MONOCHROME1", "MONOCHROME2", "PALETTE COLOR", "RGB", "YBR_FULL") \
+            or min(rows, cols) <= 0:
+        return None
+    count = frames * rows * cols * samples
+    dtype = np.dtype(f"<{'i' if signed else 'u'}{allocated // 8}")
+    if len(value) < count * dtype.itemsize:
+        return None
+    arr = np.frombuffer(value, dtype=dtype, count=count).reshape(frames, rows, cols, samples)
+    if signed and stored < allocated and not _sign_extended(arr, stored):
+        return None
+    return arr
+
+
+def _sign_extended(arr: np.ndarray, stored: int) -> bool:
+    """Is every value's sign bit copied into each bit above it (as the decoder returns it)?"""
+    flat = arr.reshape(-1)
+    low, high = -(1 << (stored - 1)), (1 << (stored - 1)) - 1
+    for start in range(0, flat.size, _SCAN_VALUES):  # in slices: no temporary of the data's size
+        part = flat[start:start + _SCAN_VALUES]
+        if part.size and (int(part.min()) < low or int(part.max()) > high):
+            return False
+    return True
+
+
 def _decode(ds: Dataset, ts: UID) -> tuple[np.ndarray, str, bool]:
     """Every frame as (frames, rows, cols, samples), the photometric interpretation of
     that array, and whether the stored pixels are lossy-compressed."""
-    photometric_in = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
-    lossy = ts in LOSSY_SYNTAXES or (ts in MAYBE_LOSSY_SYNTAXES and _codestream_lossy(ds, ts)) \
-        or str(ds.get("LossyImageCompression", "")).strip() == "01"
+    photometric_in = _photometric(ds)
+    lossy = _lossy(ds, ts)
     # Lossy YCbCr (JPEG) becomes RGB, as any viewer shows it; lossless data stays in
     # its colour space (no rounding through a colour conversion).
     as_rgb = ts in LOSSY_SYNTAXES and photometric_in.startswith("YBR")

@@ -654,7 +654,7 @@ def validate(ds: Dataset) -> None:
     if len(_strings(_get(ds, 0x00080018))) > 1:
         raise InstanceRefused("SOP Instance UID (0008,0018) has several values: an instance has one")
     last = _get(ds, max(ds._dict, key=int))  # key=int: BaseTag's __lt__ is Python, 6x slower
-    if isinstance(last, RawDataElement) and isinstance(last.value, bytes) and last.length != 0xFFFFFFFF \
+    if isinstance(last, RawDataElement) and isinstance(last.value, (bytes, bytearray)) and last.length != 0xFFFFFFFF \
             and len(last.value) < last.length:
         raise InstanceRefused(f"file truncated: the last element ({last.tag.group:04X},{last.tag.element:04X}) "
                               f"has {len(last.value)} of {last.length} bytes")
