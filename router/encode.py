@@ -209,9 +209,14 @@ def _encode_converted(tag: int, elem: DataElement, implicit: bool, encodings, ou
         data = _number_value(value, _NUMBER_FORMATS[vr])
     elif vr == "PN":
         data = _ascii_value(str(value) if isinstance(value, PersonName) else value, vr)
-    elif vr in _BYTES_VRS and type(value) in (bytes, bytearray) and not len(value) & 1 and not elem.is_undefined_length:
+    elif vr in _BYTES_VRS and type(value) in (bytes, bytearray) and not len(value) & 1 \
+            and (tag == PIXEL_DATA or not elem.is_undefined_length):
         # Pixel data (masked, or converted to be looked at) as it is: pydicom's writer would
         # copy it twice, a second and third copy of a large instance in memory.
+        if elem.is_undefined_length:  # encapsulated: its items as they are, then the delimiter
+            header = _header(tag, vr, UNDEFINED, implicit)
+            out += (header, value, SEQUENCE_END)
+            return len(header) + len(value) + len(SEQUENCE_END)
         data = value
     else:
         data = None

@@ -26,9 +26,11 @@ from importlib import resources
 from typing import Any, NamedTuple
 
 import numpy as np
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.encaps import generate_frames
-from pydicom.pixels import apply_color_lut, convert_color_space, get_decoder, pack_bits
+from pydicom.encaps import generate_frames, itemize_frame
+from pydicom.pixels import apply_color_lut, convert_color_space, get_decoder, get_encoder, pack_bits
+from pydicom.pixels.utils import as_pixel_options
 from pydicom.uid import (
     UID,
     DeflatedExplicitVRLittleEndian,
@@ -43,6 +45,8 @@ from router.profile import InstanceRefused, transfer_syntax_of
 
 #: Deflated Image Frame Compression (2023): not known to pydicom 3.0; inflated here.
 DEFLATED_IMAGE_FRAME = UID("1.2.840.10008.1.2.8.1")
+ITEM_TAG = b"\xfe\xff\x00\xe0"
+PIXEL_DATA_TAG = 0x7FE00010
 
 #: Transfer syntaxes that always lose information.
 LOSSY_SYNTAXES = {
@@ -512,7 +516,9 @@ def _decode(ds: Dataset, ts: UID) -> tuple[np.ndarray, str, bool]:
         decoder = get_decoder(ts)
         if not decoder.is_available:
             raise InstanceRefused(f"pixel data cannot be decoded: no decoder available for {ts.name}")
-        arr, meta = decoder.as_array(ds, raw=not as_rgb)
+        # raw: YCbCr becomes RGB below, a frame at a time (pydicom converts all frames at
+        # once through float64 temporaries: a clip took 8x its decoded size)
+        arr, meta = decoder.as_array(ds, raw=True)
     except InstanceRefused:
         raise
     except NotImplementedError:
@@ -528,11 +534,18 @@ def _decode(ds: Dataset, ts: UID) -> tuple[np.ndarray, str, bool]:
     if arr.ndim != 4 or arr.shape[0] != frames:
         raise InstanceRefused("decoded pixel data does not match Number of Frames / Samples per Pixel")
     photometric = str(meta.get("photometric_interpretation", photometric_in) or photometric_in).upper()
+    arr = np.ascontiguousarray(arr)
+    if as_rgb and photometric in ("YBR_FULL", "YBR_FULL_422"):  # what pydicom converts
+        if not arr.flags.writeable:
+            arr = arr.copy()
+        for f in range(frames):
+            arr[f] = convert_color_space(arr[f], "YBR_FULL", "RGB")
+        photometric = "RGB"
     if photometric in ("YBR_FULL_422", "YBR_PARTIAL_422", "YBR_PARTIAL_420") and not as_rgb:
         photometric = "YBR_FULL"  # decoders return every chroma sample
     if photometric in ("YBR_RCT", "YBR_ICT"):
         photometric = "RGB"
-    return np.ascontiguousarray(arr), photometric, lossy
+    return arr, photometric, lossy
 
 
 def _frames(ds: Dataset) -> int:
@@ -768,7 +781,14 @@ def _write(ds: Dataset, arr: np.ndarray, photometric: str, ts: UID, encapsulated
     written = False
     if encapsulated and encapsulated_output == "rle" and keyword == "PixelData":
         try:
-            ds.compress(RLELossless, np.ascontiguousarray(shaped), generate_instance_uid=False)
+            data = _rle_encapsulated(np.ascontiguousarray(shaped), ds)
+            if data is None:  # over 4 GB encoded: pydicom's extended offset table
+                ds.compress(RLELossless, np.ascontiguousarray(shaped), generate_instance_uid=False)
+            else:
+                # converted already: pydicom would take a bytearray value for a list of numbers
+                ds[keyword] = DataElement(PIXEL_DATA_TAG, "OB", data, is_undefined_length=True,
+                                          already_converted=True)
+                ds.file_meta.TransferSyntaxUID = RLELossless
             if samples > 1:
                 ds.PlanarConfiguration = 1  # PS3.5 G.2: RLE segments are colour-by-plane
             written = True
@@ -808,6 +828,25 @@ def _write(ds: Dataset, arr: np.ndarray, photometric: str, ts: UID, encapsulated
         if "LossyImageCompressionRatio" not in ds and compressed_bytes:
             ratio = frames * rows * cols * samples * int(ds.get("BitsAllocated", 8)) / 8 / compressed_bytes
             ds.LossyImageCompressionRatio = f"{ratio:.2f}"[:16]
+
+
+def _rle_encapsulated(arr: np.ndarray, ds: Dataset) -> bytearray | None:
+    """The frames of arr RLE-encoded and encapsulated with a Basic Offset Table (PS3.5 A.4),
+    byte for byte as ``Dataset.compress`` encodes them, built a frame at a time into one
+    buffer (compress keeps every encoded frame and then joins them twice: three copies of
+    a clip). None if the offsets would pass 4 GB."""
+    frames = _frames(ds)
+    table = 4 * frames
+    out = bytearray(ITEM_TAG + table.to_bytes(4, "little") + bytes(table))
+    offsets = []
+    for frame in get_encoder(RLELossless).iter_encode(arr, **as_pixel_options(ds)):
+        offsets.append(len(out) - 8 - table)
+        for item in itemize_frame(frame, 1):
+            out += item
+    if len(offsets) != frames or offsets[-1] > 0xFFFFFFFF:
+        return None
+    out[8:8 + table] = np.array(offsets, dtype="<u4").tobytes()
+    return out
 
 
 # -- policy defaults -------------------------------------------------------------------------
