@@ -96,9 +96,8 @@ def pixel_stage_alone(files: list[Path]) -> dict:
 
     The OCR-alone baseline of the ocr path: what the node adds beyond it is its overhead.
     """
-    from pydicom import dcmread
-
     from router.pixels import PixelCleaner
+    from router.profile import read_instance
 
     cleaner = PixelCleaner(read_text=False)  # as the node's workers without a text crosswalk
     detect = cleaner.engine.detect
@@ -112,8 +111,8 @@ def pixel_stage_alone(files: list[Path]) -> dict:
             calls.append(time.perf_counter() - started)
 
     cleaner.engine.detect = timed
-    datasets = [dcmread(p) for p in files]
-    cleaner.clean(dcmread(files[0]), set())  # warm
+    datasets = [read_instance(p) for p in files]  # the worker's reader: native pixels masked in place
+    cleaner.clean(read_instance(files[0]), set())  # warm
     calls.clear()
     clean = []
     for ds in datasets:

@@ -44,14 +44,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from router.config import Config, Destination
+from router.decode import worker_bytes
 from router.log import get_logger
 from router.spool import DEIDENTIFY_QUARANTINE, SUFFIX, UNROUTED_QUARANTINE, Spool, is_out_of_space, safe_name
 
 log = get_logger("router.deidentify")
 
-#: A worker busy longer than this on one instance (plus SECONDS_PER_MB of its size: the
-#: pixel stage OCRs every frame, ~1 s per 640x480 frame on one core) is considered hung
-#: and killed.
+#: A worker busy longer than this on one instance (plus SECONDS_PER_MB of the memory it
+#: needs, ``worker_bytes``: the pixel stage OCRs every frame, ~1 s per 640x480 frame on
+#: one core) is considered hung and killed.
 INSTANCE_TIMEOUT_SECONDS = 600.0
 SECONDS_PER_MB = 4.0
 #: A worker that dies twice on the same instance gets it quarantined.
@@ -74,10 +75,10 @@ DURABLE_AFTER_SECONDS = 2.0
 #: next from its pipe at once instead of waiting for the dispatcher (which shares a busy
 #: process with the receiving threads: ~2 ms per instance with 4 senders here).
 PREFETCH = 2
-#: A worker holds an instance in memory, twice its pixels when it decodes them for OCR:
-#: an instance larger than this goes to a worker only while no other worker holds one
-#: (the next smaller instances go ahead meanwhile), so that several very large
-#: multi-frames never sit in memory side by side.
+#: A worker holds an instance in memory (compressed pixel data also decoded and encoded
+#: again, ``worker_bytes``): one needing more than this goes to a worker only while no
+#: other worker holds such a one (the next smaller instances go ahead meanwhile), so that
+#: several very large multi-frames never sit in memory side by side.
 LARGE_INSTANCE_BYTES = 256 * 1024 * 1024
 #: How far past a large instance the dispatcher looks for a smaller one.
 LOOK_PAST = 64
@@ -312,6 +313,7 @@ class _Task:
     spool_id: str
     path: Path
     size: int  # the input's size: its output will take about as much
+    memory: int  # what the worker needs for it (``worker_bytes``)
     started: float = 0.0  # when the worker began it (it computes its tasks in order)
 
 
@@ -338,7 +340,7 @@ class _Worker:
     def deadline(self) -> float:
         """When the instance being computed counts as hung."""
         task = self.tasks[0]
-        return task.started + INSTANCE_TIMEOUT_SECONDS + SECONDS_PER_MB * task.size / 1e6
+        return task.started + INSTANCE_TIMEOUT_SECONDS + SECONDS_PER_MB * task.memory / 1e6
 
     def next_started(self) -> None:
         """The first task was answered: the worker begins the next one now."""
@@ -398,6 +400,8 @@ class DeidStage:
         self._lock = threading.Lock()
         self._queue: collections.deque[Path] = collections.deque()
         self._known: set[Path] = set()
+        #: (size, worker memory) of queued files the dispatcher looked past (``_next_for``).
+        self._sizes: dict[Path, tuple[int, int]] = {}
         self._delayed: list[tuple[float, str, Path]] = []
         self._crashes: dict[Path, int] = {}
         self._transient: dict[Path, int] = {}
@@ -723,28 +727,37 @@ class DeidStage:
                     taken = self._next_for(worker)
                 if taken is None:
                     continue  # only large instances wait, and another worker holds one
-                path, size = taken
+                path, size, memory = taken
                 spool_id = path.name[: -len(SUFFIX)] if path.name.endswith(SUFFIX) else path.stem
-                worker.tasks.append(_Task(spool_id, path, size, time.monotonic()))
+                worker.tasks.append(_Task(spool_id, path, size, memory, time.monotonic()))
                 try:
                     worker.conn.send((spool_id, str(path)))
                 except (OSError, ValueError):
                     self._died(worker)
 
-    def _next_for(self, worker: _Worker) -> tuple[Path, int] | None:
-        """Take the next queued instance this worker may have, with its size (self._lock
-        held): the head, unless it is large while another worker holds a large one."""
-        large_elsewhere = any(task.size > LARGE_INSTANCE_BYTES for other in self._workers
+    def _next_for(self, worker: _Worker) -> tuple[Path, int, int] | None:
+        """Take the next queued instance this worker may have, with its size and the memory
+        it needs (self._lock held): the head, unless it needs much while another worker
+        holds one that does."""
+        large_elsewhere = any(task.memory > LARGE_INSTANCE_BYTES for other in self._workers
                               if other is not worker and not other.dead for task in other.tasks)
         for index, path in enumerate(itertools.islice(self._queue, LOOK_PAST if large_elsewhere else 1)):
-            try:
-                size = path.stat().st_size
-            except OSError:
-                size = 0  # gone or unreadable: the worker says so
-            if not large_elsewhere or size <= LARGE_INSTANCE_BYTES:
+            size, memory = self._sizes.get(path) or self._measure(path)
+            if not large_elsewhere or memory <= LARGE_INSTANCE_BYTES:
                 del self._queue[index]
-                return path, size
+                self._sizes.pop(path, None)
+                return path, size, memory
+            self._sizes[path] = (size, memory)  # looked past: not read again next time
         return None
+
+    @staticmethod
+    def _measure(path: Path) -> tuple[int, int]:
+        """The file's size and the memory a worker needs for it (``worker_bytes``)."""
+        try:
+            size = path.stat().st_size
+        except OSError:
+            return 0, 0  # gone or unreadable: the worker says so
+        return size, worker_bytes(path, size)
 
     def _receive(self, worker: _Worker) -> None:
         try:
