@@ -205,28 +205,27 @@ def _undefined_length(head: bytes, start: int, tag: int, vr: str | None, implici
         pos += 8 + length
 
 
-#: Files smaller than this are taken to need their own size in a worker's memory.
+#: Files smaller than this are not looked into for compressed pixel data.
 ESTIMATE_MIN_BYTES = 4 * 1024 * 1024
 
 
-def worker_bytes(path: Path | str, size: int) -> int:
-    """About the most memory a worker needs for the file at path (``size`` bytes): the file,
-    and where its pixel data are encapsulated (compressed) the decoded frames and their
-    re-encoded copy (a 29 MB JPEG clip decodes to 184 MB). Files of ESTIMATE_MIN_BYTES or
-    more are looked into: their first HEAD_BYTES only, a Part 10 header (the file meta says
-    the transfer syntax); ``size`` when that says nothing usable."""
+def decoded_pixel_bytes(path: Path | str, size: int) -> int:
+    """The size of the file's pixel data decoded, where they are encapsulated (compressed)
+    and the file is ESTIMATE_MIN_BYTES or more, else 0. A worker that cleans them holds them
+    decoded and encoded again (RLE, about as large) beside the file: a 29 MB JPEG clip
+    decodes to 184 MB. Only the first HEAD_BYTES are read: a Part 10 header (the file meta
+    says the transfer syntax); 0 when that says nothing usable."""
     if size < ESTIMATE_MIN_BYTES:
-        return size
+        return 0
     try:
         with open(path, "rb") as f:
             head = f.read(HEAD_BYTES)
         ds = dcmread(io.BytesIO(head), stop_before_pixels=True,
                      specific_tags=[0x00280002, 0x00280008, 0x00280010, 0x00280011, 0x00280100])
         if not ds.file_meta.TransferSyntaxUID.is_encapsulated:
-            return size
+            return 0
         frames = int(ds.get("NumberOfFrames", 1) or 1)
-        decoded = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1) \
+        return int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1) \
             * max(1, (int(ds.BitsAllocated) + 7) // 8) * max(1, frames)
     except Exception:  # noqa: BLE001 - not readable here: the worker will say why
-        return size
-    return size + 2 * decoded
+        return 0

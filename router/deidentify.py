@@ -44,14 +44,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from router.config import Config, Destination
-from router.decode import worker_bytes
+from router.decode import decoded_pixel_bytes
 from router.log import get_logger
 from router.spool import DEIDENTIFY_QUARANTINE, SUFFIX, UNROUTED_QUARANTINE, Spool, is_out_of_space, safe_name
 
 log = get_logger("router.deidentify")
 
 #: A worker busy longer than this on one instance (plus SECONDS_PER_MB of the memory it
-#: needs, ``worker_bytes``: the pixel stage OCRs every frame, ~1 s per 640x480 frame on
+#: needs, ``_Task.memory``: the pixel stage OCRs every frame, ~1 s per 640x480 frame on
 #: one core) is considered hung and killed.
 INSTANCE_TIMEOUT_SECONDS = 600.0
 SECONDS_PER_MB = 4.0
@@ -76,7 +76,7 @@ DURABLE_AFTER_SECONDS = 2.0
 #: process with the receiving threads: ~2 ms per instance with 4 senders here).
 PREFETCH = 2
 #: A worker holds an instance in memory (compressed pixel data also decoded and encoded
-#: again, ``worker_bytes``): one needing more than this goes to a worker only while no
+#: again, ``_Task.memory``): one needing more than this goes to a worker only while no
 #: other worker holds such a one (the next smaller instances go ahead meanwhile), so that
 #: several very large multi-frames never sit in memory side by side.
 LARGE_INSTANCE_BYTES = 256 * 1024 * 1024
@@ -312,9 +312,21 @@ class StartError(RuntimeError):
 class _Task:
     spool_id: str
     path: Path
-    size: int  # the input's size: its output will take about as much
-    memory: int  # what the worker needs for it (``worker_bytes``)
+    size: int  # the input's size
+    decoded: int = 0  # its compressed pixel data's decoded size (``decoded_pixel_bytes``)
     started: float = 0.0  # when the worker began it (it computes its tasks in order)
+
+    @property
+    def memory(self) -> int:
+        """What the worker holds for it at most: the file, and compressed pixel data
+        decoded and encoded again."""
+        return self.size + 2 * self.decoded
+
+    @property
+    def output(self) -> int:
+        """About what its output takes: the input's size, or masked compressed pixel data
+        encoded again losslessly (RLE: about their decoded size)."""
+        return max(self.size, self.decoded)
 
 
 class _Worker:
@@ -335,7 +347,7 @@ class _Worker:
         return len(self.tasks)
 
     def held_bytes(self) -> int:
-        return sum(task.size for task in self.tasks)
+        return sum(task.output for task in self.tasks)
 
     def deadline(self) -> float:
         """When the instance being computed counts as hung."""
@@ -400,8 +412,8 @@ class DeidStage:
         self._lock = threading.Lock()
         self._queue: collections.deque[Path] = collections.deque()
         self._known: set[Path] = set()
-        #: (size, worker memory) of queued files the dispatcher looked past (``_next_for``).
-        self._sizes: dict[Path, tuple[int, int]] = {}
+        #: Queued files the dispatcher looked past, measured (``_next_for``).
+        self._looked_past: dict[Path, _Task] = {}
         self._delayed: list[tuple[float, str, Path]] = []
         self._crashes: dict[Path, int] = {}
         self._transient: dict[Path, int] = {}
@@ -727,37 +739,34 @@ class DeidStage:
                     taken = self._next_for(worker)
                 if taken is None:
                     continue  # only large instances wait, and another worker holds one
-                path, size, memory = taken
-                spool_id = path.name[: -len(SUFFIX)] if path.name.endswith(SUFFIX) else path.stem
-                worker.tasks.append(_Task(spool_id, path, size, memory, time.monotonic()))
+                taken.started = time.monotonic()
+                worker.tasks.append(taken)
                 try:
-                    worker.conn.send((spool_id, str(path)))
+                    worker.conn.send((taken.spool_id, str(taken.path)))
                 except (OSError, ValueError):
                     self._died(worker)
 
-    def _next_for(self, worker: _Worker) -> tuple[Path, int, int] | None:
-        """Take the next queued instance this worker may have, with its size and the memory
-        it needs (self._lock held): the head, unless it needs much while another worker
-        holds one that does."""
+    def _next_for(self, worker: _Worker) -> _Task | None:
+        """Take the next queued instance this worker may have (self._lock held): the head,
+        unless it needs much memory while another worker holds one that does."""
         large_elsewhere = any(task.memory > LARGE_INSTANCE_BYTES for other in self._workers
                               if other is not worker and not other.dead for task in other.tasks)
         for index, path in enumerate(itertools.islice(self._queue, LOOK_PAST if large_elsewhere else 1)):
-            size, memory = self._sizes.get(path) or self._measure(path)
-            if not large_elsewhere or memory <= LARGE_INSTANCE_BYTES:
+            task = self._looked_past.pop(path, None) or self._task(path)
+            if not large_elsewhere or task.memory <= LARGE_INSTANCE_BYTES:
                 del self._queue[index]
-                self._sizes.pop(path, None)
-                return path, size, memory
-            self._sizes[path] = (size, memory)  # looked past: not read again next time
+                return task
+            self._looked_past[path] = task  # not read again next time
         return None
 
     @staticmethod
-    def _measure(path: Path) -> tuple[int, int]:
-        """The file's size and the memory a worker needs for it (``worker_bytes``)."""
+    def _task(path: Path) -> _Task:
+        spool_id = path.name[: -len(SUFFIX)] if path.name.endswith(SUFFIX) else path.stem
         try:
             size = path.stat().st_size
         except OSError:
-            return 0, 0  # gone or unreadable: the worker says so
-        return size, worker_bytes(path, size)
+            return _Task(spool_id, path, 0)  # gone or unreadable: the worker says so
+        return _Task(spool_id, path, size, decoded_pixel_bytes(path, size))
 
     def _receive(self, worker: _Worker) -> None:
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import multiprocessing
 import os
 import shutil
@@ -17,7 +18,7 @@ from test_node_support import NODE_TEST_OPTIONS, fill_file_system
 
 from bench.synthetic import write_ct_series
 from router import config as config_module
-from router.decode import worker_bytes
+from router.decode import decoded_pixel_bytes
 from router.deidentify import DURABLE_AFTER_SECONDS, LARGE_INSTANCE_BYTES, DeidStage, Routed, _Task, _Worker
 from router.spool import Spool
 
@@ -169,8 +170,8 @@ def test_a_dead_worker_blames_only_the_instance_it_was_computing(tmp_path: Path)
 
     for crash in (1, 2):
         worker = _Worker(0, dead, parent)
-        worker.tasks.extend([_Task(computing.stem, computing, 1, 1, time.monotonic()),
-                             _Task(waiting.stem, waiting, 1, 1)])
+        worker.tasks.extend([_Task(computing.stem, computing, 1, started=time.monotonic()),
+                             _Task(waiting.stem, waiting, 1)])
         stage._workers = [worker]
         stage._queue.clear()
         stage._died(worker)
@@ -203,22 +204,22 @@ def test_large_instances_never_wait_in_two_workers_at_once_and_smaller_ones_go_a
     stage._workers = [busy, idle]
     stage._queue.extend(paths)
 
-    busy.tasks.append(_Task("other", tmp_path / "other.dcm", large, large))  # another large one in memory
+    busy.tasks.append(_Task("other", tmp_path / "other.dcm", large))  # another large one in memory
     taken = [stage._next_for(idle), stage._next_for(idle)]
-    assert [(p.name, size) for p, size, _memory in taken] == [("small-1.dcm", 1000), ("small-2.dcm", 1000)]
+    assert [(t.spool_id, t.size) for t in taken] == [("small-1", 1000), ("small-2", 1000)]
     assert stage._next_for(idle) is None  # only large ones left: they wait
     assert list(stage._queue) == [paths[0], paths[2]]
-    assert stage._next_for(busy)[0] == paths[0]  # the worker holding one may take the next
+    assert stage._next_for(busy).path == paths[0]  # the worker holding one may take the next
 
     busy.tasks.clear()
-    assert stage._next_for(idle) == (paths[2], large, large)
-    assert not stage._queue
+    assert (stage._next_for(idle).path, stage._queue) == (paths[2], collections.deque())
 
 
 def test_a_compressed_clip_counts_as_large_by_its_decoded_size(tmp_path: Path) -> None:
     """A worker decodes compressed pixel data (and encodes them again): a 5 MB JPEG clip of
     100 frames of 1024 x 1024 RGB needs ~0.6 GB, so it waits while another worker holds a
-    large instance, like a native one of that size; a native 5 MB file counts as 5 MB."""
+    large instance, like a native one of that size; a native 5 MB file counts as 5 MB. Its
+    output, about its decoded size, is what the receiver keeps room for."""
     config = _config(tmp_path / "spool", workers=2)
     spool = Spool(config.node.spool_dir, ["pacs"])
     spool.create()
@@ -227,18 +228,21 @@ def test_a_compressed_clip_counts_as_large_by_its_decoded_size(tmp_path: Path) -
     small = spool.incoming / "small.dcm"
     small.write_bytes(b"\0" * 1000)
     decoded = 1024 * 1024 * 3 * 100
-    assert worker_bytes(clip, clip.stat().st_size) == clip.stat().st_size + 2 * decoded > LARGE_INSTANCE_BYTES
-    assert worker_bytes(native, native.stat().st_size) == native.stat().st_size
+    assert decoded_pixel_bytes(clip, clip.stat().st_size) == decoded
+    assert decoded_pixel_bytes(native, native.stat().st_size) == 0
     stage = DeidStage(config, b"k" * 32, spool, lambda dest, item: None)
     parent, _child = multiprocessing.Pipe()
     busy, idle = _Worker(0, None, parent), _Worker(1, None, parent)
     stage._workers = [busy, idle]
     stage._queue.extend([clip, native, small])
-    busy.tasks.append(_Task("other", tmp_path / "other.dcm", 1000, LARGE_INSTANCE_BYTES + 1))
-    assert [stage._next_for(idle)[0] for _ in range(2)] == [native, small]
+    busy.tasks.append(_Task("other", tmp_path / "other.dcm", 1000, LARGE_INSTANCE_BYTES))
+    assert [stage._next_for(idle).path for _ in range(2)] == [native, small]
     assert stage._next_for(idle) is None
     busy.tasks.clear()
-    assert stage._next_for(idle)[0] == clip
+    task = stage._next_for(idle)
+    assert task.path == clip and task.memory > LARGE_INSTANCE_BYTES
+    idle.tasks.append(task)
+    assert stage.in_flight_bytes() == decoded
 
 
 def make_clip(path: Path, syntax: str) -> Path:
