@@ -141,7 +141,9 @@ def _elements(head: bytes, pos: int, implicit: bool, f, size: int, meta: bool = 
             elements[tag_object(tag)] = element
             continue
         end = start + length
-        if end <= limit:
+        if end <= limit and tag == PIXEL_DATA and length:
+            value = bytearray(head[start:end])  # masked in place, as below
+        elif end <= limit:
             value = head[start:end] if length else empty_value_for_VR(vr, raw=True)
         elif end == size and start <= limit:
             f.seek(start)

@@ -486,15 +486,16 @@ def _stored_pixels(ds: Dataset, ts: UID, keyword: str) -> np.ndarray | None:
     if len(value) < count * dtype.itemsize:
         return None
     arr = np.frombuffer(value, dtype=dtype, count=count).reshape(frames, rows, cols, samples)
-    if signed and stored < allocated and not _sign_extended(arr, stored):
+    if stored < allocated and not _in_stored_range(arr, stored, signed):
         return None
     return arr
 
 
-def _sign_extended(arr: np.ndarray, stored: int) -> bool:
-    """Is every value's sign bit copied into each bit above it (as the decoder returns it)?"""
+def _in_stored_range(arr: np.ndarray, stored: int, signed: bool) -> bool:
+    """Does every value fit in Bits Stored (the bits above empty, or signed: the sign's
+    extension), as the decoder returns them?"""
     flat = arr.reshape(-1)
-    low, high = -(1 << (stored - 1)), (1 << (stored - 1)) - 1
+    low, high = (-(1 << (stored - 1)), (1 << (stored - 1)) - 1) if signed else (0, (1 << stored) - 1)
     for start in range(0, flat.size, _SCAN_VALUES):  # in slices: no temporary of the data's size
         part = flat[start:start + _SCAN_VALUES]
         if part.size and (int(part.min()) < low or int(part.max()) > high):
@@ -517,7 +518,9 @@ def _decode(ds: Dataset, ts: UID) -> tuple[np.ndarray, str, bool]:
         if not decoder.is_available:
             raise InstanceRefused(f"pixel data cannot be decoded: no decoder available for {ts.name}")
         # raw: YCbCr becomes RGB below, a frame at a time (pydicom converts all frames at
-        # once through float64 temporaries: a clip took 8x its decoded size)
+        # once through float64 temporaries: a clip took 8x its decoded size). Native data
+        # read by the worker (a bytearray) may be decoded in place: the unused high bits
+        # cleared or the sign extended into them, the same values by PS3.5 8.1.1.
         arr, meta = decoder.as_array(ds, raw=True)
     except InstanceRefused:
         raise

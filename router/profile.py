@@ -248,6 +248,7 @@ class Deidentifier:
         source_ae = str(meta.get("SourceApplicationEntityTitle", "") or "").strip()
         identifying, scrub = self._identity(ds)
         originals = {kind: _text(ds, tag) for kind, tag in CROSSWALK_TAGS.items()} if self.keep_originals else None
+        trim_pixel_data(ds)
         pixels = self._pixel_cleaner().clean(ds, identifying) if self.clean_pixels else None
         transfer_syntax = transfer_syntax_of(ds)  # after the pixel stage, which may re-encode
         patient = self._patient(ds, scrub)
@@ -358,8 +359,8 @@ class Deidentifier:
         the other elements; it is kept (True), removed (False) or replaced by an element
         that nothing changes afterwards (a ConstantElement, encoded once)."""
         raw = ds._dict.get(tag)
-        if type(raw) is not RawDataElement or raw.VR == "SQ" or raw.value is None \
-                or len(raw.value) > ELEMENT_CACHE_BYTES:
+        if type(raw) is not RawDataElement or raw.VR == "SQ" or type(raw.value) is not bytes \
+                or len(raw.value) > ELEMENT_CACHE_BYTES:  # (pixel data: a bytearray)
             self._element(ds, tag, patient)
             return
         key = (tag, raw.VR, raw.length, raw.value, raw.is_implicit_VR, raw.is_little_endian)
@@ -672,6 +673,34 @@ def check_pixel_data(ds: Dataset) -> None:
         if not data.startswith(b"\xfe\xff\x00\xe0"):
             raise InstanceRefused("encapsulated pixel data is not a sequence of items")
         return
+    expected = native_pixel_bytes(ds)
+    if len(data) < expected:
+        raise InstanceRefused(f"pixel data truncated: {len(data)} of {expected} bytes")
+
+
+def trim_pixel_data(ds: Dataset) -> None:
+    """Cut what follows native pixel data beyond its description (and the padding byte of
+    an odd length): bytes no viewer shows, in which anything may hide."""
+    raw = _get(ds, 0x7FE00010)
+    if raw is None or is_encapsulated(ds):
+        return
+    data = raw.value
+    expected = native_pixel_bytes(ds)
+    keep = expected + (expected & 1)
+    if data is None or len(data) <= keep:
+        return
+    if isinstance(data, bytearray):
+        del data[keep:]  # in place: no copy of a large instance
+    else:
+        data = data[:keep]
+    if isinstance(raw, RawDataElement):
+        ds._dict[raw.tag] = raw._replace(value=data, length=keep)
+    elif not isinstance(data, bytearray):
+        raw.value = data
+
+
+def native_pixel_bytes(ds: Dataset) -> int:
+    """The length native Pixel Data must have by the Image Pixel attributes (padding aside)."""
     sizes = {}
     for tag, name in ((0x00280010, "Rows"), (0x00280011, "Columns"), (0x00280100, "Bits Allocated"),
                       (0x00280002, "Samples per Pixel"), (0x00280008, "Number of Frames")):
@@ -686,9 +715,7 @@ def check_pixel_data(ds: Dataset) -> None:
     bits = sizes["Rows"] * sizes["Columns"] * sizes["Samples per Pixel"] * sizes["Number of Frames"] * sizes["Bits Allocated"]
     if _text(ds, 0x00280004).upper() in ("YBR_FULL_422", "YBR_PARTIAL_422"):
         bits = bits * 2 // 3  # two chroma samples shared by each pair of pixels
-    expected = (bits + 7) // 8
-    if len(data) < expected:
-        raise InstanceRefused(f"pixel data truncated: {len(data)} of {expected} bytes")
+    return (bits + 7) // 8
 
 
 def is_encapsulated(ds: Dataset) -> bool:

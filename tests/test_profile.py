@@ -11,7 +11,7 @@ import pytest
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from router.config import DeidConfig, Override, SafePrivate
 from router.profile import Deidentifier, InstanceRefused, read_instance, shift_date, write_instance
@@ -339,6 +339,20 @@ def test_binary_values_spelling_an_identifier_are_removed(tmp_path):
     assert 0x00281201 not in out
     assert out[0x00282000].value == ds[0x00282000].value
     assert out.PixelData == ds.PixelData  # the pixel stage's business, not this check's
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian])
+def test_bytes_after_the_pixels_are_cut(tmp_path, syntax):
+    """Native Pixel Data longer than Rows x Columns x frames x Bits Allocated: no viewer
+    shows the rest, and anything may hide there. It is cut, the image itself kept (whichever
+    reader reads the file: the worker's own, or pydicom for big endian)."""
+    ds = instance()
+    pixels = ds.PixelData
+    ds.PixelData = pixels + b"HIDDEN Smith MRN-4711 "
+    ds.file_meta.TransferSyntaxUID = syntax
+    out, data = roundtrip(ds, engine(), tmp_path)
+    assert b"HIDDEN" not in data and b"MRN-4711" not in data
+    assert out.PixelData == (pixels if syntax != ExplicitVRBigEndian else ds.PixelData[:32])
 
 
 def test_element_stored_as_un(tmp_path):
