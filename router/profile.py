@@ -40,7 +40,7 @@ from pydicom.uid import (
 
 from router import __version__
 from router.config import BASIC_PROFILE_CODE, OPTIONS, DeidConfig
-from router.decode import TAGS, read_part10
+from router.decode import TAGS, read_part10, tag_object
 from router.encode import ConstantElement, fast_syntax, part10_bytes
 from router.pseudonyms import Pseudonymizer
 from router.rules import Action, Profile
@@ -249,6 +249,7 @@ class Deidentifier:
         identifying, scrub = self._identity(ds)
         originals = {kind: _text(ds, tag) for kind, tag in CROSSWALK_TAGS.items()} if self.keep_originals else None
         trim_pixel_data(ds)
+        strip_codestream_comments(ds)
         pixels = self._pixel_cleaner().clean(ds, identifying) if self.clean_pixels else None
         transfer_syntax = transfer_syntax_of(ds)  # after the pixel stage, which may re-encode
         patient = self._patient(ds, scrub)
@@ -697,6 +698,97 @@ def trim_pixel_data(ds: Dataset) -> None:
         ds._dict[raw.tag] = raw._replace(value=data, length=keep)
     elif not isinstance(data, bytearray):
         raw.value = data
+
+
+#: JPEG (ISO 10918) and JPEG-LS (ISO 14495) transfer syntaxes: their frames may carry COM
+#: (comment) segments.
+_JPEG_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57",
+                            "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"})
+_ITEM = b"\xfe\xff\x00\xe0"
+
+
+def strip_codestream_comments(ds: Dataset) -> int:
+    """Remove the COM segments (free text, which no decoder reads and any encoder may fill)
+    from the headers of JPEG and JPEG-LS frames kept as they are; the Basic Offset Table
+    follows, an Extended Offset Table goes (it is optional). Returns how many went."""
+    raw = _get(ds, 0x7FE00010)
+    if raw is None or str(transfer_syntax_of(ds)) not in _JPEG_SYNTAXES:
+        return 0
+    data = raw.value
+    if not data or not bytes(data[:4]) == _ITEM:
+        return 0
+    items = []  # the items after the offset table, as (old offset, fragment)
+    pos, first = 8 + int.from_bytes(data[4:8], "little"), None
+    table = bytes(data[8:pos])
+    while pos + 8 <= len(data) and bytes(data[pos:pos + 4]) == _ITEM:
+        length = int.from_bytes(data[pos + 4:pos + 8], "little")
+        if first is None:
+            first = pos
+        items.append((pos - first, bytes(data[pos + 8:pos + 8 + length])))
+        pos += 8 + length
+    if pos != len(data) or first is None:
+        return 0  # not items to the end: left as it is (the decoder decides)
+    removed = 0
+    out, moved = bytearray(), {}
+    for old, fragment in items:
+        kept, count = _without_comments(fragment)
+        removed += count
+        moved[old] = len(out)
+        out += _ITEM + len(kept).to_bytes(4, "little") + kept
+    if not removed:
+        return 0
+    offsets = [int.from_bytes(table[i:i + 4], "little") for i in range(0, len(table) - 3, 4)]
+    if any(offset not in moved for offset in offsets):
+        offsets = []  # a table that does not point at items: dropped (it is optional)
+    table = b"".join(moved[offset].to_bytes(4, "little") for offset in offsets)
+    value = _ITEM + len(table).to_bytes(4, "little") + table + bytes(out)
+    for tag in (0x7FE00001, 0x7FE00002):  # Extended Offset Table and its lengths
+        ds._dict.pop(tag_object(tag), None)
+    if isinstance(raw, RawDataElement):
+        ds._dict[raw.tag] = raw._replace(value=value)
+    else:
+        ds[0x7FE00010] = DataElement(0x7FE00010, raw.VR, value, is_undefined_length=True, already_converted=True)
+    return removed
+
+
+def _without_comments(fragment: bytes) -> tuple[bytes, int]:
+    """A fragment with the COM segments of its JPEG header (SOI to SOS) removed, padded to
+    an even length; unchanged if it does not start a JPEG codestream or its header is cut."""
+    if fragment[:2] != b"\xff\xd8":
+        return fragment, 0
+    pos, cuts = 2, []
+    while pos + 4 <= len(fragment):
+        if fragment[pos] != 0xFF:
+            return fragment, 0
+        marker = fragment[pos + 1]
+        if marker == 0xFF:
+            pos += 1  # a fill byte
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:
+            pos += 2
+            continue
+        if marker in (0xDA, 0xD9):  # start of scan, end of image: the header is over
+            break
+        end = pos + 2 + int.from_bytes(fragment[pos + 2:pos + 4], "big")
+        if end > len(fragment):
+            return fragment, 0
+        if marker == 0xFE:
+            cuts.append((pos, end))
+        pos = end
+    if not cuts:
+        return fragment, 0
+    kept = bytearray()
+    start = 0
+    for cut_start, cut_end in cuts:
+        kept += fragment[start:cut_start]
+        start = cut_end
+    kept += fragment[start:]
+    eoi = kept.rfind(b"\xff\xd9")
+    if eoi >= 0 and not kept[eoi + 2:].strip(b"\0"):
+        del kept[eoi + 2:]  # the padding of the odd length it had (padded again below)
+    if len(kept) % 2:
+        kept += b"\0"
+    return bytes(kept), len(cuts)
 
 
 def native_pixel_bytes(ds: Dataset) -> int:

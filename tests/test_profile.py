@@ -6,12 +6,15 @@ import datetime as dt
 import io
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
+from PIL import Image
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.encaps import encapsulate, generate_frames
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit, JPEGLSLossless
 
 from router.config import DeidConfig, Override, SafePrivate
 from router.profile import Deidentifier, InstanceRefused, read_instance, shift_date, write_instance
@@ -353,6 +356,40 @@ def test_bytes_after_the_pixels_are_cut(tmp_path, syntax):
     out, data = roundtrip(ds, engine(), tmp_path)
     assert b"HIDDEN" not in data and b"MRN-4711" not in data
     assert out.PixelData == (pixels if syntax != ExplicitVRBigEndian else ds.PixelData[:32])
+
+
+@pytest.mark.parametrize("syntax", [JPEGBaseline8Bit, JPEGLSLossless])
+def test_comments_in_jpeg_frames_are_removed(tmp_path, syntax):
+    """A JPEG or JPEG-LS frame may carry COM segments (free text) that no viewer shows: they
+    go, even where the pixels are kept as they came; the frames decode as before and the
+    offset table still finds each of them."""
+    frames = [(np.arange(64 * 80, dtype=np.uint32).reshape(64, 80) * (f + 3) % 251).astype(np.uint8)
+              for f in range(3)]
+    ds = instance()
+    ds.Rows, ds.Columns, ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.NumberOfFrames = 64, 80, 8, 8, 7, 3
+    ds.PixelData = np.stack(frames).tobytes()
+    if syntax == JPEGLSLossless:
+        ds.compress(syntax, generate_instance_uid=False)
+        codestreams = list(generate_frames(ds.PixelData, number_of_frames=3))
+    else:
+        codestreams = []
+        for frame in frames:
+            jpeg = io.BytesIO()
+            Image.fromarray(frame).save(jpeg, format="JPEG", quality=95)
+            codestreams.append(jpeg.getvalue())
+        ds.file_meta.TransferSyntaxUID = syntax
+    comment = b"Patient Smith^John MRN-4711"
+    segment = b"\xff\xfe" + (len(comment) + 2).to_bytes(2, "big") + comment
+    ds.PixelData = encapsulate([c[:2] + segment + c[2:] for c in codestreams])
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    before = ds.pixel_array.copy()
+    out, data = roundtrip(ds, engine(), tmp_path)
+    assert b"MRN-4711" not in data and b"Smith" not in data
+    assert np.array_equal(out.pixel_array, before)
+    kept = list(generate_frames(out.PixelData, number_of_frames=3))
+    assert [f.rstrip(b"\0") for f in kept] == [c.rstrip(b"\0") for c in codestreams]  # but padding
+    assert all(len(f) - len(c.rstrip(b"\0")) <= 1 for f, c in zip(kept, codestreams))
 
 
 def test_element_stored_as_un(tmp_path):
