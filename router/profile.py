@@ -714,29 +714,28 @@ def strip_codestream_comments(ds: Dataset) -> int:
     raw = _get(ds, 0x7FE00010)
     if raw is None or str(transfer_syntax_of(ds)) not in _JPEG_SYNTAXES:
         return 0
-    data = raw.value
-    if not data or not bytes(data[:4]) == _ITEM:
+    data = memoryview(raw.value or b"")  # read, not copied, unless there is something to cut
+    if data[:4] != _ITEM:
         return 0
     items = []  # the items after the offset table, as (old offset, fragment)
     pos, first = 8 + int.from_bytes(data[4:8], "little"), None
     table = bytes(data[8:pos])
-    while pos + 8 <= len(data) and bytes(data[pos:pos + 4]) == _ITEM:
+    while pos + 8 <= len(data) and data[pos:pos + 4] == _ITEM:
         length = int.from_bytes(data[pos + 4:pos + 8], "little")
         if first is None:
             first = pos
-        items.append((pos - first, bytes(data[pos + 8:pos + 8 + length])))
+        items.append((pos - first, data[pos + 8:pos + 8 + length]))
         pos += 8 + length
     if pos != len(data) or first is None:
         return 0  # not items to the end: left as it is (the decoder decides)
-    removed = 0
-    out, moved = bytearray(), {}
-    for old, fragment in items:
-        kept, count = _without_comments(fragment)
-        removed += count
-        moved[old] = len(out)
-        out += _ITEM + len(kept).to_bytes(4, "little") + kept
+    cleaned = [(old, *_without_comments(fragment)) for old, fragment in items]
+    removed = sum(count for _old, _kept, count in cleaned)
     if not removed:
         return 0
+    out, moved = bytearray(), {}
+    for old, kept, _count in cleaned:
+        moved[old] = len(out)
+        out += _ITEM + len(kept).to_bytes(4, "little") + kept
     offsets = [int.from_bytes(table[i:i + 4], "little") for i in range(0, len(table) - 3, 4)]
     if any(offset not in moved for offset in offsets):
         offsets = []  # a table that does not point at items: dropped (it is optional)
@@ -751,7 +750,7 @@ def strip_codestream_comments(ds: Dataset) -> int:
     return removed
 
 
-def _without_comments(fragment: bytes) -> tuple[bytes, int]:
+def _without_comments(fragment: memoryview) -> tuple[bytes | memoryview, int]:
     """A fragment with the COM segments of its JPEG header (SOI to SOS) removed, padded to
     an even length; unchanged if it does not start a JPEG codestream or its header is cut."""
     if fragment[:2] != b"\xff\xd8":
