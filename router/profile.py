@@ -700,17 +700,22 @@ def trim_pixel_data(ds: Dataset) -> None:
         raw.value = data
 
 
-#: JPEG (ISO 10918) and JPEG-LS (ISO 14495) transfer syntaxes: their frames may carry COM
-#: (comment) segments.
+#: JPEG (ISO 10918) and JPEG-LS (ISO 14495) transfer syntaxes: their frames may carry text
+#: in segments of their own.
 _JPEG_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57",
                             "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"})
 _ITEM = b"\xfe\xff\x00\xe0"
+#: COM (comment), APP1 (Exif: camera owner, dates, GPS; XMP), APP13 (IPTC: names, places).
+#: Not APP0 (JFIF), APP2 (ICC), APP8 (JPEG-LS colour transform) or APP14 (Adobe colour
+#: transform): decoders read those.
+_TEXT_MARKERS = frozenset({0xFE, 0xE1, 0xED})
 
 
 def strip_codestream_comments(ds: Dataset) -> int:
-    """Remove the COM segments (free text, which no decoder reads and any encoder may fill)
-    from the headers of JPEG and JPEG-LS frames kept as they are; the Basic Offset Table
-    follows, an Extended Offset Table goes (it is optional). Returns how many went."""
+    """Remove the text segments (``_TEXT_MARKERS``: comments, Exif and XMP, IPTC; no decoder
+    reads them and any camera or encoder may fill them: names, dates, places) from the
+    headers of JPEG and JPEG-LS frames kept as they are; the Basic Offset Table follows, an
+    Extended Offset Table goes (it is optional). Returns how many segments went."""
     raw = _get(ds, 0x7FE00010)
     if raw is None or str(transfer_syntax_of(ds)) not in _JPEG_SYNTAXES:
         return 0
@@ -751,7 +756,7 @@ def strip_codestream_comments(ds: Dataset) -> int:
 
 
 def _without_comments(fragment: memoryview) -> tuple[bytes | memoryview, int]:
-    """A fragment with the COM segments of its JPEG header (SOI to SOS) removed, padded to
+    """A fragment with the text segments of its JPEG header (SOI to SOS) removed, padded to
     an even length; unchanged if it does not start a JPEG codestream or its header is cut."""
     if fragment[:2] != b"\xff\xd8":
         return fragment, 0
@@ -771,7 +776,7 @@ def _without_comments(fragment: memoryview) -> tuple[bytes | memoryview, int]:
         end = pos + 2 + int.from_bytes(fragment[pos + 2:pos + 4], "big")
         if end > len(fragment):
             return fragment, 0
-        if marker == 0xFE:
+        if marker in _TEXT_MARKERS:
             cuts.append((pos, end))
         pos = end
     if not cuts:

@@ -359,10 +359,10 @@ def test_bytes_after_the_pixels_are_cut(tmp_path, syntax):
 
 
 @pytest.mark.parametrize("syntax", [JPEGBaseline8Bit, JPEGLSLossless])
-def test_comments_in_jpeg_frames_are_removed(tmp_path, syntax):
-    """A JPEG or JPEG-LS frame may carry COM segments (free text) that no viewer shows: they
-    go, even where the pixels are kept as they came; the frames decode as before and the
-    offset table still finds each of them."""
+def test_text_segments_in_jpeg_frames_are_removed(tmp_path, syntax):
+    """A JPEG or JPEG-LS frame may carry text no viewer shows (comments, a camera's Exif,
+    IPTC): it goes, even where the pixels are kept as they came; the frames decode as before
+    and the offset table still finds each of them."""
     frames = [(np.arange(64 * 80, dtype=np.uint32).reshape(64, 80) * (f + 3) % 251).astype(np.uint8)
               for f in range(3)]
     ds = instance()
@@ -378,9 +378,11 @@ def test_comments_in_jpeg_frames_are_removed(tmp_path, syntax):
             Image.fromarray(frame).save(jpeg, format="JPEG", quality=95)
             codestreams.append(jpeg.getvalue())
         ds.file_meta.TransferSyntaxUID = syntax
-    comment = b"Patient Smith^John MRN-4711"
-    segment = b"\xff\xfe" + (len(comment) + 2).to_bytes(2, "big") + comment
-    ds.PixelData = encapsulate([c[:2] + segment + c[2:] for c in codestreams])
+    texts = {0xFE: b"Patient Smith^John MRN-4711",  # a comment, Exif (a camera's owner), IPTC
+             0xE1: b"Exif\0\0MM\0*\0\0\0\x08Smith^John", 0xED: b"Photoshop 3.0\0MRN-4711"}
+    segments = b"".join(b"\xff" + bytes([marker]) + (len(text) + 2).to_bytes(2, "big") + text
+                        for marker, text in texts.items())
+    ds.PixelData = encapsulate([c[:2] + segments + c[2:] for c in codestreams])
     ds["PixelData"].VR = "OB"
     ds["PixelData"].is_undefined_length = True
     before = ds.pixel_array.copy()
