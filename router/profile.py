@@ -249,7 +249,7 @@ class Deidentifier:
         identifying, scrub = self._identity(ds)
         originals = {kind: _text(ds, tag) for kind, tag in CROSSWALK_TAGS.items()} if self.keep_originals else None
         trim_pixel_data(ds)
-        strip_codestream_comments(ds)
+        strip_codestream_text(ds)
         pixels = self._pixel_cleaner().clean(ds, identifying) if self.clean_pixels else None
         transfer_syntax = transfer_syntax_of(ds)  # after the pixel stage, which may re-encode
         patient = self._patient(ds, scrub)
@@ -700,21 +700,25 @@ def trim_pixel_data(ds: Dataset) -> None:
         raw.value = data
 
 
-#: JPEG (ISO 10918) and JPEG-LS (ISO 14495) transfer syntaxes: their frames may carry text
-#: in segments of their own.
+#: JPEG (ISO 10918), JPEG-LS (ISO 14495) and JPEG 2000 (ISO 15444, HTJ2K too) transfer
+#: syntaxes: their frames may carry text in segments of their own.
 _JPEG_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57",
-                            "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"})
+                            "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81",
+                            "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.201",
+                            "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203"})
 _ITEM = b"\xfe\xff\x00\xe0"
-#: COM (comment), APP1 (Exif: camera owner, dates, GPS; XMP), APP13 (IPTC: names, places).
-#: Not APP0 (JFIF), APP2 (ICC), APP8 (JPEG-LS colour transform) or APP14 (Adobe colour
-#: transform): decoders read those.
-_TEXT_MARKERS = frozenset({0xFE, 0xE1, 0xED})
+#: JPEG and JPEG-LS: COM (comment), APP1 (Exif: camera owner, dates, GPS; XMP), APP13
+#: (IPTC: names, places); not APP0 (JFIF), APP2 (ICC), APP8 (JPEG-LS colour transform) or
+#: APP14 (Adobe colour transform), which decoders read. The header ends at SOS (or EOI).
+#: JPEG 2000: COM; its main header ends at the first tile-part (SOT) or EOC.
+_TEXT_MARKERS = {b"\xff\xd8": (frozenset({0xFE, 0xE1, 0xED}), frozenset({0xDA, 0xD9})),
+                 b"\xff\x4f": (frozenset({0x64}), frozenset({0x90, 0xD9}))}
 
 
-def strip_codestream_comments(ds: Dataset) -> int:
+def strip_codestream_text(ds: Dataset) -> int:
     """Remove the text segments (``_TEXT_MARKERS``: comments, Exif and XMP, IPTC; no decoder
     reads them and any camera or encoder may fill them: names, dates, places) from the
-    headers of JPEG and JPEG-LS frames kept as they are; the Basic Offset Table follows, an
+    headers of JPEG, JPEG-LS and JPEG 2000 frames kept as they are; the Basic Offset Table follows, an
     Extended Offset Table goes (it is optional). Returns how many segments went."""
     raw = _get(ds, 0x7FE00010)
     if raw is None or str(transfer_syntax_of(ds)) not in _JPEG_SYNTAXES:
@@ -733,7 +737,7 @@ def strip_codestream_comments(ds: Dataset) -> int:
         pos += 8 + length
     if pos != len(data) or first is None:
         return 0  # not items to the end: left as it is (the decoder decides)
-    cleaned = [(old, *_without_comments(fragment)) for old, fragment in items]
+    cleaned = [(old, *_without_text_segments(fragment)) for old, fragment in items]
     removed = sum(count for _old, _kept, count in cleaned)
     if not removed:
         return 0
@@ -755,11 +759,13 @@ def strip_codestream_comments(ds: Dataset) -> int:
     return removed
 
 
-def _without_comments(fragment: memoryview) -> tuple[bytes | memoryview, int]:
-    """A fragment with the text segments of its JPEG header (SOI to SOS) removed, padded to
-    an even length; unchanged if it does not start a JPEG codestream or its header is cut."""
-    if fragment[:2] != b"\xff\xd8":
+def _without_text_segments(fragment: memoryview) -> tuple[bytes | memoryview, int]:
+    """A fragment with the text segments of its codestream's header removed, padded to an
+    even length; unchanged if it does not start a codestream or its header is cut."""
+    markers = _TEXT_MARKERS.get(bytes(fragment[:2]))
+    if markers is None:
         return fragment, 0
+    text, header_end = markers
     pos, cuts = 2, []
     while pos + 4 <= len(fragment):
         if fragment[pos] != 0xFF:
@@ -771,12 +777,12 @@ def _without_comments(fragment: memoryview) -> tuple[bytes | memoryview, int]:
         if marker == 0x01 or 0xD0 <= marker <= 0xD7:
             pos += 2
             continue
-        if marker in (0xDA, 0xD9):  # start of scan, end of image: the header is over
+        if marker in header_end:
             break
         end = pos + 2 + int.from_bytes(fragment[pos + 2:pos + 4], "big")
         if end > len(fragment):
             return fragment, 0
-        if marker in _TEXT_MARKERS:
+        if marker in text:
             cuts.append((pos, end))
         pos = end
     if not cuts:

@@ -14,7 +14,8 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.encaps import encapsulate, generate_frames
-from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit, JPEGLSLossless
+from pydicom.uid import (ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless,
+                         JPEGBaseline8Bit, JPEGLSLossless)
 
 from router.config import DeidConfig, Override, SafePrivate
 from router.profile import Deidentifier, InstanceRefused, read_instance, shift_date, write_instance
@@ -358,17 +359,17 @@ def test_bytes_after_the_pixels_are_cut(tmp_path, syntax):
     assert out.PixelData == (pixels if syntax != ExplicitVRBigEndian else ds.PixelData[:32])
 
 
-@pytest.mark.parametrize("syntax", [JPEGBaseline8Bit, JPEGLSLossless])
+@pytest.mark.parametrize("syntax", [JPEGBaseline8Bit, JPEGLSLossless, JPEG2000Lossless])
 def test_text_segments_in_jpeg_frames_are_removed(tmp_path, syntax):
-    """A JPEG or JPEG-LS frame may carry text no viewer shows (comments, a camera's Exif,
-    IPTC): it goes, even where the pixels are kept as they came; the frames decode as before
-    and the offset table still finds each of them."""
+    """A JPEG, JPEG-LS or JPEG 2000 frame may carry text no viewer shows (comments, a
+    camera's Exif, IPTC): it goes, even where the pixels are kept as they came; the frames
+    decode as before and the offset table still finds each of them."""
     frames = [(np.arange(64 * 80, dtype=np.uint32).reshape(64, 80) * (f + 3) % 251).astype(np.uint8)
               for f in range(3)]
     ds = instance()
     ds.Rows, ds.Columns, ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.NumberOfFrames = 64, 80, 8, 8, 7, 3
     ds.PixelData = np.stack(frames).tobytes()
-    if syntax == JPEGLSLossless:
+    if syntax != JPEGBaseline8Bit:
         ds.compress(syntax, generate_instance_uid=False)
         codestreams = list(generate_frames(ds.PixelData, number_of_frames=3))
     else:
@@ -380,15 +381,22 @@ def test_text_segments_in_jpeg_frames_are_removed(tmp_path, syntax):
         ds.file_meta.TransferSyntaxUID = syntax
     texts = {0xFE: b"Patient Smith^John MRN-4711",  # a comment, Exif (a camera's owner), IPTC
              0xE1: b"Exif\0\0MM\0*\0\0\0\x08Smith^John", 0xED: b"Photoshop 3.0\0MRN-4711"}
+    after = 2  # after SOI
+    if syntax == JPEG2000Lossless:  # a comment (Rcom 1: Latin-1) after SIZ, which must come first
+        texts = {0x64: b"\0\x01Patient Smith^John MRN-4711"}
+        after = 4 + int.from_bytes(codestreams[0][4:6], "big")
     segments = b"".join(b"\xff" + bytes([marker]) + (len(text) + 2).to_bytes(2, "big") + text
                         for marker, text in texts.items())
-    ds.PixelData = encapsulate([c[:2] + segments + c[2:] for c in codestreams])
+    ds.PixelData = encapsulate([c[:after] + segments + c[after:] for c in codestreams])
     ds["PixelData"].VR = "OB"
     ds["PixelData"].is_undefined_length = True
     before = ds.pixel_array.copy()
     out, data = roundtrip(ds, engine(), tmp_path)
     assert b"MRN-4711" not in data and b"Smith" not in data
     assert np.array_equal(out.pixel_array, before)
+    if syntax == JPEG2000Lossless:  # OpenJPEG's own comment ("Created by OpenJPEG") goes too
+        starts = [c.find(b"\xff\x64") for c in codestreams]
+        codestreams = [c[:i] + c[i + 2 + int.from_bytes(c[i + 2:i + 4], "big"):] for c, i in zip(codestreams, starts)]
     kept = list(generate_frames(out.PixelData, number_of_frames=3))
     assert [f.rstrip(b"\0") for f in kept] == [c.rstrip(b"\0") for c in codestreams]  # but padding
     assert all(len(f) - len(c.rstrip(b"\0")) <= 1 for f, c in zip(kept, codestreams))
