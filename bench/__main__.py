@@ -22,7 +22,8 @@ Paths (rows; the ratio column compares a row's inst/s with its baselines'):
   workers; ratio 1 worker / OCR alone gives the pipeline's overhead, N / 1 the speed-up.
 - filemode: `deid-router deid` on CT slices vs a plain pydicom read + write of the same.
 - scaling: the metadata path with one study of 250, 1,000 and 4,000 slices (the last is
-  a ~2.1 GB study): inst/s (ratio to the smallest) and peak RSS should stay flat.
+  a ~2.1 GB study): inst/s (ratio to the smallest) and peak RSS should stay flat; and one
+  315 MB multi-frame with a name on every frame, OCR on: the whole node's peak RSS.
 - senders: network's rows (but the ceiling) with 1, 2 and 4 concurrent storescu processes.
 - backpressure: OCR on, max_spool_bytes of four instances and a fast sender that resends
   what is refused: spool peak vs limit, 0xA700 answers, every acknowledged instance delivered.
@@ -77,6 +78,7 @@ class Sizes:
         self.senders = 100 if quick else 1000
         self.filemode = 200 if quick else 1000
         self.scaling = [100, 400] if quick else [250, 1000, 4000]
+        self.large_frames = 100 if quick else 600  # 52 or 315 MB
         self.ocr_ct = 6 if quick else 40
         self.ocr_us = 6 if quick else 40
         # 48 clips: 24 rounds per worker with 2. Filling and draining the pipeline (receiving
@@ -120,6 +122,7 @@ def run(args: argparse.Namespace, work: Path, rows: list[Row]) -> None:
     step("ocr/clip", paths.ocr, f"US clip {sizes.clip_frames} frames", cine)
     step("filemode", paths.filemode, ct[:sizes.filemode])
     step("scaling", paths.scaling, ct, sizes.scaling)
+    step("scaling/large", paths.large_with_ocr, sizes.large_frames)
     step("senders", paths.senders, ct[:sizes.senders])
     step("backpressure", paths.backpressure, us[:sizes.backpressure])
 
@@ -198,7 +201,7 @@ def print_table(rows: list[Row]) -> None:
     loads = [x for r in rows for x in r.extra.get("load_average_1min", [])]
     if loads:
         print(f"  load average (1 min) during the rows: {min(loads):.1f} to {max(loads):.1f} on {os.cpu_count()} cores")
-    scaling = [r for r in rows if r.path == "scaling"]
+    scaling = [r for r in rows if r.path == "scaling" and r.name.startswith(f"{paths.ROUTER} x")]
     if scaling:
         print("  scaling: ms per instance " + ", ".join(f"{1000 / r.rate:.1f}" for r in scaling)
               + "; peak RSS MB " + ", ".join(f"{r.peak_rss_mb:.0f}" for r in scaling)

@@ -21,7 +21,7 @@ from bench.ocr import pixel_stage_alone
 from bench.passthrough import install_checkpoint
 from bench.measure import Row, RssSampler, SpoolSampler, measure, megabytes, wait_for
 from bench.peers import PDU, SECRET, Node, OrthancPeer, StoreSCP
-from bench.synthetic import to_bytes, us_multiframe, us_rgb_with_text
+from bench.synthetic import to_bytes, us_multiframe, us_rgb_with_text, write_ct_multiframe
 from router.config import DEFAULT_OPTIONS
 from router.forward import nodelay
 
@@ -196,6 +196,26 @@ def scaling(work: Path, ct: list[Path], sizes: list[int], workers: int) -> list[
             shutil.rmtree(work / f"scp-{size}", ignore_errors=True)  # 2 GB each at the largest size
         first = first or name
     return rows
+
+
+def large_with_ocr(work: Path, frames: int, workers: int) -> list[Row]:
+    """One large multi-frame with a name on every frame through the router with the default
+    options (OCR on), ``workers`` workers: the whole node's peak RSS (target < 1.5 GiB)."""
+    path = write_ct_multiframe(work / "multiframe.dcm", frames)
+    name = f"{ROUTER} + OCR: 1 x {megabytes([path]):.0f} MB multi-frame"
+    scp = StoreSCP(work / "scp")
+    try:
+        router = Node(work / "router", scp, "router", workers=workers)
+        try:
+            row = measure("scaling", name, [path], port=router.port, aet=router.aet, delivered=scp.count,
+                          tree_pid=router.pid, node=router, scp=scp,
+                          note=f"the default options, {_plural(workers, 'worker')}: memory, not speed")
+        finally:
+            router.stop()
+    finally:
+        scp.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    return [row]
 
 
 def senders(work: Path, files: list[Path], workers: int, counts: tuple[int, ...] = (1, 2, 4)) -> list[Row]:

@@ -583,6 +583,21 @@ def write_ct_series(
     return paths
 
 
+def write_ct_multiframe(path: Path, frames: int, *, text_lines: Sequence[str] = ("DOE^JANE", "PID-0001")) -> Path:
+    """One CT instance of ``frames`` 512x512 frames (a slice repeated, 0.5 MB each) with the
+    text burned into every frame at the top left, as a Part 10 file at path: a large
+    instance for the node's memory."""
+    ds = next(iter(ct_series(1)))
+    picture = ds.pixel_array
+    mask = render_text(text_lines)
+    picture[20:20 + mask.shape[0], 20:20 + mask.shape[1]][mask] = picture.max()
+    ds.NumberOfFrames = frames
+    ds.PixelData = np.repeat(picture[None], frames, axis=0).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dcmwrite(path, ds, enforce_file_format=True)
+    return path
+
+
 def to_bytes(ds: Dataset) -> bytes:
     """The Part 10 file bytes of ds (which needs file_meta)."""
     buffer = io.BytesIO()
