@@ -362,8 +362,9 @@ def test_bytes_after_the_pixels_are_cut(tmp_path, syntax):
 @pytest.mark.parametrize("syntax", [JPEGBaseline8Bit, JPEGLSLossless, JPEG2000Lossless])
 def test_text_segments_in_jpeg_frames_are_removed(tmp_path, syntax):
     """A JPEG, JPEG-LS or JPEG 2000 frame may carry text no viewer shows (comments, a
-    camera's Exif, IPTC): it goes, even where the pixels are kept as they came; the frames
-    decode as before and the offset table still finds each of them."""
+    camera's Exif, IPTC, bytes after the codestream's end): it goes, even where the pixels
+    are kept as they came; the frames decode as before and the offset table still finds
+    each of them."""
     frames = [(np.arange(64 * 80, dtype=np.uint32).reshape(64, 80) * (f + 3) % 251).astype(np.uint8)
               for f in range(3)]
     ds = instance()
@@ -387,7 +388,8 @@ def test_text_segments_in_jpeg_frames_are_removed(tmp_path, syntax):
         after = 4 + int.from_bytes(codestreams[0][4:6], "big")
     segments = b"".join(b"\xff" + bytes([marker]) + (len(text) + 2).to_bytes(2, "big") + text
                         for marker, text in texts.items())
-    ds.PixelData = encapsulate([c[:after] + segments + c[after:] for c in codestreams])
+    trailer = b"after the end: Smith^John MRN-4711"
+    ds.PixelData = encapsulate([c[:after] + segments + c[after:].rstrip(b"\0") + trailer for c in codestreams])
     ds["PixelData"].VR = "OB"
     ds["PixelData"].is_undefined_length = True
     before = ds.pixel_array.copy()
