@@ -760,9 +760,9 @@ def strip_codestream_text(ds: Dataset) -> int:
 
 
 def _without_text_segments(fragment: memoryview) -> tuple[bytes | memoryview, int]:
-    """A fragment with the text segments of its codestream's header and anything after the
-    codestream's end removed, padded to an even length; unchanged if it does not start a
-    codestream or its header is cut."""
+    """A fragment with the text segments of its codestream's header (and for JPEG, anything
+    after the end of the image) removed, padded to an even length; unchanged if it does not
+    start a codestream or its header is cut."""
     markers = _TEXT_MARKERS.get(bytes(fragment[:2]))
     if markers is None:
         return fragment, 0
@@ -786,9 +786,10 @@ def _without_text_segments(fragment: memoryview) -> tuple[bytes | memoryview, in
         if marker in text:
             cuts.append((pos, end))
         pos = end
-    if fragment[-2:] != b"\xff\xd9" and fragment[-3:] != b"\xff\xd9\0":
-        # Bytes after the end of the codestream (EOI, EOC: a marker no entropy-coded data
-        # can hold); a frame continued in the next fragment has none here and stays whole.
+    if fragment[:2] == b"\xff\xd8" and fragment[-2:] != b"\xff\xd9" and fragment[-3:] != b"\xff\xd9\0":
+        # JPEG, JPEG-LS: bytes after the end of the image (EOI, a marker no entropy-coded
+        # data can hold); a frame continued in the next fragment has none here and stays
+        # whole. (JPEG 2000's tile-part headers may hold those two bytes: left alone.)
         eoi = bytes(fragment).rfind(b"\xff\xd9")
         if eoi >= pos:
             cuts.append((eoi + 2, len(fragment)))
