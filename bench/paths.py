@@ -193,7 +193,6 @@ def scaling(work: Path, ct: list[Path], sizes: list[int], workers: int) -> list[
                 router.stop()
         finally:
             scp.stop()
-            shutil.rmtree(work / f"scp-{size}", ignore_errors=True)  # 2 GB each at the largest size
         first = first or name
     return rows
 
