@@ -42,6 +42,8 @@ UNDEFINED = 0xFFFFFFFF
 CHARSET = 0x00080005
 PIXEL_DATA = 0x7FE00010
 ITEM = 0xFFFEE000
+#: An item tag as it is written (little endian): what encapsulated pixel data are made of.
+ITEM_TAG = struct.pack("<HH", 0xFFFE, 0xE000)
 SEQUENCE_END = 0xFFFEE0DD
 
 _VRS = {str(vr).encode(): str(vr) for vr in VR}

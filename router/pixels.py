@@ -40,13 +40,12 @@ from pydicom.uid import (
     RLELossless,
 )
 
+from router.decode import ITEM_TAG, PIXEL_DATA
 from router.ocr import Box, DetectorSettings, RapidOcrDetector, TextDetector, render_text
 from router.profile import InstanceRefused, transfer_syntax_of
 
 #: Deflated Image Frame Compression (2023): not known to pydicom 3.0; inflated here.
 DEFLATED_IMAGE_FRAME = UID("1.2.840.10008.1.2.8.1")
-ITEM_TAG = b"\xfe\xff\x00\xe0"
-PIXEL_DATA_TAG = 0x7FE00010
 
 #: Transfer syntaxes that always lose information.
 LOSSY_SYNTAXES = {
@@ -789,7 +788,7 @@ def _write(ds: Dataset, arr: np.ndarray, photometric: str, ts: UID, encapsulated
                 ds.compress(RLELossless, np.ascontiguousarray(shaped), generate_instance_uid=False)
             else:
                 # converted already: pydicom would take a bytearray value for a list of numbers
-                ds[keyword] = DataElement(PIXEL_DATA_TAG, "OB", data, is_undefined_length=True,
+                ds[keyword] = DataElement(PIXEL_DATA, "OB", data, is_undefined_length=True,
                                           already_converted=True)
                 ds.file_meta.TransferSyntaxUID = RLELossless
             if samples > 1:

@@ -40,7 +40,7 @@ from pydicom.uid import (
 
 from router import __version__
 from router.config import BASIC_PROFILE_CODE, OPTIONS, DeidConfig
-from router.decode import TAGS, read_part10, tag_object
+from router.decode import ITEM_TAG, PIXEL_DATA, TAGS, read_part10, tag_object
 from router.encode import ConstantElement, fast_syntax, part10_bytes
 from router.pseudonyms import Pseudonymizer
 from router.rules import Action, Profile
@@ -671,7 +671,7 @@ def check_pixel_data(ds: Dataset) -> None:
     if data is None:
         return
     if is_encapsulated(ds):
-        if not data.startswith(b"\xfe\xff\x00\xe0"):
+        if not data.startswith(ITEM_TAG):
             raise InstanceRefused("encapsulated pixel data is not a sequence of items")
         return
     expected = native_pixel_bytes(ds)
@@ -706,7 +706,6 @@ _JPEG_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", 
                             "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81",
                             "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.201",
                             "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203"})
-_ITEM = b"\xfe\xff\x00\xe0"
 #: JPEG and JPEG-LS: COM (comment), APP1 (Exif: camera owner, dates, GPS; XMP), APP13
 #: (IPTC: names, places); not APP0 (JFIF), APP2 (ICC), APP8 (JPEG-LS colour transform) or
 #: APP14 (Adobe colour transform), which decoders read. The header ends at SOS (or EOI).
@@ -724,12 +723,12 @@ def strip_codestream_text(ds: Dataset) -> int:
     if raw is None or str(transfer_syntax_of(ds)) not in _JPEG_SYNTAXES:
         return 0
     data = memoryview(raw.value or b"")  # read, not copied, unless there is something to cut
-    if data[:4] != _ITEM:
+    if data[:4] != ITEM_TAG:
         return 0
     items = []  # the items after the offset table, as (old offset, fragment)
     pos, first = 8 + int.from_bytes(data[4:8], "little"), None
     table = bytes(data[8:pos])
-    while pos + 8 <= len(data) and data[pos:pos + 4] == _ITEM:
+    while pos + 8 <= len(data) and data[pos:pos + 4] == ITEM_TAG:
         length = int.from_bytes(data[pos + 4:pos + 8], "little")
         if first is None:
             first = pos
@@ -744,18 +743,18 @@ def strip_codestream_text(ds: Dataset) -> int:
     out, moved = bytearray(), {}
     for old, kept, _count in cleaned:
         moved[old] = len(out)
-        out += _ITEM + len(kept).to_bytes(4, "little") + kept
+        out += ITEM_TAG + len(kept).to_bytes(4, "little") + kept
     offsets = [int.from_bytes(table[i:i + 4], "little") for i in range(0, len(table) - 3, 4)]
     if any(offset not in moved for offset in offsets):
         offsets = []  # a table that does not point at items: dropped (it is optional)
     table = b"".join(moved[offset].to_bytes(4, "little") for offset in offsets)
-    value = _ITEM + len(table).to_bytes(4, "little") + table + bytes(out)
+    value = ITEM_TAG + len(table).to_bytes(4, "little") + table + bytes(out)
     for tag in (0x7FE00001, 0x7FE00002):  # Extended Offset Table and its lengths
         ds._dict.pop(tag_object(tag), None)
     if isinstance(raw, RawDataElement):
         ds._dict[raw.tag] = raw._replace(value=value)
     else:
-        ds[0x7FE00010] = DataElement(0x7FE00010, raw.VR, value, is_undefined_length=True, already_converted=True)
+        ds[PIXEL_DATA] = DataElement(PIXEL_DATA, raw.VR, value, is_undefined_length=True, already_converted=True)
     return removed
 
 
