@@ -18,12 +18,11 @@ from pynetdicom import AE, build_context, evt
 
 from bench.filemode import measure_deid, measure_plain, warm_cache
 from bench.ocr import pixel_stage_alone
-from bench.passthrough import install_checkpoint
+from bench.passthrough import install_checkpoint, nodelay
 from bench.measure import Row, RssSampler, SpoolSampler, measure, megabytes, wait_for
 from bench.peers import PDU, SECRET, Node, OrthancPeer, StoreSCP
 from bench.synthetic import to_bytes, us_multiframe, us_rgb_with_text, write_ct_multiframe
 from router.config import DEFAULT_OPTIONS
-from router.forward import nodelay
 
 #: Every default de-identification option but the OCR of pixels.
 METADATA_OPTIONS = sorted(DEFAULT_OPTIONS - {"clean-pixel-data"})

@@ -74,7 +74,8 @@ class Lost(AssociationError):
 
 
 class StoreAssociation:
-    """An established association: ``send`` C-STOREs, then ``release`` (or ``abort``)."""
+    """An established association: ``send`` C-STOREs (or ``echo``), then ``release`` (or
+    ``abort``)."""
 
     def __init__(self, sock: socket.socket, contexts: dict[tuple[str, str], int], peer_max_pdu: int):
         self._sock = sock
@@ -213,25 +214,38 @@ class StoreAssociation:
                     self.abort()
                     raise Lost(f"the data set could not be read: {_why(exc)}", sent=True) from None
                 self._sock.sendall(fragment)
-            return self._response()
+            return self._response(0x8001, "C-STORE")
         except (OSError, EOFError) as exc:
             self.abort()
             raise Lost(f"connection lost during the C-STORE: {_why(exc)}", sent=True) from None
 
-    def _response(self) -> int:
+    def echo(self, context_id: int) -> int:
+        """C-ECHO on a Verification context; the status answered, or Lost."""
+        self._message_id = self._message_id % 0xFFFF + 1
+        command = commands.echo_request_command(self._message_id)
+        try:
+            self._sock.sendall(_PDATA_HEADER.pack(PDU_P_DATA, 0, 6 + len(command), 2 + len(command), context_id, 0x03)
+                               + command)
+            return self._response(0x8030, "C-ECHO")
+        except (OSError, EOFError) as exc:
+            self.abort()
+            raise Lost(f"connection lost during the C-ECHO: {_why(exc)}", sent=True) from None
+
+    def _response(self, field: int, what: str) -> int:
+        """The status of the response (Command Field ``field``) to the request just sent."""
         command = bytearray()
         while True:
             kind, body = _read_pdu(self._sock)
             if kind == PDU_ABORT:
                 self._close()
-                raise Lost("the peer aborted the association during the C-STORE", sent=True)
+                raise Lost(f"the peer aborted the association during the {what}", sent=True)
             if kind == PDU_RELEASE_RQ:
                 self._send_quietly(RELEASE_RP)
                 self._close()
-                raise Lost("the peer released the association during the C-STORE", sent=True, released=True)
+                raise Lost(f"the peer released the association during the {what}", sent=True, released=True)
             if kind != PDU_P_DATA:
                 self.abort()
-                raise Lost(f"unexpected PDU type 0x{kind:02X} during the C-STORE", sent=True)
+                raise Lost(f"unexpected PDU type 0x{kind:02X} during the {what}", sent=True)
             offset = 0
             while offset + 6 <= len(body):
                 length, _context, header = struct.unpack_from(">IBB", body, offset)
@@ -240,21 +254,21 @@ class StoreAssociation:
                     raise Lost("malformed P-DATA-TF from the peer", sent=True)
                 if not header & 0x01:
                     self.abort()
-                    raise Lost("the peer sent a data set where a C-STORE response was due", sent=True)
+                    raise Lost(f"the peer sent a data set where a {what} response was due", sent=True)
                 command += body[offset + 6:offset + 4 + length]
                 offset += 4 + length
                 if header & 0x02:
-                    return self._store_response(bytes(command))
+                    return self._status(bytes(command), field, what)
             if offset != len(body):
                 self.abort()
                 raise Lost("malformed P-DATA-TF from the peer", sent=True)
 
-    def _store_response(self, command: bytes) -> int:
+    def _status(self, command: bytes, field: int, what: str) -> int:
         elements = commands.command_elements(command)
         status = commands.us_value(elements, 0x0900) if elements is not None else None
-        if status is None or commands.us_value(elements, 0x0100) != 0x8001:
+        if status is None or commands.us_value(elements, 0x0100) != field:
             self.abort()
-            raise Lost("the peer's answer is not a C-STORE response", sent=True)
+            raise Lost(f"the peer's answer is not a {what} response", sent=True)
         if 0x0120 in elements and commands.us_value(elements, 0x0120) != self._message_id:
             self.abort()
             raise Lost("the peer answered another message ID", sent=True)

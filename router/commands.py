@@ -17,6 +17,8 @@ _INTS = {"US": "H", "UL": "I", "SS": "h", "SL": "i"}
 _TEXT = frozenset({"AE", "CS", "LO", "SH", "ST", "LT", "UI"})
 #: (0000,0800) Command Data Set Type: no data set follows.
 NO_DATA_SET = 0x0101
+#: The Verification SOP Class (C-ECHO).
+VERIFICATION = "1.2.840.10008.1.1"
 
 
 def encode_elements(elements: Iterable[tuple[int, str, object]]) -> bytes | None:
@@ -58,6 +60,14 @@ def store_request_command(message_id: int, sop_class: str, sop_instance: str) ->
     length included; None if a UID is not plain ASCII."""
     return command_set([(0x0002, "UI", sop_class), (0x0100, "US", 0x0001), (0x0110, "US", message_id),
                         (0x0700, "US", 0), (0x0800, "US", 0x0001), (0x1000, "UI", sop_instance)])
+
+
+def echo_request_command(message_id: int) -> bytes:
+    """The command set of a C-ECHO request (Verification SOP Class, no data set)."""
+    command = command_set([(0x0002, "UI", VERIFICATION), (0x0100, "US", 0x0030), (0x0110, "US", message_id),
+                           (0x0800, "US", NO_DATA_SET)])
+    assert command is not None  # constants
+    return command
 
 
 def response_command(field: int, message_id: int, sop_class: str, sop_instance: str | None, status: int) -> bytes:

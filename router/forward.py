@@ -40,7 +40,6 @@ import multiprocessing
 import os
 import shutil
 import signal
-import socket
 import ssl
 import threading
 import time
@@ -52,7 +51,6 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, evt
 from pynetdicom.dsutils import encode, split_dataset
 from pynetdicom.sop_class import Verification
 
@@ -112,52 +110,33 @@ def status_text(status: int) -> str:
 
 
 # ------------------------------------------------------------------------------- echo
-def nodelay(event) -> None:
-    """EVT_CONN_OPEN handler: pynetdicom leaves Nagle on (~40 ms per message)."""
-    try:
-        event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except (AttributeError, OSError):
-        pass
-
-
 def echo(host: str, port: int, called_ae: str = "ANY-SCP", calling_ae: str = "DEID_ROUTER",
          timeout: float = 10.0) -> bool:
-    """C-ECHO a peer; print and log the outcome. True on status 0x0000."""
-    ae = AE(ae_title=calling_ae)
-    ae.add_requested_context(Verification)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
+    """C-ECHO a peer; print and log the outcome (a rejection with its reason). True on
+    status 0x0000."""
     started = time.perf_counter()
-    ok, detail = False, ""
+    ok = False
     try:
-        assoc = ae.associate(host, port, ae_title=called_ae, evt_handlers=[(evt.EVT_CONN_OPEN, nodelay)])
-        if assoc.is_established:
-            status = assoc.send_c_echo()
-            code = status.get("Status") if status else None
-            ok = code == 0x0000
-            detail = status_text(code) if code is not None else "no response"
-            assoc.release()
+        assoc = StoreAssociation.request(host, port, calling_ae, called_ae, [(Verification, ImplicitVRLittleEndian)],
+                                         timeout, 16384, (IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION))
+        context_id = assoc.contexts.get((Verification, ImplicitVRLittleEndian))
+        if context_id is None:
+            assoc.abort()
+            detail = "the peer did not accept the Verification SOP Class"
         else:
-            detail = _association_failure(assoc)
-    except (OSError, RuntimeError, ValueError) as exc:
+            code = assoc.echo(context_id)
+            assoc.release()
+            ok = code == 0x0000
+            detail = status_text(code)
+    except AssociationError as exc:
+        detail = str(exc)
+    except (OSError, ValueError) as exc:
         detail = f"{type(exc).__name__}: {exc}"
     ms = round((time.perf_counter() - started) * 1000, 1)
     event = log.info if ok else log.error
     event("echo", host=host, port=port, called_ae=called_ae, calling_ae=calling_ae, ok=ok, detail=detail, ms=ms)
     print(f"C-ECHO {called_ae}@{host}:{port}: {'success' if ok else 'FAILED'} ({detail}, {ms} ms)")
     return ok
-
-
-def _association_failure(assoc) -> str:
-    if assoc.is_rejected:
-        primitive = assoc.acceptor.primitive
-        try:
-            return (f"association rejected (result {primitive.result_str}, source {primitive.source_str}, "
-                    f"reason {primitive.reason_str})")
-        except Exception:
-            return "association rejected"
-    if assoc.is_aborted:
-        return "association aborted (connection refused, closed or timed out)"
-    return "association failed"
 
 
 # ------------------------------------------------------------------------------ items

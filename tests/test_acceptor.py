@@ -25,6 +25,7 @@ from bench.synthetic import write_ct_series
 from router import commands, receive
 from router.association import StoreAssociation, bytes_pdus
 from router.config import NodeConfig
+from router.forward import echo
 from router.receive import Receiver
 from router.spool import Spool
 
@@ -196,10 +197,10 @@ def test_a_protocol_violation_aborts_that_association_and_keeps_nothing_of_it(no
     assoc.release()
 
 
-def _request_pdu(application_context: str = "1.2.840.10008.3.1.1.1") -> bytes:
+def _request_pdu(application_context: str = "1.2.840.10008.3.1.1.1", calling_ae: str = "SENDER") -> bytes:
     primitive = A_ASSOCIATE()
     primitive.application_context_name = application_context
-    primitive.calling_ae_title, primitive.called_ae_title = "SENDER", "DEID_ROUTER"
+    primitive.calling_ae_title, primitive.called_ae_title = calling_ae, "DEID_ROUTER"
     context = PresentationContext()
     context.context_id, context.abstract_syntax, context.transfer_syntax = 1, CT, [EXPLICIT]
     primitive.presentation_context_definition_list = [context]
@@ -227,10 +228,9 @@ def test_rejections_say_why(tmp_path: Path, monkeypatch, logs: list[dict]) -> No
             assert read_pdu(sock) == (3, bytes((0, 2, 3, 2)))
         first.release()
         node.settled()
-        ae = AE(ae_title="STRANGER")
-        ae.add_requested_context(Verification)
-        assoc = ae.associate("127.0.0.1", node.port, ae_title="DEID_ROUTER")
-        assert assoc.is_rejected
+        with socket.create_connection(("127.0.0.1", node.port), timeout=5) as sock:
+            sock.sendall(_request_pdu(calling_ae="STRANGER"))
+            assert read_pdu(sock) == (3, bytes((0, 1, 1, 3)))
         node.settled()
         assert node.associate().contexts  # the limit is free again
         reasons = [e["reason"] for e in logs if e["event"] == "association_rejected"]
@@ -304,6 +304,25 @@ def test_storage_and_verification_are_accepted_other_services_rejected(node: Nod
     assoc.release()
 
 
+def test_echo_says_how_it_went(tmp_path: Path, capsys) -> None:
+    """`deid-router echo` (the administrator's check of an AE title): success, or the
+    rejection with its reason, or why no association was made."""
+    node = Node(tmp_path, allowed_ae_titles=("SENDER",))
+    try:
+        assert echo("127.0.0.1", node.port, called_ae="DEID_ROUTER", calling_ae="SENDER")
+        assert "success (0x0000 (Success)," in capsys.readouterr().out
+        for _ in range(20):  # the rejection is reported as one every time
+            assert not echo("127.0.0.1", node.port, called_ae="DEID_ROUTER", calling_ae="STRANGER")
+            assert "association rejected (result Rejected (Permanent), source service user, " \
+                   "reason Calling AE title not recognised)" in capsys.readouterr().out
+        node.settled()
+    finally:
+        node.receiver.stop_accepting()
+        node.receiver.drain(grace_seconds=1)
+    assert not echo("127.0.0.1", node.port, called_ae="DEID_ROUTER", calling_ae="SENDER", timeout=2)
+    assert "cannot connect: ConnectionRefusedError" in capsys.readouterr().out
+
+
 def test_associations_are_counted_by_outcome(tmp_path: Path) -> None:
     from router.metrics import NodeMetrics
     from router.node import NodeEvents
@@ -313,9 +332,7 @@ def test_associations_are_counted_by_outcome(tmp_path: Path) -> None:
     try:
         assoc = node.associate()
         assert metrics.value("deid_router_associations_open") == 1
-        stranger = AE(ae_title="STRANGER")
-        stranger.add_requested_context(Verification)
-        assert stranger.associate("127.0.0.1", node.port, ae_title="DEID_ROUTER").is_rejected
+        assert not echo("127.0.0.1", node.port, called_ae="DEID_ROUTER", calling_ae="STRANGER")
         assoc.release()
         node.settled()
         assert metrics.value("deid_router_associations_open") == 0

@@ -183,9 +183,9 @@ def store_primitives(spooled: Path = Path("spooled.dcm")):
 
 
 def test_command_sets_are_the_bytes_pynetdicom_sends() -> None:
-    """The node's C-STORE requests and its C-STORE and C-ECHO responses: pynetdicom's bytes,
-    and read back by hand as pydicom reads them."""
-    from pynetdicom.dimse_messages import C_ECHO_RSP, C_STORE_RQ, C_STORE_RSP
+    """The node's C-STORE and C-ECHO requests and its C-STORE and C-ECHO responses:
+    pynetdicom's bytes, and read back by hand as pydicom reads them."""
+    from pynetdicom.dimse_messages import C_ECHO_RQ, C_ECHO_RSP, C_STORE_RQ, C_STORE_RSP
     from pynetdicom.dimse_primitives import C_ECHO
     from pynetdicom.dsutils import decode, encode
 
@@ -221,6 +221,9 @@ def test_command_sets_are_the_bytes_pynetdicom_sends() -> None:
     echo = C_ECHO()
     echo.MessageIDBeingRespondedTo, echo.Status, echo.AffectedSOPClassUID = 9, 0, "1.2.840.10008.1.1"
     assert commands.response_command(0x8030, 9, "1.2.840.10008.1.1", None, 0) == pynetdicoms(C_ECHO_RSP, echo)
+    request = C_ECHO()
+    request.MessageID, request.AffectedSOPClassUID = 11, "1.2.840.10008.1.1"
+    assert commands.echo_request_command(11) == pynetdicoms(C_ECHO_RQ, request)
     assert checked == 2
     assert commands.command_elements(b"\x08\x00\x16\x00\x00\x00\x00\x00") is None  # not group 0000
 

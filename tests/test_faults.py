@@ -34,10 +34,9 @@ from pynetdicom.dsutils import split_dataset
 from pynetdicom.sop_class import CTImageStorage, SecondaryCaptureImageStorage
 
 import mutations
-from bench.passthrough import install_checkpoint
+from bench.passthrough import install_checkpoint, nodelay
 from bench.synthetic import ct_series
 from peers import StoreSCP, free_port
-from router.forward import nodelay
 from test_node_support import (
     REPO_ROOT,
     ROUTER_AET,
