@@ -20,6 +20,7 @@ import socket
 import ssl
 import struct
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import BinaryIO
 
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
@@ -192,8 +193,7 @@ class StoreAssociation:
         self.abort()
         raise Lost(f"unexpected PDU type 0x{kind:02X} while idle")
 
-    def send(self, context_id: int, sop_class: str, sop_instance: str, data: Iterable[memoryview | bytes]
-             ) -> int:
+    def send(self, context_id: int, sop_class: str, sop_instance: str, data: Iterable[FilePdu | bytes]) -> int:
         """C-STORE a data set given as its P-DATA-TF PDUs (``file_pdus``, ``bytes_pdus`` with
         this association's ``fragment_size``); the status answered, or Lost. (The answer's
         Error Comment is not read: it is the peer's text, and may quote the instance.)"""
@@ -208,16 +208,47 @@ class StoreAssociation:
             while True:
                 try:
                     fragment = next(fragments)
+                    if isinstance(fragment, FilePdu):
+                        self._send_file_pdu(fragment)
+                    else:
+                        self._sock.sendall(fragment)
                 except StopIteration:
                     break
-                except OSError as exc:  # the file being sent, not the connection
+                except _Unreadable as exc:  # the file being sent, not the connection
                     self.abort()
-                    raise Lost(f"the data set could not be read: {_why(exc)}", sent=True) from None
-                self._sock.sendall(fragment)
+                    raise Lost(f"the data set could not be read: {exc}", sent=True) from None
             return self._response(0x8001, "C-STORE")
         except (OSError, EOFError) as exc:
             self.abort()
             raise Lost(f"connection lost during the C-STORE: {_why(exc)}", sent=True) from None
+
+    def _send_file_pdu(self, pdu: FilePdu) -> None:
+        """The header, then the value straight from the page cache (sendfile: no copy through
+        this process, a third less CPU per byte here); through TLS, read and sent."""
+        if isinstance(self._sock, ssl.SSLSocket):
+            try:
+                value = os.pread(pdu.fd, pdu.length, pdu.start)
+            except OSError as exc:
+                raise _Unreadable(_why(exc)) from None
+            if len(value) != pdu.length:
+                raise _Unreadable("data set file shorter than when its sending began")
+            self._sock.sendall(pdu.header + value)
+            return
+        self._sock.sendall(pdu.header, socket.MSG_MORE)
+        sent = 0
+        while sent < pdu.length:
+            try:
+                count = os.sendfile(self._sock.fileno(), pdu.fd, pdu.start + sent, pdu.length - sent)
+            except BlockingIOError:  # the socket has a time-out, so it is non-blocking
+                poll = select.poll()
+                poll.register(self._sock, select.POLLOUT)
+                timeout = self._sock.gettimeout()
+                if not poll.poll(None if timeout is None else int(timeout * 1000)):
+                    raise TimeoutError("timed out") from None
+                continue
+            if not count:
+                raise _Unreadable("data set file shorter than when its sending began")
+            sent += count
 
     def echo(self, context_id: int) -> int:
         """C-ECHO on a Verification context; the status answered, or Lost."""
@@ -314,23 +345,33 @@ class StoreAssociation:
 
 def fragment_size(peer_max_pdu: int) -> int:
     """The data of one P-DATA-TF PDU (one PDV) that a peer's maximum PDU length allows; at
-    most 4 MiB whatever it allows (0: no limit), as each is read into one buffer."""
+    most 4 MiB whatever it allows (0: no limit), as through TLS each is read into one buffer."""
     return max(1, min(peer_max_pdu - 6, _LARGEST_FRAGMENT)) if peer_max_pdu else _UNLIMITED_FRAGMENT
 
 
-def file_pdus(file: BinaryIO, offset: int, context_id: int, fragment: int) -> Iterator[memoryview]:
-    """P-DATA-TF PDUs of the data set stored in an open file from offset on, read fragment
-    by fragment into one buffer: each is valid until the next is read (send it first)."""
+@dataclass(frozen=True)
+class FilePdu:
+    """A P-DATA-TF PDU whose value is ``length`` bytes of an open file at ``start``: its
+    header is built, its value never read into this process (``StoreAssociation.send``)."""
+
+    header: bytes
+    fd: int
+    start: int
+    length: int
+
+
+class _Unreadable(Exception):
+    """The data set file, not the connection, failed during a send."""
+
+
+def file_pdus(file: BinaryIO, offset: int, context_id: int, fragment: int) -> Iterator[FilePdu]:
+    """P-DATA-TF PDUs of the data set stored in an open file from offset on."""
     size = os.fstat(file.fileno()).st_size - offset
-    buffer = bytearray(_PDATA_HEADER.size + min(fragment, max(size, 0)))
     for start in range(offset, offset + max(size, 1), fragment):
-        length = min(fragment, offset + size - start)
-        view = memoryview(buffer)[:_PDATA_HEADER.size + length]
+        length = max(min(fragment, offset + size - start), 0)
         last = start + length >= offset + size
-        _PDATA_HEADER.pack_into(buffer, 0, PDU_P_DATA, 0, 6 + length, 2 + length, context_id, 0x02 if last else 0)
-        if os.preadv(file.fileno(), [view[_PDATA_HEADER.size:]], start) != length:
-            raise OSError("data set file shorter than when its sending began")
-        yield view
+        yield FilePdu(_PDATA_HEADER.pack(PDU_P_DATA, 0, 6 + length, 2 + length, context_id, 0x02 if last else 0),
+                      file.fileno(), start, length)
 
 
 def bytes_pdus(data: bytes, context_id: int, fragment: int, command: bool = False) -> Iterator[bytes]:

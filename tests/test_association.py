@@ -4,6 +4,7 @@ silence) and raw sockets for what pynetdicom will not send (broken answers)."""
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import threading
@@ -178,6 +179,44 @@ def test_silent_peer_times_out(peer_factory, ct_file) -> None:
         store(assoc, *ct_file)
     answer.set()
     assert lost.value.sent and time.monotonic() - started < 3
+
+
+def test_a_data_set_file_cut_short_while_sent_is_not_a_lost_connection(peer_factory, tmp_path: Path) -> None:
+    """The file shrinks between two fragments (sent by sendfile): the association is
+    aborted, and the reason names the file."""
+    path = tmp_path / "spooled.dcm"
+    path.write_bytes(bytes(range(256)) * 4096)  # 1 MiB: 8 fragments
+    peer = peer_factory()
+    assoc = associate(peer.port)
+    context_id = assoc.contexts[(CTImageStorage, EXPLICIT)]
+    with open(path, "rb") as file:
+        pdus = file_pdus(file, 0, context_id, assoc.fragment_size)
+
+        def cut_after_the_first():
+            yield next(pdus)
+            os.truncate(path, 200_000)
+            yield from pdus
+
+        with pytest.raises(Lost, match="could not be read: data set file shorter than when its sending began") as lost:
+            assoc.send(context_id, CTImageStorage, "1.2.3.4", cut_after_the_first())
+    assert lost.value.sent and not assoc.open
+    assert peer.received == []
+
+
+def test_a_peer_that_stops_reading_times_the_send_out(tmp_path: Path) -> None:
+    """sendfile on the forwarder's non-blocking socket waits for room at most the time-out."""
+    path = tmp_path / "spooled.dcm"
+    path.write_bytes(bytes(64 * 1024 * 1024))
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        sock = socket.create_connection(server.getsockname())
+        reader, _ = server.accept()  # never reads
+        sock.settimeout(0.5)
+        assoc = StoreAssociation(sock, {(CTImageStorage, EXPLICIT): 1}, 16384)
+        started = time.monotonic()
+        with open(path, "rb") as file, pytest.raises(Lost, match="connection lost during the C-STORE: timed out"):
+            assoc.send(1, CTImageStorage, "1.2.3.4", file_pdus(file, 0, 1, assoc.fragment_size))
+        assert time.monotonic() - started < 3 and not assoc.open
+        reader.close()
 
 
 @pytest.mark.parametrize(("idle_response", "why"), [("A-RELEASE", "released"), ("A-ABORT", "aborted")])
