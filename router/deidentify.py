@@ -57,6 +57,11 @@ INSTANCE_TIMEOUT_SECONDS = 600.0
 SECONDS_PER_MB = 4.0
 #: A worker that dies twice on the same instance gets it quarantined.
 MAX_CRASHES_PER_INSTANCE = 2
+#: A worker ended by SIGTERM, or by SIGKILL while the kernel killed nothing for want of
+#: memory, was killed from outside (an operator, a supervisor, a test): no fault of its
+#: instance, which is retried without a crash counted, and quarantined only after this
+#: many such kills.
+MAX_KILLS_PER_INSTANCE = 5
 #: Delay before retrying an instance whose processing failed for a transient reason
 #: (an I/O error), and how many such failures quarantine it (a full file system counts
 #: none: the instance waits for space).
@@ -416,6 +421,8 @@ class DeidStage:
         self._looked_past: dict[Path, _Task] = {}
         self._delayed: list[tuple[float, str, Path]] = []
         self._crashes: dict[Path, int] = {}
+        self._kills: dict[Path, int] = {}  # killed from outside (MAX_KILLS_PER_INSTANCE)
+        self._oom_kills = oom_kills()
         self._transient: dict[Path, int] = {}
         self._workers: list[_Worker] = []
         self._wake_r, self._wake_w = socket.socketpair()
@@ -791,6 +798,7 @@ class DeidStage:
         worker.next_started()
         with self._lock:
             self._crashes.pop(path, None)
+            self._kills.pop(path, None)
             if kind != "transient":
                 self._transient.pop(path, None)
         if kind == "ok":
@@ -864,23 +872,31 @@ class DeidStage:
             for waiting in reversed(worker.tasks):  # sent, not begun: no attempt spent
                 self._queue.appendleft(waiting.path)
         worker.tasks.clear()
+        ooms, self._oom_kills = self._oom_kills, oom_kills()
+        from_outside = not hung and (code == -signal.SIGTERM or (
+            code == -signal.SIGKILL and ooms is not None and ooms == self._oom_kills))
         if task is not None:
             spool_id, path = task.spool_id, task.path
+            counts, limit = (self._kills, MAX_KILLS_PER_INSTANCE) if from_outside else \
+                (self._crashes, MAX_CRASHES_PER_INSTANCE)
             with self._lock:
-                crashes = self._crashes.get(path, 0) + 1
-                self._crashes[path] = crashes
+                times = counts.get(path, 0) + 1
+                counts[path] = times
             _unlink(_output_path(self.spool, spool_id))
             if not path.exists():
                 self._forget(path)  # it had finished, only the report was lost
-            elif crashes >= MAX_CRASHES_PER_INSTANCE:
-                reason = f"the worker process {how} while de-identifying this instance ({crashes} times)"
-                self._quarantine_here(path, spool_id, reason, crashes, "WorkerDied")
+            elif times >= limit:
+                cause = f"was killed from outside ({how.removeprefix('died of ')})" if from_outside else how
+                reason = f"the worker process {cause} while de-identifying this instance ({times} times)"
+                self._quarantine_here(path, spool_id, reason, times, "WorkerDied")
                 with self._lock:
                     self._crashes.pop(path, None)
+                    self._kills.pop(path, None)
                 self._forget(path)
             else:
                 log.warning("worker_died", worker=worker.index, exit=how, spool_id=spool_id,
-                            action="retrying the instance on a new worker")
+                            action="retrying the instance on a new worker" + (
+                                " (killed from outside: not counted against the instance)" if from_outside else ""))
                 with self._lock:
                     self._queue.appendleft(path)
         else:
@@ -912,6 +928,19 @@ class DeidStage:
         new = self._spawn(index)
         self._workers[index] = new
         self.stats["worker_restarts"] += 1
+
+
+def oom_kills() -> int | None:
+    """How many processes the kernel has killed for want of memory since boot (/proc/vmstat,
+    Linux 4.13+; a memory cgroup's kills included), None if unknown."""
+    try:
+        with open("/proc/vmstat") as f:
+            for line in f:
+                if line.startswith("oom_kill "):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def _exit_description(code: int | None) -> str:

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import collections
+import faulthandler
+import json
 import multiprocessing
 import os
 import shutil
+import signal
 import stat
 import threading
 import time
 from pathlib import Path
 
+import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, generate_uid
@@ -19,7 +23,16 @@ from test_node_support import NODE_TEST_OPTIONS, fill_file_system
 from bench.synthetic import write_ct_series
 from router import config as config_module
 from router.decode import decoded_pixel_bytes
-from router.deidentify import DURABLE_AFTER_SECONDS, LARGE_INSTANCE_BYTES, DeidStage, Routed, _Task, _Worker
+from router import deidentify
+from router.deidentify import (
+    DURABLE_AFTER_SECONDS,
+    LARGE_INSTANCE_BYTES,
+    MAX_KILLS_PER_INSTANCE,
+    DeidStage,
+    Routed,
+    _Task,
+    _Worker,
+)
 from router.spool import Spool
 
 
@@ -184,6 +197,60 @@ def test_a_dead_worker_blames_only_the_instance_it_was_computing(tmp_path: Path)
             assert not computing.exists()
             assert [p.name for p in spool.quarantine_dir("deidentify").glob("*.dcm")] == [computing.name]
     assert waiting.exists()
+
+
+def _sleep_quietly(ready) -> None:
+    faulthandler.disable()  # pytest's, inherited: no traceback printed for the SIGSEGV
+    ready.set()
+    time.sleep(30)
+
+
+def _died_of(sig: int):
+    """A finished process that died of this signal (as a worker would)."""
+    ctx = multiprocessing.get_context("fork")
+    ready = ctx.Event()
+    process = ctx.Process(target=_sleep_quietly, args=(ready,))
+    process.start()
+    assert ready.wait(10)
+    os.kill(process.pid, sig)
+    process.join()
+    return process
+
+
+@pytest.mark.parametrize(("sig", "ooms", "quarantined_after", "why"), [
+    (signal.SIGKILL, [3], MAX_KILLS_PER_INSTANCE, "was killed from outside (signal SIGKILL)"),
+    (signal.SIGTERM, [3, 4, 5], MAX_KILLS_PER_INSTANCE, "was killed from outside (signal SIGTERM)"),
+    (signal.SIGKILL, [3, 4, 5], 2, "died of signal SIGKILL"),  # the kernel killed for memory meanwhile
+    (signal.SIGKILL, [None], 2, "died of signal SIGKILL"),  # no /proc/vmstat: counted
+    (signal.SIGSEGV, [3], 2, "died of signal SIGSEGV"),
+])
+def test_a_worker_killed_from_outside_is_not_its_instances_fault(tmp_path: Path, monkeypatch, sig, ooms,
+                                                                   quarantined_after, why) -> None:
+    """kill or kill -9 of a worker by an operator or a test (for SIGKILL: no out-of-memory
+    kill in the kernel's count meanwhile) retries its instance without counting a crash:
+    five such kills quarantine it. An out-of-memory kill, or a crash, counts: the second
+    quarantines it."""
+    counts = iter(ooms * 10)
+    monkeypatch.setattr(deidentify, "oom_kills", lambda: next(counts))
+    config = _config(tmp_path / "spool", workers=1)
+    spool = Spool(config.node.spool_dir, ["pacs"])
+    spool.create()
+    [computing] = _incoming(spool, write_ct_series(tmp_path / "ct", 1, patient_id="PID-STAGE-K"))
+    stage = DeidStage(config, b"k" * 32, spool, lambda dest, item: None)
+    stage._feeding = False  # no restarts: these workers are not real
+    stage._closed = True
+    parent, _child = multiprocessing.Pipe()
+    for death in range(1, quarantined_after + 1):
+        worker = _Worker(0, _died_of(sig), parent)
+        worker.tasks.append(_Task(computing.stem, computing, 1, started=time.monotonic()))
+        stage._workers = [worker]
+        stage._queue.clear()
+        stage._died(worker)
+        if death < quarantined_after:
+            assert list(stage._queue) == [computing]
+    assert not stage._queue and not computing.exists()
+    [reason] = [json.loads(p.read_text())["reason"] for p in spool.quarantine_dir("deidentify").glob("*.reason.json")]
+    assert reason == f"the worker process {why} while de-identifying this instance ({quarantined_after} times)"
 
 
 def test_large_instances_never_wait_in_two_workers_at_once_and_smaller_ones_go_ahead(tmp_path: Path) -> None:
