@@ -515,7 +515,15 @@ class Deidentifier:
             creator = creators.get(creator_tag)
             if creator and self.profile.is_safe_private(creator, tag >> 16, element & 0xFF):
                 kept_blocks.add(creator_tag)
-                vr = _vr(_get(ds, tag), tag) or "UN"
+                raw = _get(ds, tag)
+                vr = _vr(raw, tag) or "UN"
+                if vr == "UN" and isinstance(raw, RawDataElement) \
+                        and self.profile.is_safe_private_sequence(creator, tag >> 16, element & 0xFF):
+                    # A sequence the file does not call one (implicit VR, or UN: both encode
+                    # its items in implicit VR little endian, PS3.5 6.2.2): read as one, so
+                    # that its items' UIDs, dates and names are de-identified, not kept raw.
+                    ds._dict[tag] = raw._replace(VR="SQ", is_implicit_VR=True, is_little_endian=True)
+                    vr = "SQ"
                 self._keep(ds, tag, vr, patient, shift=True)
             else:
                 del ds[tag]

@@ -55,6 +55,16 @@ def standard_safe_private() -> tuple[SafePrivate, ...]:
     return tuple(SafePrivate(row["creator"].strip(), row["group"], row["element"]) for row in rows)
 
 
+@cache
+def standard_safe_private_sequences() -> frozenset[tuple[str, int, int]]:
+    """(creator, group, element) of the safe private attributes the table lists as SQ."""
+    path = resources.files("router.rule_tables").joinpath("safe-private.toml")
+    if not path.is_file():
+        return frozenset()
+    rows = tomllib.loads(path.read_text(encoding="utf-8")).get("safe", [])
+    return frozenset((row["creator"].strip(), row["group"], row["element"]) for row in rows if row.get("vr") == "SQ")
+
+
 def resolve(code: str, options: frozenset[str], row_options: dict[str, str], combined: str) -> str:
     """The standard's action for one row under the selected options.
 
@@ -118,3 +128,8 @@ class Profile:
         if not kept:
             return False
         return bool({(group, element), (None, element), (group, None), (None, None)} & kept)
+
+    def is_safe_private_sequence(self, creator: str, group: int, element: int) -> bool:
+        """Does the standard's safe list give this private attribute the VR SQ? (An
+        implicit VR file does not say; its items are de-identified like any sequence's.)"""
+        return (creator, group, element) in standard_safe_private_sequences()

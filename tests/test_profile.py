@@ -259,6 +259,35 @@ def test_private_tags_removed_and_safe_list_kept(tmp_path):
     assert 0x00091011 not in none
 
 
+@pytest.mark.parametrize("encoding", ["implicit VR", "explicit VR, the sequence as UN"])
+def test_a_safe_private_sequence_without_its_vr_has_its_items_de_identified(tmp_path, encoding):
+    """Philips' Presentation State Sequence (2001,xx00 of "Philips Imaging DD 129") is on the
+    standard's safe list as SQ. Where the file does not say SQ (implicit VR, or UN), it was
+    kept as raw bytes: the presentation state's own UIDs, dates and creator's name inside it
+    left unchanged (seen in the corpus: deid__MR_seqreplace_example.dcm)."""
+    ds = instance()
+    nested = item(SOPInstanceUID=ds.SOPInstanceUID, InstanceCreationDate="20240105",
+                  ContentCreatorName="Smith^John^Q", ContentLabel="AS LAST SEEN")
+    nested.private_block(0x2005, "ACME 1.1", create=True).add_new(0x10, "LO", "NESTED-PRIVATE-PHI")
+    if encoding == "implicit VR":
+        ds.private_block(0x2001, "Philips Imaging DD 129", create=True).add_new(0x00, "SQ", Sequence([nested]))
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    else:  # PS3.5 6.2.2: a sequence written as UN holds its items in implicit VR little endian
+        holder = Dataset()
+        holder.add_new(0x20011000, "SQ", Sequence([nested]))
+        holder[0x20011000].is_undefined_length = False
+        buffer = pydicom.filebase.DicomBytesIO()
+        buffer.is_little_endian, buffer.is_implicit_VR = True, True
+        pydicom.filewriter.write_dataset(buffer, holder)
+        ds.private_block(0x2001, "Philips Imaging DD 129", create=True).add_new(0x00, "UN", buffer.getvalue()[8:])
+    out, data = roundtrip(ds, engine("retain-safe-private", "retain-longitudinal-modified-dates"), tmp_path)
+    [kept] = out[0x20011000].value
+    assert kept.SOPInstanceUID == out.SOPInstanceUID != ds.SOPInstanceUID  # remapped as everywhere
+    assert kept.InstanceCreationDate == out.StudyDate != "20240105"  # shifted as the patient's dates
+    assert kept.ContentLabel == "AS LAST SEEN"
+    assert b"Smith" not in data and b"NESTED-PRIVATE-PHI" not in data and ds.SOPInstanceUID.encode() not in data
+
+
 def test_overlays_and_curves_removed(tmp_path):
     ds = instance()
     ds.add_new(0x60000010, "US", 4)
