@@ -52,9 +52,9 @@ from pydicom import dcmread
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom.dsutils import encode, split_dataset
-from pynetdicom.sop_class import Verification
 
 from router.association import AssociationError, Lost, StoreAssociation, bytes_pdus, file_pdus
+from router.commands import VERIFICATION
 from router.config import Config, Destination, NodeConfig
 from router.encode import read_meta_uids
 from router.deidentify import (Routed, StartError, configure_logging, describe_exception, kill_process,
@@ -117,9 +117,9 @@ def echo(host: str, port: int, called_ae: str = "ANY-SCP", calling_ae: str = "DE
     started = time.perf_counter()
     ok = False
     try:
-        assoc = StoreAssociation.request(host, port, calling_ae, called_ae, [(Verification, ImplicitVRLittleEndian)],
+        assoc = StoreAssociation.request(host, port, calling_ae, called_ae, [(VERIFICATION, ImplicitVRLittleEndian)],
                                          timeout, 16384, (IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION))
-        context_id = assoc.contexts.get((Verification, ImplicitVRLittleEndian))
+        context_id = assoc.contexts.get((VERIFICATION, ImplicitVRLittleEndian))
         if context_id is None:
             assoc.abort()
             detail = "the peer did not accept the Verification SOP Class"
