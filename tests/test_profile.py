@@ -795,3 +795,58 @@ def test_a_person_named_only_inside_a_sequence_is_cut_from_kept_text_too(tmp_pat
         comments = str(pydicom.dcmread(dst).get("ImageComments", ""))
         assert "protocol" in comments and "quintus" not in comments.lower() and "ottoline" not in comments.lower()
         assert b"QUINTUS" not in dst.read_bytes() and b"OTTOLINE" not in dst.read_bytes(), implicit
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+def test_a_value_planted_in_every_row_of_table_e1_1_is_handled_as_the_row_says(tmp_path, syntax):
+    """One instance with a unique value in every attribute of PS3.15 Table E.1-1 that holds
+    text, a name, a date or a UID, or is a sequence (an item with a planted name inside),
+    de-identified with the default options: X absent, Z empty, D and U without the planted
+    value, K present, and no planted text anywhere in the output's bytes unless its row
+    keeps (or cleans) it."""
+    from router.config import DEFAULT_OPTIONS
+    from router.rules import Profile, standard_table
+
+    profile = Profile(DeidConfig(options=DEFAULT_OPTIONS))
+    ds = instance()
+    ds.file_meta.TransferSyntaxUID = syntax
+    top_level = set(ds.keys())
+    planted: dict[int, tuple[str, str, bytes]] = {}  # tag -> (code, VR, planted bytes)
+    for n, row in enumerate(standard_table()["rules"]):
+        if not all(c in "0123456789abcdefABCDEF" for c in row["tag"]):
+            continue  # repeating groups, private ranges
+        tag, vr = int(row["tag"], 16), (row.get("vr") or "").split(" or ")[0]
+        if tag >> 16 in (0x0000, 0x0002, 0x7FE0, 0xFFFA) or tag in top_level:
+            continue
+        mark = f"ZQX{n:04d}"
+        if vr == "SQ":
+            inner = Dataset()
+            inner.PatientName, inner.CodeMeaning = mark + "^INNER", mark + " meaning"
+            value = Sequence([inner])
+        elif vr in ("DA", "DT"):
+            value, mark = f"19{n % 100:02d}0102" + ("101010" if vr == "DT" else ""), ""
+        elif vr == "UI":
+            value = mark = f"1.2.999.{n}.77777"
+        elif vr in ("LO", "SH", "ST", "LT", "UT", "UC", "CS", "AE"):
+            value = mark
+        elif vr == "PN":
+            value = mark + "^PERSON"
+        else:
+            continue
+        ds.add_new(tag, vr, value)
+        action = profile.action(tag)
+        planted[tag] = (action.code if action else "K", vr, mark.encode())
+    assert len(planted) > 450
+    out, data = roundtrip(ds, Deidentifier(DeidConfig(options=DEFAULT_OPTIONS), SECRET), tmp_path)
+    wrong = []
+    for tag, (code, vr, mark) in planted.items():
+        value = out[tag].value if tag in out else None
+        if code == "X" and tag in out:
+            wrong.append((hex(tag), code, "present"))
+        elif code == "Z" and value not in (None, "", b"") and not (vr == "SQ" and len(value) == 0):
+            wrong.append((hex(tag), code, "not empty"))
+        elif code in ("X", "Z", "D", "U") and mark and mark in data:
+            wrong.append((hex(tag), code, "planted value in the output"))
+        elif code == "K" and vr not in ("SQ", "PN") and tag not in out:
+            wrong.append((hex(tag), code, "kept attribute missing"))
+    assert not wrong
