@@ -57,10 +57,10 @@ INSTANCE_TIMEOUT_SECONDS = 600.0
 SECONDS_PER_MB = 4.0
 #: A worker that dies twice on the same instance gets it quarantined.
 MAX_CRASHES_PER_INSTANCE = 2
-#: A worker ended by SIGTERM, or by SIGKILL while the kernel killed nothing for want of
-#: memory, was killed from outside (an operator, a supervisor, a test): no fault of its
-#: instance, which is retried without a crash counted, and quarantined only after this
-#: many such kills.
+#: A worker ended by SIGKILL while the kernel killed nothing for want of memory was killed
+#: from outside (an operator, a supervisor, a test; workers ignore SIGTERM): no fault of
+#: its instance, which is retried without a crash counted, and quarantined only after
+#: this many such kills.
 MAX_KILLS_PER_INSTANCE = 5
 #: Delay before retrying an instance whose processing failed for a transient reason
 #: (an I/O error), and how many such failures quarantine it (a full file system counts
@@ -873,8 +873,7 @@ class DeidStage:
                 self._queue.appendleft(waiting.path)
         worker.tasks.clear()
         ooms, self._oom_kills = self._oom_kills, oom_kills()
-        from_outside = not hung and (code == -signal.SIGTERM or (
-            code == -signal.SIGKILL and ooms is not None and ooms == self._oom_kills))
+        from_outside = not hung and code == -signal.SIGKILL and ooms is not None and ooms == self._oom_kills
         if task is not None:
             spool_id, path = task.spool_id, task.path
             counts, limit = (self._kills, MAX_KILLS_PER_INSTANCE) if from_outside else \

@@ -219,17 +219,15 @@ def _died_of(sig: int):
 
 @pytest.mark.parametrize(("sig", "ooms", "quarantined_after", "why"), [
     (signal.SIGKILL, [3], MAX_KILLS_PER_INSTANCE, "was killed from outside (signal SIGKILL)"),
-    (signal.SIGTERM, [3, 4, 5], MAX_KILLS_PER_INSTANCE, "was killed from outside (signal SIGTERM)"),
     (signal.SIGKILL, [3, 4, 5], 2, "died of signal SIGKILL"),  # the kernel killed for memory meanwhile
     (signal.SIGKILL, [None], 2, "died of signal SIGKILL"),  # no /proc/vmstat: counted
     (signal.SIGSEGV, [3], 2, "died of signal SIGSEGV"),
 ])
 def test_a_worker_killed_from_outside_is_not_its_instances_fault(tmp_path: Path, monkeypatch, sig, ooms,
                                                                    quarantined_after, why) -> None:
-    """kill or kill -9 of a worker by an operator or a test (for SIGKILL: no out-of-memory
-    kill in the kernel's count meanwhile) retries its instance without counting a crash:
-    five such kills quarantine it. An out-of-memory kill, or a crash, counts: the second
-    quarantines it."""
+    """kill -9 of a worker by an operator or a test (no out-of-memory kill in the kernel's
+    count meanwhile) retries its instance without counting a crash: five such kills
+    quarantine it. An out-of-memory kill, or a crash, counts: the second quarantines it."""
     counts = iter(ooms * 10)
     monkeypatch.setattr(deidentify, "oom_kills", lambda: next(counts))
     config = _config(tmp_path / "spool", workers=1)
