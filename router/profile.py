@@ -517,13 +517,23 @@ class Deidentifier:
                 kept_blocks.add(creator_tag)
                 raw = _get(ds, tag)
                 vr = _vr(raw, tag) or "UN"
-                if vr == "UN" and isinstance(raw, RawDataElement) \
-                        and self.profile.is_safe_private_sequence(creator, tag >> 16, element & 0xFF):
-                    # A sequence the file does not call one (implicit VR, or UN: both encode
-                    # its items in implicit VR little endian, PS3.5 6.2.2): read as one, so
-                    # that its items' UIDs, dates and names are de-identified, not kept raw.
-                    ds._dict[tag] = raw._replace(VR="SQ", is_implicit_VR=True, is_little_endian=True)
-                    vr = "SQ"
+                listed = self.profile.safe_private_vr(creator, tag >> 16, element & 0xFF)
+                if vr == "UN" and isinstance(raw, RawDataElement) and listed in ("SQ", "UI"):
+                    # A sequence or UID the file does not call one (implicit VR, or UN: both in
+                    # implicit VR little endian, PS3.5 6.2.2): read as the list says, so that
+                    # a sequence's items are de-identified and a UID remapped, not kept raw.
+                    ds._dict[tag] = raw._replace(VR=listed, is_implicit_VR=True, is_little_endian=True)
+                    vr = listed
+                if vr == "UI" and patient.new_uid is not None \
+                        and self.profile.remaps_private_uid(creator, tag >> 16, element & 0xFF):
+                    # A kept private UID naming an instance or series (an analysed series, a
+                    # bookmark) is remapped as the public ones are, so that it still points
+                    # at the same object and does not give the original away; DICOM's own
+                    # (SOP classes, transfer syntaxes: under 1.2.840.10008) stay.
+                    values = _strings(_get(ds, tag))
+                    remapped = [v if not v or v.startswith("1.2.840.10008.") else patient.new_uid(v) for v in values]
+                    if remapped != values:
+                        ds[tag] = DataElement(tag, vr, _vm(remapped))
                 self._keep(ds, tag, vr, patient, shift=True)
             else:
                 del ds[tag]

@@ -56,13 +56,14 @@ def standard_safe_private() -> tuple[SafePrivate, ...]:
 
 
 @cache
-def standard_safe_private_sequences() -> frozenset[tuple[str, int, int]]:
-    """(creator, group, element) of the safe private attributes the table lists as SQ."""
+def standard_safe_private_rows() -> dict[tuple[str, int, int], tuple[str, str]]:
+    """(VR, name) of each (creator, group, element) on the standard's safe list."""
     path = resources.files("router.rule_tables").joinpath("safe-private.toml")
     if not path.is_file():
-        return frozenset()
+        return {}
     rows = tomllib.loads(path.read_text(encoding="utf-8")).get("safe", [])
-    return frozenset((row["creator"].strip(), row["group"], row["element"]) for row in rows if row.get("vr") == "SQ")
+    return {(row["creator"].strip(), row["group"], row["element"]): (row.get("vr", ""), row.get("name", ""))
+            for row in rows}
 
 
 def resolve(code: str, options: frozenset[str], row_options: dict[str, str], combined: str) -> str:
@@ -129,7 +130,13 @@ class Profile:
             return False
         return bool({(group, element), (None, element), (group, None), (None, None)} & kept)
 
-    def is_safe_private_sequence(self, creator: str, group: int, element: int) -> bool:
-        """Does the standard's safe list give this private attribute the VR SQ? (An
-        implicit VR file does not say; its items are de-identified like any sequence's.)"""
-        return (creator, group, element) in standard_safe_private_sequences()
+    def safe_private_vr(self, creator: str, group: int, element: int) -> str | None:
+        """The VR the standard's safe list gives this private attribute (an implicit VR file,
+        or UN, does not say; SQ and UI values are then de-identified as the list's VR says)."""
+        vr = standard_safe_private_rows().get((creator, group, element), ("", ""))[0]
+        return vr if vr in ("SQ", "UI") else None
+
+    def remaps_private_uid(self, creator: str, group: int, element: int) -> bool:
+        """Is a kept private UID remapped? Yes, unless the standard's safe list names it a
+        version (a format's version, read by the vendor's software), not an object."""
+        return "Version" not in standard_safe_private_rows().get((creator, group, element), ("", ""))[1]

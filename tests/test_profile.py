@@ -288,6 +288,34 @@ def test_a_safe_private_sequence_without_its_vr_has_its_items_de_identified(tmp_
     assert b"Smith" not in data and b"NESTED-PRIVATE-PHI" not in data and ds.SOPInstanceUID.encode() not in data
 
 
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+def test_kept_private_uids_are_remapped_as_the_public_ones(tmp_path, syntax):
+    """A UID on the safe private list that names an object (NQHeader's Analyzed Series UID,
+    an ultrasound bookmark) is remapped like the public UIDs, so it still points at the same
+    series and the original does not leave; one the list calls a version stays, as do
+    DICOM's own UIDs."""
+    ds = instance()
+    ds.file_meta.TransferSyntaxUID = syntax
+    nq = ds.private_block(0x0099, "NQHeader", create=True)
+    nq.add_new(0x01, "UI", "1.2.3.4.5")  # Version
+    nq.add_new(0x02, "UI", ds.SeriesInstanceUID)  # Analyzed Series UID
+    bookmarks = ds.private_block(0x0129, "SIEMENS Ultrasound SC2000", create=True)
+    bookmarks.add_new(0x02, "UI", ["1.2.999.55.1", "1.2.840.10008.5.1.4.1.1.2"])  # Bookmark UID
+    def uids(elem) -> list[str]:  # read back as UN where the file is implicit VR
+        value = elem.value
+        text = value.decode("ascii").rstrip("\0 ") if isinstance(value, bytes) else value
+        return text.split("\\") if isinstance(text, str) else list(text)
+
+    out, data = roundtrip(ds, engine("retain-safe-private"), tmp_path)
+    assert uids(out[0x00991002]) == [out.SeriesInstanceUID] != [ds.SeriesInstanceUID]
+    assert uids(out[0x00991001]) == ["1.2.3.4.5"]
+    first, registered = uids(out[0x01291002])
+    assert first.startswith("2.25.") and registered == "1.2.840.10008.5.1.4.1.1.2"
+    assert ds.SeriesInstanceUID.encode() not in data and b"1.2.999.55.1" not in data
+    kept, _ = roundtrip(ds, engine("retain-safe-private", "retain-uids"), tmp_path / "retained")
+    assert uids(kept[0x00991002]) == [ds.SeriesInstanceUID]  # retain-uids keeps every UID
+
+
 def test_overlays_and_curves_removed(tmp_path):
     ds = instance()
     ds.add_new(0x60000010, "US", 4)
