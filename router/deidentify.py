@@ -885,7 +885,7 @@ class DeidStage:
             if not path.exists():
                 self._forget(path)  # it had finished, only the report was lost
             elif times >= limit:
-                cause = f"was killed from outside ({how.removeprefix('died of ')})" if from_outside else how
+                cause = "was killed from outside (signal SIGKILL)" if from_outside else how
                 reason = f"the worker process {cause} while de-identifying this instance ({times} times)"
                 self._quarantine_here(path, spool_id, reason, times, "WorkerDied")
                 with self._lock:

@@ -47,23 +47,24 @@ def policy() -> dict:
 
 
 @cache
-def standard_safe_private() -> tuple[SafePrivate, ...]:
+def _safe_private_table() -> tuple[dict, ...]:
+    """The rows of rules/safe-private.toml (PS3.15 Table E.3.10-1)."""
     path = resources.files("router.rule_tables").joinpath("safe-private.toml")
     if not path.is_file():
         return ()
-    rows = tomllib.loads(path.read_text(encoding="utf-8")).get("safe", [])
-    return tuple(SafePrivate(row["creator"].strip(), row["group"], row["element"]) for row in rows)
+    return tuple(tomllib.loads(path.read_text(encoding="utf-8")).get("safe", []))
+
+
+@cache
+def standard_safe_private() -> tuple[SafePrivate, ...]:
+    return tuple(SafePrivate(row["creator"].strip(), row["group"], row["element"]) for row in _safe_private_table())
 
 
 @cache
 def standard_safe_private_rows() -> dict[tuple[str, int, int], tuple[str, str]]:
     """(VR, name) of each (creator, group, element) on the standard's safe list."""
-    path = resources.files("router.rule_tables").joinpath("safe-private.toml")
-    if not path.is_file():
-        return {}
-    rows = tomllib.loads(path.read_text(encoding="utf-8")).get("safe", [])
     return {(row["creator"].strip(), row["group"], row["element"]): (row.get("vr", ""), row.get("name", ""))
-            for row in rows}
+            for row in _safe_private_table()}
 
 
 def resolve(code: str, options: frozenset[str], row_options: dict[str, str], combined: str) -> str:
@@ -130,11 +131,10 @@ class Profile:
             return False
         return bool({(group, element), (None, element), (group, None), (None, None)} & kept)
 
-    def safe_private_vr(self, creator: str, group: int, element: int) -> str | None:
-        """The VR the standard's safe list gives this private attribute (an implicit VR file,
-        or UN, does not say; SQ and UI values are then de-identified as the list's VR says)."""
-        vr = standard_safe_private_rows().get((creator, group, element), ("", ""))[0]
-        return vr if vr in ("SQ", "UI") else None
+    def safe_private_vr(self, creator: str, group: int, element: int) -> str:
+        """The VR the standard's safe list gives this private attribute ("" if none): what an
+        implicit VR file, or UN, does not say."""
+        return standard_safe_private_rows().get((creator, group, element), ("", ""))[0]
 
     def remaps_private_uid(self, creator: str, group: int, element: int) -> bool:
         """Is a kept private UID remapped? Yes, unless the standard's safe list names it a
