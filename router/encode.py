@@ -171,12 +171,12 @@ def _encode(ds: Dataset, implicit: bool, parent_encoding, out: list[bytes]) -> i
             vr = elem.VR
             if implicit or (vr and vr not in ("SQ", "UN")):
                 if elem.length != UNDEFINED and not len(value) & 1 and vr != "SQ":
-                    header = _header(tag, vr, len(value), implicit)
+                    header = element_header(tag, vr, len(value), implicit)
                     out += (header, value)
                     size += len(header) + len(value)
                     continue
                 if tag == PIXEL_DATA and elem.length == UNDEFINED:
-                    header = _header(tag, vr, UNDEFINED, implicit)  # encapsulated: the items as read
+                    header = element_header(tag, vr, UNDEFINED, implicit)  # encapsulated: the items as read
                     out += (header, value, SEQUENCE_END)
                     size += len(header) + len(value) + len(SEQUENCE_END)
                     continue
@@ -214,14 +214,14 @@ def _encode_converted(tag: int, elem: DataElement, implicit: bool, encodings, ou
         # Pixel data (masked, or converted to be looked at) as it is: pydicom's writer would
         # copy it twice, a second and third copy of a large instance in memory.
         if elem.is_undefined_length:  # encapsulated: its items as they are, then the delimiter
-            header = _header(tag, vr, UNDEFINED, implicit)
+            header = element_header(tag, vr, UNDEFINED, implicit)
             out += (header, value, SEQUENCE_END)
             return len(header) + len(value) + len(SEQUENCE_END)
         data = value
     else:
         data = None
     if data is not None and (implicit or vr in LONG_VRS or len(data) <= 0xFFFF):
-        header = _header(tag, vr, len(data), implicit)
+        header = element_header(tag, vr, len(data), implicit)
         out += (header, data)
         return len(header) + len(data)
     fp = DicomBytesIO()
@@ -246,10 +246,10 @@ def _sequence(tag: int, elem: DataElement, implicit: bool, encodings, out: list[
             body += (_item_header(0xFFFE, 0xE000, item_length), *content)
             length += item_length + 8
     if elem.is_undefined_length:
-        header = _header(tag, "SQ", UNDEFINED, implicit)
+        header = element_header(tag, "SQ", UNDEFINED, implicit)
         out += (header, *body, SEQUENCE_END)
         return len(header) + length + len(SEQUENCE_END)
-    header = _header(tag, "SQ", length, implicit)
+    header = element_header(tag, "SQ", length, implicit)
     out += (header, *body)
     return len(header) + length
 
@@ -280,7 +280,7 @@ def _number_value(value, code: str) -> bytes | None:
     return struct.pack(f"<{len(values)}{code}", *values)
 
 
-def _header(tag: int, vr: str, length: int, implicit: bool) -> bytes:
+def element_header(tag: int, vr: str, length: int, implicit: bool) -> bytes:
     if implicit:
         return _implicit_header(tag >> 16, tag & 0xFFFF, length)
     if vr in LONG_VRS:

@@ -10,7 +10,7 @@ transfer syntax, Explicit VR LE, Implicit VR LE}, at most 128); a new SOP class 
 transfer syntax means a new association. An instance goes in its own transfer syntax,
 streamed from the spool file without decoding it; if the destination accepts its SOP
 class only uncompressed, it is decompressed losslessly and sent Explicit (or Implicit) VR
-Little Endian.
+Little Endian, frame by frame through a nameless scratch file (``write_decompressed``).
 
 Success (0x0000) and warning (0x0001, 0xBxxx) statuses complete an instance: its outgoing
 link is deleted (or moved to done/<dest>/). A failure status, an abort or a time-out while
@@ -47,8 +47,11 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import BinaryIO
 
 from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.pixels import get_decoder
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom.dsutils import encode, split_dataset
@@ -56,7 +59,7 @@ from pynetdicom.dsutils import encode, split_dataset
 from router.association import AssociationError, Lost, StoreAssociation, bytes_pdus, file_pdus
 from router.commands import VERIFICATION
 from router.config import Config, Destination, NodeConfig
-from router.encode import read_meta_uids
+from router.encode import PIXEL_DATA, element_header, read_meta_uids
 from router.deidentify import (Routed, StartError, configure_logging, describe_exception, kill_process,
                                process_alive)
 from router.profile import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
@@ -188,8 +191,11 @@ class Outcome:
 class DicomSender:
     """One kept-open association toward a DICOM destination (``router.association``)."""
 
-    def __init__(self, dest: Destination, node: NodeConfig, negotiation_timeout: float | None = None):
+    def __init__(self, dest: Destination, node: NodeConfig, scratch_file: Callable[[], BinaryIO],
+                 negotiation_timeout: float | None = None):
         self.dest = dest
+        #: Where a decompressed copy is written to be sent (``Spool.scratch_file``).
+        self.scratch_file = scratch_file
         self.negotiation_timeout = negotiation_timeout
         self.calling_ae = dest.calling_ae_title or node.ae_title
         self.assoc: StoreAssociation | None = None
@@ -299,6 +305,20 @@ class DicomSender:
                 return Outcome("failed", f"outgoing file unreadable: {describe_exception(exc)}")
             source = open(item.path, "rb", buffering=0)  # noqa: SIM115 - closed below
             fragments = file_pdus(source, offset, context_id, assoc.fragment_size)
+        elif mode == "decompressed" and frame_by_frame(info.transfer_syntax_uid):
+            source = self.scratch_file()
+            try:
+                write_decompressed(item.path, syntax, source)
+            except FileNotFoundError:
+                source.close()
+                raise
+            except OSError as exc:  # the spool's disk, not the instance: as a folder destination's
+                source.close()
+                return Outcome("ambiguous", f"cannot write the decompressed copy: {exc.strerror or type(exc).__name__}")
+            except Exception as exc:
+                source.close()
+                return self._conversion_failed(info, exc)
+            fragments = file_pdus(source, 0, context_id, assoc.fragment_size)
         else:
             try:
                 fragments = bytes_pdus(encode_dataset(load_uncompressed(item.path), syntax), context_id,
@@ -306,9 +326,7 @@ class DicomSender:
             except FileNotFoundError:
                 raise
             except Exception as exc:
-                return Outcome("failed", f"the destination takes SOP class {info.sop_class_uid} only uncompressed "
-                                         f"and converting from {info.transfer_syntax_uid} failed: "
-                                         f"{describe_exception(exc)}")
+                return self._conversion_failed(info, exc)
         try:
             code = assoc.send(context_id, info.sop_class_uid, info.sop_instance_uid, fragments)
         except Lost as exc:
@@ -327,6 +345,11 @@ class DicomSender:
             return Outcome("delivered", status=code, mode=mode)
         kind = "ambiguous" if 0xA700 <= code <= 0xA7FF else "failed"  # Refused: Out of Resources
         return Outcome(kind, f"destination answered {status_text(code)}", status=code, mode=mode)
+
+    @staticmethod
+    def _conversion_failed(info: Routed, exc: Exception) -> Outcome:
+        return Outcome("failed", f"the destination takes SOP class {info.sop_class_uid} only uncompressed "
+                                 f"and converting from {info.transfer_syntax_uid} failed: {describe_exception(exc)}")
 
 
 def _dataset_offset(path: Path) -> int:
@@ -348,6 +371,51 @@ def _is_compressed(syntax: str) -> bool:
         return UID(syntax).is_compressed
     except ValueError:
         return True  # a syntax pydicom does not know: nothing to do but decode its pixel data
+
+
+def frame_by_frame(syntax: str) -> bool:
+    """Whether pydicom decodes this compressed syntax frame by frame (all but Deflated
+    Image Frame Compression, which ``router.pixels.inflated`` handles whole)."""
+    return syntax != "1.2.840.10008.1.2.8.1" and _is_compressed(syntax) and UID(syntax).is_transfer_syntax
+
+
+def write_decompressed(path: Path, syntax: str, out: BinaryIO) -> None:
+    """The instance's data set with its pixel data decompressed (losslessly, as
+    ``Dataset.decompress`` does) in an uncompressed little endian syntax, written to out
+    frame by frame: the compressed bytes and one decoded frame in memory, not a clip's
+    decoded frames and their encoding besides."""
+    ds = dcmread(path)
+    frames = get_decoder(ds.file_meta.TransferSyntaxUID).iter_array(ds, as_rgb=True)
+    first, image_pixel = next(frames)
+    count = int(ds.get("NumberOfFrames") or 1)
+    length = first.nbytes * count
+    if length >= 0xFFFFFFFF:
+        raise ValueError("the decompressed pixel data would exceed the 4 GB a value can hold")
+    ds.PhotometricInterpretation = image_pixel["photometric_interpretation"]
+    if image_pixel["samples_per_pixel"] > 1:
+        ds.PlanarConfiguration = image_pixel["planar_configuration"]
+    after = Dataset()  # elements after Pixel Data (rare), written after it
+    for tag in [tag for tag in ds.keys() if tag > PIXEL_DATA]:
+        after[tag] = ds.get_item(tag)
+        del ds[tag]
+    vr = "OB" if ds.BitsAllocated <= 8 else "OW"
+    del ds.PixelData
+    out.write(encode_dataset(ds, syntax))
+    out.write(element_header(PIXEL_DATA, vr, length + length % 2, syntax == ImplicitVRLittleEndian))
+    written = 0
+    for arr in itertools.chain([first], (arr for arr, _ in frames)):
+        if arr.nbytes != first.nbytes or written == length:
+            raise ValueError("the frames decode to different sizes or more than Number of Frames")
+        out.write(arr.data if arr.flags.c_contiguous else arr.tobytes())
+        written += arr.nbytes
+    if written != length:
+        raise ValueError(f"{written // first.nbytes} frames decoded of the {count} Number of Frames says")
+    if length % 2:
+        out.write(b"\0")
+    if len(after):
+        after.set_original_encoding(*ds.original_encoding)
+        out.write(encode_dataset(after, syntax))
+    out.flush()
 
 
 def load_uncompressed(path: Path):
@@ -467,8 +535,9 @@ class Forwarder:
         if dest.type == "folder":
             self.senders: list[FolderSender | DicomSender] = [FolderSender(dest)]
         else:
-            self.senders = [DicomSender(dest, node)] + [
-                DicomSender(dest, node, negotiation_timeout=min(dest.timeout_seconds, EXTRA_ASSOCIATION_SECONDS))
+            self.senders = [DicomSender(dest, node, spool.scratch_file)] + [
+                DicomSender(dest, node, spool.scratch_file,
+                            negotiation_timeout=min(dest.timeout_seconds, EXTRA_ASSOCIATION_SECONDS))
                 for _ in range(dest.associations - 1)]
         self._cond = threading.Condition()
         self._ready: collections.deque[Item] = collections.deque()

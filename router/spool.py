@@ -55,6 +55,7 @@ import time
 from collections.abc import Iterable
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import BinaryIO
 
 TMP = "tmp"
 INCOMING = "incoming"
@@ -338,6 +339,18 @@ class Spool:
 
     def tmp_path(self, suffix: str = SUFFIX) -> Path:
         return self.tmp / f"{new_id()}{suffix}"
+
+    def scratch_file(self) -> BinaryIO:
+        """An open file in tmp/ with no name: it is gone when closed, even after kill -9."""
+        try:
+            fd = os.open(self.tmp, os.O_TMPFILE | os.O_RDWR, 0o600)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                raise
+            path = self.tmp_path(".scratch")  # a file system without O_TMPFILE
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+            os.unlink(path)
+        return os.fdopen(fd, "w+b")
 
     # ---------------------------------------------------------------- recycling
     def recycle(self, path: Path, size: int | None = None) -> None:

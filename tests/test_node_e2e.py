@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 from pydicom import dcmread
 from pydicom.filebase import DicomBytesIO
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
 from pynetdicom import AE, _config, build_context
 
-from bench.synthetic import write_ct_series
-from peers import Orthanc, send_files, storescu
+from bench.synthetic import us_multiframe, write_ct_series
+from peers import Orthanc, StoreSCP, send_files, storescu
 from router.config import DeidConfig
 from router.pixels import inflated
 from router.profile import Deidentifier, InstanceRefused
@@ -204,6 +204,33 @@ def test_syntax_the_destination_refuses_is_sent_decompressed(tmp_path: Path, cor
         assert sorted(e["mode"] for e in router.events("forwarded")) == ["decompressed"] * 3
         assert router.files("quarantine", "pacs") == []
         assert router.files("outgoing", "pacs") == []
+        assert router.stop() == 0
+
+
+def test_compressed_clip_reaches_storescp_decompressed(tmp_path: Path) -> None:
+    """dcmtk's storescp takes only uncompressed syntaxes: an RLE clip (what the pixel stage
+    writes) arrives Explicit VR Little Endian with the same pixels, decoded frame by frame
+    into a nameless scratch file of the spool that is gone once sent."""
+    clip_path = tmp_path / "clip.dcm"
+    clip, _boxes = us_multiframe(12, seed=7)
+    clip.compress(RLELossless, encoding_plugin="pylibjpeg")
+    clip.save_as(clip_path, enforce_file_format=True)
+    uncompressed_only = ["+x="]  # storescp's default; the helper's "+xa" before it is overridden
+    with StoreSCP(tmp_path / "scp", extra_args=uncompressed_only) as scp, Router(tmp_path, [dicom_destination(
+            "scp", "127.0.0.1", scp.port, scp.aet)]) as router:
+        ae = AE(ae_title="MODALITY")
+        assoc = ae.associate("127.0.0.1", router.port, ae_title=ROUTER_AET,
+                             contexts=[build_context(clip.SOPClassUID, [RLELossless])])
+        assert assoc.is_established
+        assert assoc.send_c_store(clip_path).Status == 0x0000
+        assoc.release()
+        [received] = scp.wait_for_files(1, timeout=60)
+        arrived = dcmread(received)
+        assert arrived.file_meta.TransferSyntaxUID in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+        assert arrived.NumberOfFrames == 12
+        assert np.array_equal(arrived.pixel_array, dcmread(clip_path).pixel_array)
+        assert [e["mode"] for e in router.events("forwarded")] == ["decompressed"]
+        assert not router.files("tmp", suffix="")
         assert router.stop() == 0
 
 
