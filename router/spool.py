@@ -667,14 +667,5 @@ def start_writeback(fd: int, offset: int = 0, count: int = 0) -> None:
         _sync_file_range(fd, ctypes.c_int64(offset), ctypes.c_int64(count), ctypes.c_uint(2))
 
 
-def fsync_file(path: Path) -> None:
-    """fsync a file written by another descriptor (the data, not only this one's)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def is_out_of_space(exc: OSError) -> bool:
     return exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
