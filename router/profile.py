@@ -42,6 +42,7 @@ from router import __version__
 from router.config import BASIC_PROFILE_CODE, OPTIONS, DeidConfig
 from router.decode import ITEM_TAG, PIXEL_DATA, TAGS, read_part10, tag_object
 from router.encode import ConstantElement, fast_syntax, part10_bytes
+from router.names import PersonNames
 from router.pseudonyms import Pseudonymizer
 from router.rules import Action, Profile
 from router.spool import reusable
@@ -121,11 +122,12 @@ class InstanceResult:
 
 @functools.lru_cache(maxsize=8192)
 def _needs_cleaning(text: str, scrub: re.Pattern[str] | None, patterns: re.Pattern[str] | None,
-                    dates: bool, uids: bool) -> bool:
+                    names: PersonNames | None, dates: bool, uids: bool) -> bool:
     """Cached: a series repeats most kept text values (and a patient's scrub pattern is one
     object, from re's cache) instance after instance."""
     return (scrub is not None and scrub.search(text) is not None) or (
         patterns is not None and patterns.search(text) is not None) or (
+        names is not None and names.search(text)) or (
         dates and _TEXT_DATE.search(text) is not None) or (uids and _TEXT_UID.search(text) is not None)
 
 
@@ -137,6 +139,7 @@ class _Patient:
     shift_days: int | None  # None: dates are not shifted
     scrub: re.Pattern[str] | None  # identifying values to cut out of kept text
     patterns: re.Pattern[str] | None  # kinds of identifiers cut whatever the header holds
+    names: PersonNames | None  # person names the header does not hold, cut with the patterns
     text_dates: str  # dates written in kept text: "keep", "shift" or "remove"
     new_uid: Callable[[str], str] | None  # UIDs written in kept text are remapped (None: kept)
 
@@ -144,25 +147,30 @@ class _Patient:
     def signature(self) -> tuple:
         """Everything about the patient that decides how a value is de-identified."""
         return (self.key, self.shift_days, self.scrub.pattern if self.scrub is not None else None,
-                self.patterns.pattern if self.patterns is not None else None, self.text_dates, self.new_uid is not None)
+                self.patterns.pattern if self.patterns is not None else None, self.names is not None, self.text_dates,
+                self.new_uid is not None)
 
     @functools.cached_property
     def for_recorded_text(self) -> _Patient:
         """This patient for text that identifies a device or records its software (serial
         numbers, station names, versions): its numbers and dates are not the patient's, so
         only the instance's identifying values are cut from it, not the kinds of identifier."""
-        return dataclasses.replace(self, text_dates="keep", patterns=None)
+        return dataclasses.replace(self, text_dates="keep", patterns=None, names=None)
 
     def needs_cleaning(self, text: str) -> bool:
-        return _needs_cleaning(text, self.scrub, self.patterns, self.text_dates != "keep", self.new_uid is not None)
+        return _needs_cleaning(text, self.scrub, self.patterns, self.names, self.text_dates != "keep",
+                               self.new_uid is not None)
 
     def clean_text(self, text: str) -> str:
         """Cut identifying values out of text; shift or remove its dates, remap its UIDs."""
         if self.new_uid is not None:  # first: a UID's digits must not be read as a date or ID
             text = _TEXT_UID.sub(lambda m: self.new_uid(m.group(0)), text)
-        for pattern in (self.patterns, self.scrub):  # "Dr. <name>" before the name goes
-            if pattern is not None:
-                text = pattern.sub("", text)
+        if self.patterns is not None:  # "Dr. <name>" before the name goes
+            text = self.patterns.sub("", text)
+        if self.names is not None:  # "Mary Johnson" whole, before the header's "JOHN" is cut from it
+            text = self.names.cut(text)
+        if self.scrub is not None:
+            text = self.scrub.sub("", text)
         if self.text_dates != "keep":
             text = _TEXT_DATE.sub(lambda m: _replace_text_date(m, self.shift_days), text)
         return re.sub(r"[ \t]{2,}", " ", text).strip(" \t")  # the gaps cuts leave; not the line breaks
@@ -308,7 +316,7 @@ class Deidentifier:
         text_dates = "keep" if "retain-longitudinal-full-dates" in self.config.options else (
             "shift" if shift is not None else "remove")
         new_uid = None if "retain-uids" in self.config.options else self.keys.uid
-        return _Patient(key, shift, scrub, self.profile.scrub_patterns, text_dates, new_uid)
+        return _Patient(key, shift, scrub, self.profile.scrub_patterns, self.profile.person_names, text_dates, new_uid)
 
     def _scrub_pattern(self, values: frozenset[str]) -> re.Pattern[str] | None:
         tokens = {t for t in (v.strip() for v in values)

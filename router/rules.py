@@ -19,6 +19,8 @@ from functools import cache
 from importlib import resources
 
 from router.config import DeidConfig, SafePrivate, parse_tag
+from router.names import PersonNames
+from router.names import load as load_person_names
 
 #: Combined codes resolved without the IOD's attribute type. "conservative" keeps the
 #: attribute in its dummy or empty form, which is valid whether the IOD makes it Type 1,
@@ -67,6 +69,12 @@ def standard_safe_private_rows() -> dict[tuple[str, int, int], tuple[str, str]]:
             for row in _safe_private_table()}
 
 
+@cache
+def person_names(not_names: tuple[str, ...], eponym_nouns: tuple[str, ...]) -> PersonNames:
+    """The census name lists (rules/person-names.json), read once per process."""
+    return load_person_names(list(not_names), list(eponym_nouns))
+
+
 def resolve(code: str, options: frozenset[str], row_options: dict[str, str], combined: str) -> str:
     """The standard's action for one row under the selected options.
 
@@ -110,6 +118,10 @@ class Profile:
         patterns = pol["scrub"].get("patterns", [])
         #: Identifiers removed from kept text whatever the header holds (e-mail, phone ...).
         self.scrub_patterns: re.Pattern[str] | None = re.compile("|".join(patterns)) if patterns else None
+        names = pol.get("names", {})
+        #: Person names the header does not hold, cut where the patterns are (router/names.py).
+        self.person_names: PersonNames | None = person_names(
+            tuple(names.get("not_names", ())), tuple(names.get("eponym_nouns", ()))) if names.get("enabled") else None
         self.keep_safe_private = self.private_code == "C"
         #: creator -> the (group, element) pairs kept; None in either place matches any.
         self.safe_private: dict[str, set[tuple[int | None, int | None]]] = {}

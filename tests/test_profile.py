@@ -660,6 +660,38 @@ def test_identifier_patterns_are_cut_from_kept_text(tmp_path):
     assert out.SeriesDescription == "Sent from to ; Series 2 Chest CT, 10 mm circle ROI"
 
 
+NAMES_NOT_IN_THE_HEADER = {
+    "Pt seen by Jane Roe on call": "Pt seen by on call",
+    "CT CHEST AP PORTABLE FOR DOUGLAS DAVIDSON": "CT CHEST AP PORTABLE FOR",
+    "AX 5mm - Smith, Anna - acc": "AX 5mm - - acc",
+    "Mother Mary Q. Johnson had breast cancer": "Mother had breast cancer",
+    "tech: Karen W.": "tech:",
+    "ref O'Brien, Patrick": "ref",
+    "reviewed with Dr. House and Maria Okonkwo": "reviewed with and",
+    "SMITH^ANNA requested": "requested",
+    "sent by BERRA,JAMES": "sent by",
+}
+#: Clinical text with words that are also given names or surnames: never taken for a name.
+NOT_NAMES = [
+    "CT CHEST W CONTRAST", "Ax T2 FLAIR", "Brain Perfusion", "Barrett Esophagus", "MAX INTENSITY PROJECTION",
+    "Iris Lesion", "Vena Cava Filter", "Carina Level", "Arnold Chiari malformation", "Abdomen^Liver",
+    "Head^Routine", "Thorax^01_ThoraxRoutine", "CHEST PA AND LATERAL", "MR KNEE LEFT W/O CONTRAST",
+    "US ABDOMEN COMPLETE", "Dose Report", "Patient Protocol", "MIP Coronal", "Wilson Disease follow-up",
+    "Bone Window", "Lung 1.0 B70f", "Soft Tissue 3.0", "Mark Point 1", "Echo Planar", "DWI b1000",
+    "Delayed Phase 5 min", "Portal Venous Phase", "Angle 15 degrees", "Scout Lateral", "Morton Neuroma",
+    "Salter Harris II", "Chance Fracture", "Hunter Canal", "May require follow up", "June Protocol",
+]
+
+
+def test_names_the_header_does_not_hold_are_cut_from_kept_text(tmp_path):
+    deid = engine("clean-descriptors")
+    for i, text in enumerate(list(NAMES_NOT_IN_THE_HEADER) + NOT_NAMES):
+        ds = instance()
+        ds.ImageComments = text
+        out, _ = roundtrip(ds, deid, tmp_path / str(i))
+        assert out.ImageComments == NAMES_NOT_IN_THE_HEADER.get(text, text), text
+
+
 def test_clean_pixel_data_through_the_engine(tmp_path):
     from bench.synthetic import us_rgb_with_text
 

@@ -71,3 +71,34 @@ def test_safe_private_list_from_the_standard_loads():
     assert sum(map(len, profile.safe_private.values())) > 400
     assert profile.is_safe_private("SIEMENS MR HEADER", 0x0019, 0x0C)
     assert not profile.is_safe_private("SIEMENS MR HEADER", 0x0019, 0x01)
+
+
+def test_person_names_are_generated_from_the_census_files(tmp_path):
+    """rules/generate_names.py on a small stand-in of the `names` source package: given names
+    of 3+ letters, surnames by rank, DICOM dictionary words left out; the shipped file has
+    the same form."""
+    import io
+    import tarfile
+
+    sys.path.insert(0, str(ROOT / "rules"))
+    try:
+        import generate_names
+    finally:
+        sys.path.pop(0)
+    files = {"female": "MARY 2.6 2.6 1\nAL 0.1 2.7 3\nMAX 0.1 2.8 2\n", "male": "JOHN 3.2 3.2 1\n",
+             "last": "JOHNSON 0.8 1.8 2\nSMITH 1.0 1.0 1\nHEAD 0.1 1.9 3\n"}
+    source = tmp_path / "names-0.3.0.tar.gz"
+    with tarfile.open(source, "w:gz") as archive:
+        for key, member in generate_names.MEMBERS.items():
+            data = files[key].encode("ascii")
+            info = tarfile.TarInfo(member)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    table = generate_names.generate(source)
+    assert table["given"] == ["JOHN", "MARY"]  # "AL" too short, "MAX" a dictionary word
+    assert table["surnames"] == ["JOHNSON", "SMITH"]  # "HEAD" a dictionary word
+    shipped = json.loads((ROOT / "rules" / "person-names.json").read_text())
+    assert shipped["generated_by"] == "rules/generate_names.py"
+    assert len(shipped["given"]) > 5000 and len(shipped["surnames"]) > 29000
+    assert shipped["given"] == sorted(shipped["given"]) and min(map(len, shipped["given"])) >= 3
+    assert not {"MAX", "HEAD", "ANGLE"} & (set(shipped["given"]) | set(shipped["surnames"]))

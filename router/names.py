@@ -1,0 +1,133 @@
+"""Person names in free text that the header does not hold ("seen by Jane Roe").
+
+The header's own names are cut from kept text by value (``Deidentifier._scrub_pattern``)
+and titled names by a pattern (rules/policy.toml); this finds the others by their shape,
+with the census name lists of rules/person-names.json (see rules/generate_names.py):
+
+- a given name, an optional middle initial and a surname: "Jane Roe", "Mary Q. Johnson";
+- a surname, a comma and a given name: "Smith, Anna";
+- a given name and an initial: "Karen W.";
+- a DICOM person name written into text, both parts on the lists: "SMITH^ANNA".
+
+A surname is a word of the surname list or, in text that is not all capitals, any
+capitalised word ("Okonkwo"): in all-capital text ("CT HEAD JANE ROE") only the lists
+tell a name from a word. A lone given name is not cut (too many are words), nor an
+eponym ("Barrett Esophagus", "Arnold Chiari malformation": the next word says so), nor
+the words rules/policy.toml ``[names]`` lists as not names ("MAY", "IRIS", "MAX").
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from importlib import resources
+
+_WORD = re.compile(r"[A-Za-z][A-Za-z'\u2019-]*\.?")
+_SPACE = re.compile(r"[ \t]+")
+_COMMA = re.compile(r"[ \t]*,[ \t]*")
+_TITLE_CASE = re.compile(r"(?:Mc|Mac|O'|De|Van|Le)?[A-Z][a-z'\u2019]+(?:-[A-Z][a-z'\u2019]+)?")
+_CARET_NAME = re.compile(r"(?<![\w^])[A-Za-z'\u2019-]{2,}(?:\^[A-Za-z'\u2019.-]*)+")
+
+
+def _key(word: str) -> str:
+    """A word as the lists spell it: capitals, no apostrophe, no possessive or full stop."""
+    word = word.rstrip(".")
+    if word[-2:] in ("'s", "\u2019s"):
+        word = word[:-2]
+    return word.replace("'", "").replace("\u2019", "").upper()
+
+
+@dataclass(frozen=True, eq=False)
+class PersonNames:
+    given: frozenset[str]
+    surnames: frozenset[str]
+    #: Words after a name that make it an eponym (a disease, a sign, a fracture).
+    eponym_nouns: frozenset[str]
+
+    def spans(self, text: str) -> list[tuple[int, int]]:
+        """(start, end) of each person's name found in text."""
+        found = [m.span() for m in _CARET_NAME.finditer(text) if self._is_caret_name(m.group())]
+        words = list(_WORD.finditer(text))
+        capitals = not any(c.islower() for c in text)
+        i = 0
+        while i < len(words):
+            end = self._name_from(text, words, i, capitals)
+            if end is None:
+                i += 1
+                continue
+            found.append((words[i].start(), words[end].end()))
+            i = end + 1
+        return sorted(found)
+
+    def search(self, text: str) -> bool:
+        return bool(self.spans(text))
+
+    def cut(self, text: str) -> str:
+        for start, end in reversed(_merged(self.spans(text))):
+            text = text[:start] + text[end:]
+        return text
+
+    # -- shapes --------------------------------------------------------------------------
+
+    def _name_from(self, text: str, words: list[re.Match[str]], i: int, capitals: bool) -> int | None:
+        """The index of the last word of a name starting at word i, or None."""
+        def spaced(a: int) -> bool:
+            return a + 1 < len(words) and _SPACE.fullmatch(text, words[a].end(), words[a + 1].start()) is not None
+
+        word = words[i].group()
+        if self._is_given(word, capitals) and spaced(i):
+            j = i + 1
+            if _is_initial(words[j].group()) and spaced(j) and self._is_surname(words[j + 1].group(), capitals):
+                j += 1
+            if self._is_surname(words[j].group(), capitals) and not self._eponym_after(text, words, j):
+                return j
+            if j == i + 1 and _is_initial(words[j].group()) and words[j].group().endswith("."):
+                return j  # "Karen W."
+        if (self._is_surname(word, capitals) and i + 1 < len(words)
+                and _COMMA.fullmatch(text, words[i].end(), words[i + 1].start()) is not None
+                and self._is_given(words[i + 1].group(), capitals)):
+            return i + 1
+        return None
+
+    def _is_caret_name(self, value: str) -> bool:
+        """FAMILY^GIVEN on the lists ("Abdomen^Liver", a study description, is not)."""
+        family, given = (value.split("^") + [""])[:2]
+        return _key(family) in self.surnames and _key(given or "-") in self.given
+
+    def _is_given(self, word: str, capitals: bool) -> bool:
+        return (capitals or word[0].isupper()) and _key(word) in self.given
+
+    def _is_surname(self, word: str, capitals: bool) -> bool:
+        key = _key(word)
+        if len(key) < 2 or key in self.eponym_nouns:
+            return False
+        if key in self.surnames:
+            return capitals or word[0].isupper()
+        return not capitals and _TITLE_CASE.fullmatch(word.rstrip(".")) is not None
+
+    def _eponym_after(self, text: str, words: list[re.Match[str]], j: int) -> bool:
+        return (j + 1 < len(words) and _SPACE.fullmatch(text, words[j].end(), words[j + 1].start()) is not None
+                and _key(words[j + 1].group()) in self.eponym_nouns) or words[j].group().endswith(("'s", "\u2019s"))
+
+
+def _is_initial(word: str) -> bool:
+    return len(word.rstrip(".")) == 1 and word[0].isupper()
+
+
+def _merged(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for start, end in spans:
+        if out and start <= out[-1][1]:
+            out[-1] = (out[-1][0], max(end, out[-1][1]))
+        else:
+            out.append((start, end))
+    return out
+
+
+def load(not_names: list[str], eponym_nouns: list[str]) -> PersonNames:
+    """The census lists of rules/person-names.json less the words a site says are not names."""
+    table = json.loads(resources.files("router.rule_tables").joinpath("person-names.json").read_text(encoding="utf-8"))
+    excluded = {_key(w) for w in not_names}
+    return PersonNames(frozenset(table["given"]) - excluded, frozenset(table["surnames"]) - excluded,
+                       frozenset(_key(w) for w in eponym_nouns))
