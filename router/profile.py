@@ -736,13 +736,15 @@ _JPEG_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", 
 #: (IPTC: names, places); not APP0 (JFIF), APP2 (ICC), APP8 (JPEG-LS colour transform) or
 #: APP14 (Adobe colour transform), which decoders read. The header ends at SOS (or EOI).
 #: JPEG 2000: COM; its main header ends at the first tile-part (SOT) or EOC.
-_TEXT_MARKERS = {b"\xff\xd8": (frozenset({0xFE, 0xE1, 0xED}), frozenset({0xDA, 0xD9})),
+_TEXT_MARKERS = {b"\xff\xd8": (frozenset({0xFE, *range(0xE1, 0xE8), *range(0xE9, 0xEE), 0xEF}), frozenset({0xDA, 0xD9})),
                  b"\xff\x4f": (frozenset({0x64}), frozenset({0x90, 0xD9}))}
 
 
 def strip_codestream_text(ds: Dataset) -> int:
-    """Remove the text segments (``_TEXT_MARKERS``: comments, Exif and XMP, IPTC; no decoder
-    reads them and any camera or encoder may fill them: names, dates, places) from the
+    """Remove the text segments (``_TEXT_MARKERS``: comments, every application segment but
+    JFIF (APP0), JPEG-LS's colour transform (APP8) and Adobe's (APP14): Exif and XMP, ICC
+    profiles, IPTC, vendors' picture info; no decoder needs them and any camera or encoder
+    may fill them: names, dates, places, a thumbnail) from the
     headers of JPEG, JPEG-LS and JPEG 2000 frames kept as they are; the Basic Offset Table follows, an
     Extended Offset Table goes (it is optional). Returns how many segments went."""
     raw = _get(ds, 0x7FE00010)

@@ -419,7 +419,8 @@ def test_bytes_after_the_pixels_are_cut(tmp_path, syntax):
 @pytest.mark.parametrize("syntax", [JPEGBaseline8Bit, JPEGLSLossless, JPEG2000Lossless])
 def test_text_segments_in_jpeg_frames_are_removed(tmp_path, syntax):
     """A JPEG, JPEG-LS or JPEG 2000 frame may carry text no viewer shows (comments, a
-    camera's Exif, IPTC, bytes after the codestream's end): it goes, even where the pixels
+    camera's Exif, IPTC, ICC and vendors' application segments, bytes after the
+    codestream's end): it goes, even where the pixels
     are kept as they came; the frames decode as before and the offset table still finds
     each of them."""
     frames = [(np.arange(64 * 80, dtype=np.uint32).reshape(64, 80) * (f + 3) % 251).astype(np.uint8)
@@ -438,7 +439,9 @@ def test_text_segments_in_jpeg_frames_are_removed(tmp_path, syntax):
             codestreams.append(jpeg.getvalue())
         ds.file_meta.TransferSyntaxUID = syntax
     texts = {0xFE: b"Patient Smith^John MRN-4711",  # a comment, Exif (a camera's owner), IPTC
-             0xE1: b"Exif\0\0MM\0*\0\0\0\x08Smith^John", 0xED: b"Photoshop 3.0\0MRN-4711"}
+             0xE1: b"Exif\0\0MM\0*\0\0\0\x08Smith^John", 0xED: b"Photoshop 3.0\0MRN-4711",
+             0xE2: b"ICC_PROFILE\0\x01\x01desc Smith", 0xEC: b"Ducky\0Smith^John",  # ICC, vendor picture info
+             0xEF: b"MRN-4711"}
     after = 2  # after SOI
     if syntax == JPEG2000Lossless:  # a comment (Rcom 1: Latin-1) after SIZ, which must come first
         texts = {0x64: b"\0\x01Patient Smith^John MRN-4711"}
