@@ -7,6 +7,7 @@ with the census name lists of rules/person-names.json (see rules/generate_names.
 - a given name, an optional middle initial and a surname: "Jane Roe", "Mary Q. Johnson";
 - a surname, a comma and a given name: "Smith, Anna";
 - a given name and an initial: "Karen W.";
+- a given name alone after a word that announces a person: "seen by Karen", "tech: Karen";
 - a DICOM person name written into text, both parts on the lists: "SMITH^ANNA".
 
 A surname is a word of the surname list or, in text that is not all capitals, any
@@ -26,6 +27,7 @@ from importlib import resources
 _WORD = re.compile(r"[A-Za-z][A-Za-z'\u2019-]*\.?")
 _SPACE = re.compile(r"[ \t]+")
 _COMMA = re.compile(r"[ \t]*,[ \t]*")
+_CUE_GAP = re.compile(r"[ \t]*[:=-]?[ \t]*")
 _TITLE_CASE = re.compile(r"(?:Mc|Mac|O'|De|Van|Le)?[A-Z][a-z'\u2019]+(?:-[A-Z][a-z'\u2019]+)?")
 _CARET_NAME = re.compile(r"(?<![\w^])[A-Za-z'\u2019-]{2,}(?:\^[A-Za-z'\u2019.-]*)+")
 
@@ -44,6 +46,8 @@ class PersonNames:
     surnames: frozenset[str]
     #: Words after a name that make it an eponym (a disease, a sign, a fracture).
     eponym_nouns: frozenset[str]
+    #: Words after which a given name alone is a person ("seen by Karen").
+    cues: frozenset[str]
 
     def spans(self, text: str) -> list[tuple[int, int]]:
         """(start, end) of each person's name found in text."""
@@ -84,6 +88,9 @@ class PersonNames:
                 return j
             if j == i + 1 and _is_initial(words[j].group()) and words[j].group().endswith("."):
                 return j  # "Karen W."
+        if (self._is_given(word, capitals) and i > 0 and _key(words[i - 1].group()) in self.cues
+                and _CUE_GAP.fullmatch(text, words[i - 1].end(), words[i].start()) is not None):
+            return i  # "seen by Karen", "tech: Karen"
         if (self._is_surname(word, capitals) and i + 1 < len(words)
                 and _COMMA.fullmatch(text, words[i].end(), words[i + 1].start()) is not None
                 and self._is_given(words[i + 1].group(), capitals)):
@@ -125,9 +132,9 @@ def _merged(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
-def load(not_names: list[str], eponym_nouns: list[str]) -> PersonNames:
+def load(not_names: list[str], eponym_nouns: list[str], cues: list[str]) -> PersonNames:
     """The census lists of rules/person-names.json less the words a site says are not names."""
     table = json.loads(resources.files("router.rule_tables").joinpath("person-names.json").read_text(encoding="utf-8"))
     excluded = {_key(w) for w in not_names}
     return PersonNames(frozenset(table["given"]) - excluded, frozenset(table["surnames"]) - excluded,
-                       frozenset(_key(w) for w in eponym_nouns))
+                       frozenset(_key(w) for w in eponym_nouns), frozenset(_key(w) for w in cues))

@@ -70,9 +70,9 @@ def standard_safe_private_rows() -> dict[tuple[str, int, int], tuple[str, str]]:
 
 
 @cache
-def person_names(not_names: tuple[str, ...], eponym_nouns: tuple[str, ...]) -> PersonNames:
+def person_names(not_names: tuple[str, ...], eponym_nouns: tuple[str, ...], cues: tuple[str, ...]) -> PersonNames:
     """The census name lists (rules/person-names.json), read once per process."""
-    return load_person_names(list(not_names), list(eponym_nouns))
+    return load_person_names(list(not_names), list(eponym_nouns), list(cues))
 
 
 def resolve(code: str, options: frozenset[str], row_options: dict[str, str], combined: str) -> str:
@@ -121,7 +121,8 @@ class Profile:
         names = pol.get("names", {})
         #: Person names the header does not hold, cut where the patterns are (router/names.py).
         self.person_names: PersonNames | None = person_names(
-            tuple(names.get("not_names", ())), tuple(names.get("eponym_nouns", ()))) if names.get("enabled") else None
+            tuple(names.get("not_names", ())), tuple(names.get("eponym_nouns", ())),
+            tuple(names.get("cues", ()))) if names.get("enabled") else None
         self.keep_safe_private = self.private_code == "C"
         #: creator -> the (group, element) pairs kept; None in either place matches any.
         self.safe_private: dict[str, set[tuple[int | None, int | None]]] = {}

@@ -675,6 +675,8 @@ NAMES_NOT_IN_THE_HEADER = {
     "reviewed with Dr. House and Maria Okonkwo": "reviewed with and",
     "SMITH^ANNA requested": "requested",
     "sent by BERRA,JAMES": "sent by",
+    "seen by Karen, stable": "seen by , stable",
+    "TECH: KAREN": "TECH:",
 }
 #: Clinical text with words that are also given names or surnames: never taken for a name.
 NOT_NAMES = [
@@ -685,6 +687,7 @@ NOT_NAMES = [
     "Bone Window", "Lung 1.0 B70f", "Soft Tissue 3.0", "Mark Point 1", "Echo Planar", "DWI b1000",
     "Delayed Phase 5 min", "Portal Venous Phase", "Angle 15 degrees", "Scout Lateral", "Morton Neuroma",
     "Salter Harris II", "Chance Fracture", "Hunter Canal", "May require follow up", "June Protocol",
+    "reviewed by Max Window", "Pt Will return", "contrast by hand injection",
 ]
 
 
