@@ -813,10 +813,14 @@ def _without_text_segments(fragment: memoryview) -> tuple[bytes | memoryview, in
         if marker in text:
             cuts.append((pos, end))
         pos = end
+    if fragment[:2] == b"\xff\x4f" and fragment[pos:pos + 2] == b"\xff\x90":
+        whole = _without_j2k_text(fragment, pos, cuts)
+        if whole is not None:
+            return whole
     if fragment[:2] == b"\xff\xd8" and fragment[-2:] != b"\xff\xd9" and fragment[-3:] != b"\xff\xd9\0":
         # JPEG, JPEG-LS: bytes after the end of the image (EOI, a marker no entropy-coded
         # data can hold); a frame continued in the next fragment has none here and stays
-        # whole. (JPEG 2000's tile-part headers may hold those two bytes: left alone.)
+        # whole.
         eoi = bytes(fragment).rfind(b"\xff\xd9")
         if eoi >= pos:
             cuts.append((eoi + 2, len(fragment)))
@@ -834,6 +838,73 @@ def _without_text_segments(fragment: memoryview) -> tuple[bytes | memoryview, in
     if len(kept) % 2:
         kept += b"\0"
     return bytes(kept), len(cuts)
+
+
+def _without_j2k_text(fragment: memoryview, first_tile: int,
+                      cuts: list[tuple[int, int]]) -> tuple[bytes | memoryview, int] | None:
+    """A JPEG 2000 codestream without the comments of its main header (``cuts``) and of its
+    tile-part headers, and without anything after its end (EOC): each tile-part is found by
+    the length its SOT gives (ISO 15444-1 A.4.2), not by searching for marker bytes a header
+    may hold. Where tile-part lengths change, a TLM (optional) goes. None if the tile-parts
+    do not lead to EOC within the fragment (a frame continued in the next fragment, or a
+    damaged one): then only the main header's comments go."""
+    tiles, pos, removed, resized = bytearray(), first_tile, len(cuts), False
+    while fragment[pos:pos + 2] == b"\xff\x90" and pos + 12 <= len(fragment):
+        length = int.from_bytes(fragment[pos + 6:pos + 10], "big")
+        end = pos + length if length else _unpadded_length(fragment) - 2  # 0: the last, up to EOC
+        if end <= pos + 12 or end > len(fragment):
+            return None
+        header, at = bytearray(), pos + 12
+        while fragment[at:at + 2] != b"\xff\x93":  # SOD: the tile-part's data follows
+            if at + 4 > end or fragment[at] != 0xFF:
+                return None
+            segment_end = at + 2 + int.from_bytes(fragment[at + 2:at + 4], "big")
+            if fragment[at + 1] == 0x64:  # COM
+                removed += 1
+                resized = resized or length != 0
+            else:
+                header += fragment[at:segment_end]
+            at = segment_end
+        new_length = (12 + len(header) + end - at) if length else 0
+        for part in (fragment[pos:pos + 6], new_length.to_bytes(4, "big"), fragment[pos + 10:pos + 12], header,
+                     fragment[at:end]):
+            tiles += part
+        pos = end
+    if fragment[pos:pos + 2] != b"\xff\xd9":
+        return None
+    if fragment[pos + 2:].tobytes().strip(b"\0"):
+        removed += 1  # bytes after EOC
+    if not removed:
+        return fragment, 0
+    main, start = bytearray(), 0
+    for cut_start, cut_end in cuts:
+        main += fragment[start:cut_start]
+        start = cut_end
+    main += fragment[start:first_tile]
+    if resized:
+        main = _without_segment(main, 0x55)  # TLM: the tile-part lengths it lists changed
+    kept = main + tiles + b"\xff\xd9"
+    if len(kept) % 2:
+        kept += b"\0"
+    return bytes(kept), removed
+
+
+def _unpadded_length(fragment: memoryview) -> int:
+    end = len(fragment)
+    while end and fragment[end - 1] == 0:
+        end -= 1
+    return end
+
+
+def _without_segment(header: bytearray, marker: int) -> bytearray:
+    """A JPEG 2000 main header (SOC, then marker segments) without the segments of one marker."""
+    out, pos = bytearray(header[:2]), 2
+    while pos + 4 <= len(header):
+        end = pos + 2 + int.from_bytes(header[pos + 2:pos + 4], "big")
+        if header[pos + 1] != marker:
+            out += header[pos:end]
+        pos = end
+    return out
 
 
 def native_pixel_bytes(ds: Dataset) -> int:

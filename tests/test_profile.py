@@ -418,9 +418,9 @@ def test_bytes_after_the_pixels_are_cut(tmp_path, syntax):
 
 @pytest.mark.parametrize("syntax", [JPEGBaseline8Bit, JPEGLSLossless, JPEG2000Lossless])
 def test_text_segments_in_jpeg_frames_are_removed(tmp_path, syntax):
-    """A JPEG, JPEG-LS or JPEG 2000 frame may carry text no viewer shows (comments, a
-    camera's Exif, IPTC, ICC and vendors' application segments, bytes after the
-    codestream's end): it goes, even where the pixels
+    """A JPEG, JPEG-LS or JPEG 2000 frame may carry text no viewer shows (comments, also in a
+    JPEG 2000 tile-part header, a camera's Exif, IPTC, ICC and vendors' application
+    segments, bytes after the codestream's end): it goes, even where the pixels
     are kept as they came; the frames decode as before and the offset table still finds
     each of them."""
     frames = [(np.arange(64 * 80, dtype=np.uint32).reshape(64, 80) * (f + 3) % 251).astype(np.uint8)
@@ -448,8 +448,17 @@ def test_text_segments_in_jpeg_frames_are_removed(tmp_path, syntax):
         after = 4 + int.from_bytes(codestreams[0][4:6], "big")
     segments = b"".join(b"\xff" + bytes([marker]) + (len(text) + 2).to_bytes(2, "big") + text
                         for marker, text in texts.items())
-    trailer = b"after the end: Smith^John MRN-4711" if syntax != JPEG2000Lossless else b""
-    ds.PixelData = encapsulate([c[:after] + segments + c[after:].rstrip(b"\0") + trailer for c in codestreams])
+    trailer = b"after the end: Smith^John MRN-4711"
+    planted = [c[:after] + segments + c[after:].rstrip(b"\0") + trailer for c in codestreams]
+    if syntax == JPEG2000Lossless:  # a comment in the tile-part header too: SOT's length grows
+        comment = b"\x00\x01Smith^John 4711"
+        tile_comment = b"\xff\x64" + (len(comment) + 2).to_bytes(2, "big") + comment
+        for n, c in enumerate(planted):
+            sot = c.index(b"\xff\x90", after + len(segments))
+            length = int.from_bytes(c[sot + 6:sot + 10], "big")
+            grown = (length + len(tile_comment) if length else 0).to_bytes(4, "big")
+            planted[n] = c[:sot + 6] + grown + c[sot + 10:sot + 12] + tile_comment + c[sot + 12:]
+    ds.PixelData = encapsulate(planted)
     ds["PixelData"].VR = "OB"
     ds["PixelData"].is_undefined_length = True
     before = ds.pixel_array.copy()
