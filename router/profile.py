@@ -55,6 +55,8 @@ IMPLEMENTATION_CLASS_UID = UID("2.25.158783364585436617185016425961838233617")
 IMPLEMENTATION_VERSION = f"DEID_ROUTER_{__version__.replace('.', '')}"[:16]
 
 TEXT_VRS = frozenset({"LO", "SH", "ST", "LT", "UT", "UC", "PN"})
+#: The longest value an explicit VR element with a 2-byte length can hold (LO, SH, ST ...).
+_SHORT_LENGTH_MAX = 0xFFFE
 DATE_VRS = frozenset({"DA", "DT"})
 NUMERIC_VRS = frozenset({"FL", "FD", "SL", "SS", "UL", "US", "SV", "UV", "AT"})
 BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
@@ -526,10 +528,12 @@ class Deidentifier:
                 raw = _get(ds, tag)
                 vr = _vr(raw, tag) or "UN"
                 listed = self.profile.safe_private_vr(creator, tag >> 16, element & 0xFF)
-                if vr == "UN" and isinstance(raw, RawDataElement) and listed in ("SQ", "UI"):
-                    # A sequence or UID the file does not call one (implicit VR, or UN: both in
-                    # implicit VR little endian, PS3.5 6.2.2): read as the list says, so that
-                    # a sequence's items are de-identified and a UID remapped, not kept raw.
+                if vr == "UN" and isinstance(raw, RawDataElement) and (listed in ("SQ", "UI") or (
+                        listed in TEXT_VRS and len(raw.value or b"") <= _SHORT_LENGTH_MAX)):
+                    # A sequence, UID or text the file does not call one (implicit VR, or UN:
+                    # in implicit VR little endian, PS3.5 6.2.2): read as the list says, so that
+                    # a sequence's items are de-identified, a UID remapped and text cleaned
+                    # like any other, not kept raw (or deleted whole when it spells a name).
                     ds._dict[tag] = raw._replace(VR=listed, is_implicit_VR=True, is_little_endian=True)
                     vr = listed
                 if vr == "UI" and patient.new_uid is not None \

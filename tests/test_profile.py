@@ -316,6 +316,20 @@ def test_kept_private_uids_are_remapped_as_the_public_ones(tmp_path, syntax):
     assert uids(kept[0x00991002]) == [ds.SeriesInstanceUID]  # retain-uids keeps every UID
 
 
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+def test_kept_private_text_is_cleaned_whether_or_not_the_file_says_its_vr(tmp_path, syntax):
+    """Text on the safe private list (GEMS' Internal Pulse Sequence Name, LO) is cleaned as
+    kept text is, also where an implicit VR file does not say LO: before, it stayed as raw
+    bytes (UN), deleted whole only when it spelled an identifying value."""
+    ds = instance()
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.private_block(0x0019, "GEMS_ACQU_01", create=True).add_new(0x9E, "LO", "FSE-XL seen by Jane Roe")
+    out, data = roundtrip(ds, engine("retain-safe-private"), tmp_path)
+    value = out[0x0019109E].value
+    assert (value.decode() if isinstance(value, bytes) else value).strip() == "FSE-XL seen by"
+    assert b"Roe" not in data
+
+
 def test_overlays_and_curves_removed(tmp_path):
     ds = instance()
     ds.add_new(0x60000010, "US", 4)
