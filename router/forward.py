@@ -312,12 +312,11 @@ class DicomSender:
             except FileNotFoundError:
                 source.close()
                 raise
-            except OSError as exc:  # the spool's disk, not the instance: as a folder destination's
-                source.close()
-                return Outcome("ambiguous", f"cannot write the decompressed copy: {exc.strerror or type(exc).__name__}")
             except Exception as exc:
                 source.close()
-                return self._conversion_failed(info, exc)
+                if isinstance(exc, OSError) and exc.errno is not None:  # the spool's disk, as a folder's
+                    return Outcome("ambiguous", f"cannot write the decompressed copy: {exc.strerror}")
+                return self._conversion_failed(info, exc)  # a decoder's OSError has no errno
             fragments = file_pdus(source, 0, context_id, assoc.fragment_size)
         else:
             try:
