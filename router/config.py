@@ -160,6 +160,10 @@ class DeidConfig:
     pixel_policy: dict[str, Any] | None = None
     #: CSV where the text read off every masked pixel region is kept for review (PHI!).
     text_crosswalk: Path | None = None
+    #: Cut person names the header does not hold from kept text (router/names.py).
+    find_names: bool = True
+    #: Words of the site's text never taken for a name, beside rules/policy.toml's.
+    not_names: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -412,7 +416,7 @@ class _Reader:
         d = DeidConfig()
         known = {"secret", "secret_file", "options", "pseudonym_prefix", "combined_codes",
                  "date_shift_min_days", "date_shift_max_days", "overrides", "safe_private", "pixel_policy",
-                 "text_crosswalk"}
+                 "text_crosswalk", "find_names", "not_names"}
         t = self.table(("deid",), value, known)
         k = lambda name: ("deid", name)  # noqa: E731
         secret = None
@@ -454,6 +458,8 @@ class _Reader:
             safe_private=self.safe_private(t.get("safe_private", [])),
             pixel_policy=self.pixel_policy(self.get(t, k("pixel_policy"), str, None)),
             text_crosswalk=self.path(crosswalk) if (crosswalk := self.get(t, k("text_crosswalk"), str, None)) else None,
+            find_names=self.get(t, k("find_names"), bool, d.find_names),
+            not_names=self.strings(t, k("not_names")) if "not_names" in t else d.not_names,
         )
 
     def pixel_policy(self, file: str | None) -> dict[str, Any] | None:

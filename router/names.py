@@ -14,7 +14,8 @@ A surname is a word of the surname list or, in text that is not all capitals, an
 capitalised word ("Okonkwo"): in all-capital text ("CT HEAD JANE ROE") only the lists
 tell a name from a word. A lone given name is not cut (too many are words), nor an
 eponym ("Barrett Esophagus", "Arnold Chiari malformation": the next word says so), nor
-the words rules/policy.toml ``[names]`` lists as not names ("MAY", "IRIS", "MAX").
+the words rules/policy.toml ``[names]`` (and a site's ``deid.not_names``) lists as not
+names ("MAY", "IRIS", "MAX").
 """
 
 from __future__ import annotations

@@ -121,8 +121,8 @@ class Profile:
         names = pol.get("names", {})
         #: Person names the header does not hold, cut where the patterns are (router/names.py).
         self.person_names: PersonNames | None = person_names(
-            tuple(names.get("not_names", ())), tuple(names.get("eponym_nouns", ())),
-            tuple(names.get("cues", ()))) if names.get("enabled") else None
+            tuple(names.get("not_names", ())) + config.not_names, tuple(names.get("eponym_nouns", ())),
+            tuple(names.get("cues", ()))) if names.get("enabled") and config.find_names else None
         self.keep_safe_private = self.private_code == "C"
         #: creator -> the (group, element) pairs kept; None in either place matches any.
         self.safe_private: dict[str, set[tuple[int | None, int | None]]] = {}

@@ -12,8 +12,8 @@ Kept: every given name of three letters or more (the female and male lists)
 and the SURNAMES most frequent surnames (of 88,799; the people they name are 82% of those
 counted, the whole list 90%). Words that also name DICOM attributes' parts ("MAX", "ANGLE", "HEAD", "BONE")
 are left out here; words of ordinary and clinical text that are also names ("MAY",
-"IRIS", "FRANK") are left out at load time by rules/policy.toml ``[names] not_names``,
-which sites can change. Nobody edits the output by hand: change this script instead.
+"IRIS", "FRANK") are left out at load time by rules/policy.toml ``[names] not_names``
+and a site's ``deid.not_names``. Nobody edits the output by hand: change this script instead.
 """
 
 from __future__ import annotations

@@ -105,6 +105,15 @@ def test_default_options_and_explicit_basic_profile():
     assert parse("[deid]\noptions = []\n").deid.options == frozenset()
 
 
+def test_name_finding_is_a_site_choice():
+    assert parse("").deid.find_names and parse("").deid.not_names == ()
+    deid = parse('[deid]\nfind_names = false\nnot_names = ["Dexter", "Sterling"]\n').deid
+    assert deid.find_names is False and deid.not_names == ("Dexter", "Sterling")
+    with pytest.raises(ConfigError) as error:
+        parse('[deid]\nfind_names = "no"\nnot_names = "Dexter"\n')
+    assert len(error.value.problems) == 2
+
+
 def test_site_pixel_policy_is_layered_over_the_product_one(tmp_path):
     from router.profile import Deidentifier
 

@@ -721,6 +721,13 @@ def test_names_the_header_does_not_hold_are_cut_from_kept_text(tmp_path):
         ds.ImageComments = text
         out, _ = roundtrip(ds, deid, tmp_path / str(i))
         assert out.ImageComments == NAMES_NOT_IN_THE_HEADER.get(text, text), text
+    # A site's config: its own words that are not names, or no name finding at all.
+    ds = instance()
+    ds.ImageComments = "seen by Karen; ref Jane Roe"
+    out, _ = roundtrip(ds, engine("clean-descriptors", not_names=("karen",)), tmp_path / "site")
+    assert out.ImageComments == "seen by Karen; ref"
+    out, _ = roundtrip(ds, engine("clean-descriptors", find_names=False), tmp_path / "off")
+    assert out.ImageComments == "seen by Karen; ref Jane Roe"
 
 
 def test_clean_pixel_data_through_the_engine(tmp_path):
