@@ -216,7 +216,7 @@ ESTIMATE_MIN_BYTES = 4 * 1024 * 1024
 def decoded_pixel_bytes(path: Path | str, size: int) -> int:
     """The size of the file's pixel data decoded, where they are encapsulated (compressed)
     and the file is ESTIMATE_MIN_BYTES or more, else 0. A worker that cleans them holds them
-    decoded and encoded again (RLE, about as large) beside the file: a 29 MB JPEG clip
+    decoded beside the file (and encodes them again a frame at a time): a 29 MB JPEG clip
     decodes to 184 MB. Only the first HEAD_BYTES are read: a Part 10 header (the file meta
     says the transfer syntax); 0 when that says nothing usable."""
     if size < ESTIMATE_MIN_BYTES:

@@ -324,8 +324,8 @@ class _Task:
     @property
     def memory(self) -> int:
         """What the worker holds for it at most: the file, and compressed pixel data
-        decoded and encoded again."""
-        return self.size + 2 * self.decoded
+        decoded (encoded again a frame at a time while the output is written)."""
+        return self.size + self.decoded
 
     @property
     def output(self) -> int:

@@ -13,6 +13,8 @@ lengths, as pydicom does.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable, Iterable, Iterator
+from typing import BinaryIO
 
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
@@ -38,6 +40,73 @@ PREAMBLE = b"\0" * 128 + b"DICM"
 PIXEL_DATA = 0x7FE00010
 
 _implicit_header = _item_header = struct.Struct("<HHI").pack
+
+
+class EncodedFrames:
+    """Encapsulated Pixel Data whose frames are encoded while the file is written: one
+    frame's encoding in memory, not a whole clip's beside its decoded frames. The Basic
+    Offset Table (PS3.5 A.4) is written as zeros, then filled in once the frames are: the
+    output must be seekable. ``value()`` gives the whole value, for pydicom's writer."""
+
+    def __init__(self, count: int, frames: Callable[[], Iterable[bytes]]):
+        self.count = count
+        self.frames = frames  # called once per write: each frame's encoded bytes, in order
+
+    def write(self, out: BinaryIO) -> None:
+        start = out.tell()
+        out.write(self._table([0] * self.count))
+        offsets = []
+        for item in self._items(offsets):
+            out.write(item)
+        end = out.tell()
+        out.seek(start)
+        out.write(self._table(offsets))
+        out.seek(end)
+
+    def value(self) -> bytes:
+        offsets: list[int] = []
+        items = b"".join(self._items(offsets))
+        return self._table(offsets) + items
+
+    def _table(self, offsets: list[int]) -> bytes:
+        return _item_header(0xFFFE, 0xE000, 4 * self.count) + struct.pack(f"<{self.count}I", *offsets)
+
+    def _items(self, offsets: list[int]) -> Iterator[bytes]:
+        """Each frame as one item (odd lengths padded), noting where each starts."""
+        position = 0
+        for frame in self.frames():
+            if len(offsets) == self.count or position > 0xFFFFFFFF:
+                raise ValueError("more frames than Number of Frames, or offsets past 4 GB")
+            offsets.append(position)
+            padded = len(frame) + (len(frame) & 1)
+            yield _item_header(0xFFFE, 0xE000, padded)
+            yield frame
+            if len(frame) & 1:
+                yield b"\0"
+            position += 8 + padded
+        if len(offsets) != self.count:
+            raise ValueError(f"{len(offsets)} frames encoded of the {self.count} Number of Frames says")
+
+
+def materialized(ds: Dataset) -> None:
+    """Replace EncodedFrames values by their bytes: for pydicom's writer."""
+    for tag, elem in ds._dict.items():
+        if isinstance(getattr(elem, "value", None), EncodedFrames):
+            ds._dict[tag] = DataElement(tag, elem.VR, elem.value.value(), is_undefined_length=True,
+                                        already_converted=True)
+
+
+def write_chunks(out: BinaryIO, chunks: list) -> None:
+    """Write what ``part10_bytes`` gives: bytes, and EncodedFrames written frame by frame."""
+    run: list = []
+    for chunk in chunks:
+        if isinstance(chunk, EncodedFrames):
+            out.writelines(run)
+            run = []
+            chunk.write(out)
+        else:
+            run.append(chunk)
+    out.writelines(run)
 _explicit_short = struct.Struct("<HH2sH").pack
 _explicit_long = struct.Struct("<HH2s2xI").pack
 
@@ -141,8 +210,9 @@ def read_meta_uids(path) -> tuple[dict[str, str], int] | None:
     return (values, end) if offset == end else None
 
 
-def part10_bytes(ds: Dataset, implicit: bool) -> list[bytes]:
-    """Preamble, file meta and dataset of ``ds`` (meta from ``ds.file_meta``), as chunks."""
+def part10_bytes(ds: Dataset, implicit: bool) -> list:
+    """Preamble, file meta and dataset of ``ds`` (meta from ``ds.file_meta``), as chunks:
+    bytes, and EncodedFrames (``write_chunks`` writes both)."""
     group = file_meta_group(ds.file_meta)
     if group is None:
         meta = DicomBytesIO()
@@ -156,6 +226,7 @@ def part10_bytes(ds: Dataset, implicit: bool) -> list[bytes]:
 def _encode(ds: Dataset, implicit: bool, parent_encoding, out: list[bytes]) -> int:
     """Append the encoded elements of ds to out; returns how many bytes that was."""
     if ds.original_encoding not in ((implicit, True), (None, None)) or ds.original_character_set != ds._character_set:
+        materialized(ds)
         data = _pydicom_dataset(ds, implicit, parent_encoding)
         out.append(data)
         return len(data)
@@ -203,6 +274,9 @@ def _encode_converted(tag: int, elem: DataElement, implicit: bool, encodings, ou
     if vr == "SQ":
         return _sequence(tag, elem, implicit, encodings, out)
     value = elem.value
+    if isinstance(value, EncodedFrames):  # top level only: its length is known once written
+        out += (element_header(tag, vr, UNDEFINED, implicit), value, SEQUENCE_END)
+        return 0
     if vr in ASCII_TEXT_VRS:
         data = _ascii_value(value, vr)
     elif vr in _NUMBER_FORMATS:

@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.encaps import generate_frames, itemize_frame
+from pydicom.encaps import generate_frames
 from pydicom.pixels import apply_color_lut, convert_color_space, get_decoder, get_encoder, pack_bits
 from pydicom.pixels.utils import as_pixel_options
 from pydicom.uid import (
@@ -40,7 +40,8 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from router.decode import ITEM_TAG, PIXEL_DATA
+from router.decode import PIXEL_DATA
+from router.encode import EncodedFrames
 from router.ocr import Box, DetectorSettings, RapidOcrDetector, TextDetector, render_text
 from router.profile import InstanceRefused, transfer_syntax_of
 
@@ -783,12 +784,11 @@ def _write(ds: Dataset, arr: np.ndarray, photometric: str, ts: UID, encapsulated
     written = False
     if encapsulated and encapsulated_output == "rle" and keyword == "PixelData":
         try:
-            data = _rle_encapsulated(np.ascontiguousarray(shaped), ds)
-            if data is None:  # over 4 GB encoded: pydicom's extended offset table
+            value = _rle_frames(np.ascontiguousarray(shaped), ds)
+            if value is None:  # may pass 4 GB encoded: pydicom's extended offset table
                 ds.compress(RLELossless, np.ascontiguousarray(shaped), generate_instance_uid=False)
             else:
-                # converted already: pydicom would take a bytearray value for a list of numbers
-                ds[keyword] = DataElement(PIXEL_DATA, "OB", data, is_undefined_length=True,
+                ds[keyword] = DataElement(PIXEL_DATA, "OB", value, is_undefined_length=True,
                                           already_converted=True)
                 ds.file_meta.TransferSyntaxUID = RLELossless
             if samples > 1:
@@ -832,23 +832,20 @@ def _write(ds: Dataset, arr: np.ndarray, photometric: str, ts: UID, encapsulated
             ds.LossyImageCompressionRatio = f"{ratio:.2f}"[:16]
 
 
-def _rle_encapsulated(arr: np.ndarray, ds: Dataset) -> bytearray | None:
-    """The frames of arr RLE-encoded and encapsulated with a Basic Offset Table (PS3.5 A.4),
-    byte for byte as ``Dataset.compress`` encodes them, built a frame at a time into one
-    buffer (compress keeps every encoded frame and then joins them twice: three copies of
-    a clip). None if the offsets would pass 4 GB."""
+def _rle_frames(arr: np.ndarray, ds: Dataset) -> EncodedFrames | None:
+    """The frames of arr as RLE Lossless, encoded while the output file is written, one at a
+    time (``router.encode.EncodedFrames``): byte for byte what ``Dataset.compress`` gives,
+    without the encoded clip in memory beside its decoded frames (compress keeps every
+    encoded frame and then joins them twice). The first frame is encoded now, so that a
+    layout RLE cannot take fails here. None if the offsets could pass 4 GB."""
     frames = _frames(ds)
-    table = 4 * frames
-    out = bytearray(ITEM_TAG + table.to_bytes(4, "little") + bytes(table))
-    offsets = []
-    for frame in get_encoder(RLELossless).iter_encode(arr, **as_pixel_options(ds)):
-        offsets.append(len(out) - 8 - table)
-        for item in itemize_frame(frame, 1):
-            out += item
-    if len(offsets) != frames or offsets[-1] > 0xFFFFFFFF:
+    options = as_pixel_options(ds)
+    encoder = get_encoder(RLELossless)
+    # PackBits adds at most a byte per 128, each frame a 64-byte header and an item's 8 + 1
+    if arr.nbytes + arr.nbytes // 128 + 73 * frames > 0xFFFFFFFF:
         return None
-    out[8:8 + table] = np.array(offsets, dtype="<u4").tobytes()
-    return out
+    next(iter(encoder.iter_encode(arr, **options)))
+    return EncodedFrames(frames, lambda: encoder.iter_encode(arr, **options))
 
 
 # -- policy defaults -------------------------------------------------------------------------

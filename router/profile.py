@@ -41,7 +41,7 @@ from pydicom.uid import (
 from router import __version__
 from router.config import BASIC_PROFILE_CODE, OPTIONS, DeidConfig
 from router.decode import ITEM_TAG, PIXEL_DATA, TAGS, read_part10, tag_object
-from router.encode import ConstantElement, fast_syntax, part10_bytes
+from router.encode import ConstantElement, fast_syntax, materialized, part10_bytes, write_chunks
 from router.names import PersonNames
 from router.pseudonyms import Pseudonymizer
 from router.rules import Action, Profile
@@ -965,8 +965,9 @@ def write_instance(ds: Dataset, dst: Path, durable: bool = True,
     try:
         with open(tmp, "r+b" if recycled else "wb") as out:
             if implicit is not None:
-                out.writelines(part10_bytes(ds, implicit))
+                write_chunks(out, part10_bytes(ds, implicit))
             else:
+                materialized(ds)
                 ds.save_as(out, implicit_vr=False, little_endian=ts != ExplicitVRBigEndian, enforce_file_format=True)
             out.flush()
             if recycled:
