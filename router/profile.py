@@ -748,7 +748,7 @@ def strip_codestream_text(ds: Dataset) -> int:
     """Remove the text segments (``_TEXT_MARKERS``: comments, every application segment but
     JFIF (APP0), JPEG-LS's colour transform (APP8) and Adobe's (APP14): Exif and XMP, ICC
     profiles, IPTC, vendors' picture info; no decoder needs them and any camera or encoder
-    may fill them: names, dates, places, a thumbnail) from the
+    may fill them: names, dates, places, a thumbnail; and JFIF's own thumbnail) from the
     headers of JPEG, JPEG-LS and JPEG 2000 frames kept as they are; the Basic Offset Table follows, an
     Extended Offset Table goes (it is optional). Returns how many segments went."""
     raw = _get(ds, 0x7FE00010)
@@ -798,7 +798,7 @@ def _without_text_segments(fragment: memoryview) -> tuple[bytes | memoryview, in
     if markers is None:
         return fragment, 0
     text, header_end = markers
-    pos, cuts = 2, []
+    pos, cuts, replaced = 2, [], {}
     while pos + 4 <= len(fragment):
         if fragment[pos] != 0xFF:
             return fragment, 0
@@ -816,6 +816,11 @@ def _without_text_segments(fragment: memoryview) -> tuple[bytes | memoryview, in
             return fragment, 0
         if marker in text:
             cuts.append((pos, end))
+        elif marker == 0xE0 and fragment[:2] == b"\xff\xd8":
+            jfif = _jfif_without_thumbnail(bytes(fragment[pos:end]))
+            if jfif is not None:
+                cuts.append((pos, end))
+                replaced[pos] = jfif
         pos = end
     if fragment[:2] == b"\xff\x4f" and fragment[pos:pos + 2] == b"\xff\x90":
         whole = _without_j2k_text(fragment, pos, cuts)
@@ -834,6 +839,7 @@ def _without_text_segments(fragment: memoryview) -> tuple[bytes | memoryview, in
     start = 0
     for cut_start, cut_end in cuts:
         kept += fragment[start:cut_start]
+        kept += replaced.get(cut_start, b"")
         start = cut_end
     kept += fragment[start:]
     eoi = kept.rfind(b"\xff\xd9")
@@ -842,6 +848,17 @@ def _without_text_segments(fragment: memoryview) -> tuple[bytes | memoryview, in
     if len(kept) % 2:
         kept += b"\0"
     return bytes(kept), len(cuts)
+
+
+def _jfif_without_thumbnail(segment: bytes) -> bytes | None:
+    """What replaces a JPEG APP0 segment that carries a picture: a JFIF header's thumbnail
+    (a miniature of the image, text and all, that no OCR looks at) dropped, b"" for any
+    other APP0 (a JFXX extension's thumbnail); None to keep the segment as it is."""
+    if segment[4:9] != b"JFIF\0":
+        return b""
+    if len(segment) <= 18 and segment[16:18] in (b"", b"\0\0"):
+        return None
+    return b"\xff\xe0\x00\x10" + segment[4:16] + b"\0\0"
 
 
 def _without_j2k_text(fragment: memoryview, first_tile: int,

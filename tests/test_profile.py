@@ -464,6 +464,12 @@ def test_text_segments_in_jpeg_frames_are_removed(tmp_path, syntax):
                         for marker, text in texts.items())
     trailer = b"after the end: Smith^John MRN-4711"
     planted = [c[:after] + segments + c[after:].rstrip(b"\0") + trailer for c in codestreams]
+    if syntax == JPEGBaseline8Bit:  # JFIF's own thumbnail (2 x 1 RGB) and a JFXX extension's
+        for n, c in enumerate(planted):
+            jfif = c.index(b"\xff\xe0\x00\x10JFIF\0")
+            thumbnail = b"\xff\xe0\x00\x16" + c[jfif + 4:jfif + 16] + b"\x02\x01Smith^"
+            jfxx = b"\xff\xe0\x00\x10JFXX\0\x13Smith^Jo"
+            planted[n] = c[:jfif] + thumbnail + jfxx + c[jfif + 18:]
     if syntax == JPEG2000Lossless:  # a comment in the tile-part header too: SOT's length grows
         comment = b"\x00\x01Smith^John 4711"
         tile_comment = b"\xff\x64" + (len(comment) + 2).to_bytes(2, "big") + comment
