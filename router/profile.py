@@ -746,10 +746,11 @@ _TEXT_MARKERS = {b"\xff\xd8": (frozenset({0xFE, *range(0xE1, 0xE8), *range(0xE9,
 
 def strip_codestream_text(ds: Dataset) -> int:
     """Remove the text segments (``_TEXT_MARKERS``: comments, every application segment but
-    JFIF (APP0), JPEG-LS's colour transform (APP8) and Adobe's (APP14): Exif and XMP, ICC
+    JFIF (APP0), JPEG-LS's colour transform (APP8, in JPEG-LS) and Adobe's (APP14): Exif and XMP, ICC
     profiles, IPTC, vendors' picture info; no decoder needs them and any camera or encoder
     may fill them: names, dates, places, a thumbnail; and JFIF's own thumbnail) from the
-    headers of JPEG, JPEG-LS and JPEG 2000 frames kept as they are; the Basic Offset Table follows, an
+    headers of JPEG, JPEG-LS and JPEG 2000 frames kept as they are, and what follows a frame's
+    end, also where a frame spans several items; the Basic Offset Table follows, an
     Extended Offset Table goes (it is optional). Returns how many segments went."""
     raw = _get(ds, 0x7FE00010)
     if raw is None or str(transfer_syntax_of(ds)) not in _JPEG_SYNTAXES:
@@ -769,6 +770,11 @@ def strip_codestream_text(ds: Dataset) -> int:
     if pos != len(data) or first is None:
         return 0  # not items to the end: left as it is (the decoder decides)
     cleaned = [(old, *_without_text_segments(fragment)) for old, fragment in items]
+    for k in _last_fragments_of_jpeg_frames(items):  # a frame split over several items
+        old, fragment = items[k]
+        kept = _without_bytes_after_eoi(fragment)
+        if kept is not None:
+            cleaned[k] = (old, kept, 1)
     removed = sum(count for _old, _kept, count in cleaned)
     if not removed:
         return 0
@@ -798,7 +804,7 @@ def _without_text_segments(fragment: memoryview) -> tuple[bytes | memoryview, in
     if markers is None:
         return fragment, 0
     text, header_end = markers
-    pos, cuts, replaced = 2, [], {}
+    pos, cuts, replaced, app8, jpeg_ls = 2, [], {}, [], False
     while pos + 4 <= len(fragment):
         if fragment[pos] != 0xFF:
             return fragment, 0
@@ -816,12 +822,18 @@ def _without_text_segments(fragment: memoryview) -> tuple[bytes | memoryview, in
             return fragment, 0
         if marker in text:
             cuts.append((pos, end))
+        elif marker == 0xE8:
+            app8.append((pos, end))
+        elif marker == 0xF7:
+            jpeg_ls = True
         elif marker == 0xE0 and fragment[:2] == b"\xff\xd8":
             jfif = _jfif_without_thumbnail(bytes(fragment[pos:end]))
             if jfif is not None:
                 cuts.append((pos, end))
                 replaced[pos] = jfif
         pos = end
+    if fragment[:2] == b"\xff\xd8" and not jpeg_ls:  # APP8 is JPEG-LS's colour transform only
+        cuts = sorted(cuts + app8)
     if fragment[:2] == b"\xff\x4f" and fragment[pos:pos + 2] == b"\xff\x90":
         whole = _without_j2k_text(fragment, pos, cuts)
         if whole is not None:
@@ -848,6 +860,29 @@ def _without_text_segments(fragment: memoryview) -> tuple[bytes | memoryview, in
     if len(kept) % 2:
         kept += b"\0"
     return bytes(kept), len(cuts)
+
+
+def _last_fragments_of_jpeg_frames(items: list[tuple[int, memoryview]]) -> list[int]:
+    """The indexes of the items that end a JPEG (or JPEG-LS) frame begun in an earlier item."""
+    starts = [bytes(fragment[:2]) in (b"\xff\xd8", b"\xff\x4f") for _old, fragment in items]
+    last, jpeg = [], False
+    for k, (_old, fragment) in enumerate(items):
+        if starts[k]:
+            jpeg = fragment[:2] == b"\xff\xd8"
+        elif jpeg and k and (k + 1 == len(items) or starts[k + 1]):
+            last.append(k)
+    return last
+
+
+def _without_bytes_after_eoi(fragment: memoryview) -> bytes | None:
+    """The last fragment of a JPEG frame cut after its end-of-image marker (no entropy-coded
+    segment holds FF D9), padded to an even length; None if nothing follows EOI there."""
+    data = bytes(fragment)
+    eoi = data.rfind(b"\xff\xd9")
+    if eoi < 0 or not data[eoi + 2:].strip(b"\0"):
+        return None
+    kept = data[:eoi + 2]
+    return kept + b"\0" if len(kept) % 2 else kept
 
 
 def _jfif_without_thumbnail(segment: bytes) -> bytes | None:

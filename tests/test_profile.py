@@ -493,6 +493,41 @@ def test_text_segments_in_jpeg_frames_are_removed(tmp_path, syntax):
     assert all(len(f) - len(c.rstrip(b"\0")) <= 1 for f, c in zip(kept, codestreams))
 
 
+def test_text_after_a_jpeg_frame_split_over_items_is_removed(tmp_path):
+    """A frame may span several items: what follows its end-of-image marker in its last item
+    goes too; an APP8 segment goes from a JPEG that is not JPEG-LS (where it would be the
+    colour transform). The frames decode as before."""
+    frames = [(np.arange(64 * 80, dtype=np.uint32).reshape(64, 80) * (f + 3) % 251).astype(np.uint8)
+              for f in range(2)]
+    codestreams = []
+    for frame in frames:
+        jpeg = io.BytesIO()
+        Image.fromarray(frame).save(jpeg, format="JPEG", quality=95)
+        codestreams.append(jpeg.getvalue())
+    app8 = b"\xff\xe8\x00\x0cSmith^John"
+    codestreams[0] = codestreams[0][:2] + app8 + codestreams[0][2:]
+    fragments, offsets, position = [], [], 0
+    for n, c in enumerate(codestreams):
+        offsets.append(position)
+        half = len(c) // 2 & ~1
+        for part in (c[:half], c[half:] + (b"after the end: MRN-4711" if n == 1 else b"")):
+            part += b"\0" * (len(part) & 1)
+            fragments.append(part)
+            position += 8 + len(part)
+    table = b"".join(o.to_bytes(4, "little") for o in offsets)
+    ds = instance()
+    ds.Rows, ds.Columns, ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.NumberOfFrames = 64, 80, 8, 8, 7, 2
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.PixelData = b"".join([b"\xfe\xff\x00\xe0" + len(table).to_bytes(4, "little") + table] +
+                            [b"\xfe\xff\x00\xe0" + len(f).to_bytes(4, "little") + f for f in fragments])
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    before = ds.pixel_array.copy()
+    out, data = roundtrip(ds, engine(), tmp_path)
+    assert b"MRN-4711" not in data and b"Smith" not in data
+    assert np.array_equal(out.pixel_array, before)
+
+
 def test_element_stored_as_un(tmp_path):
     ds = instance()
     del ds.OtherPatientIDs
