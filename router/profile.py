@@ -740,6 +740,11 @@ _JPEG_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", 
 #: (IPTC: names, places); not APP0 (JFIF), APP2 (ICC), APP8 (JPEG-LS colour transform) or
 #: APP14 (Adobe colour transform), which decoders read. The header ends at SOS (or EOI).
 #: JPEG 2000: COM; its main header ends at the first tile-part (SOT) or EOC.
+#: A JP2 file's signature box (ISO 15444-1 I.5.1).
+_JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
+#: The JP2 boxes a decoder reads: signature, file type, reader requirements, header (image
+#: header, colour specification, palette...), the contiguous codestream.
+_JP2_DECODED_BOXES = frozenset({b"jP  ", b"ftyp", b"rreq", b"jp2h", b"jpch", b"jplh"})
 _TEXT_MARKERS = {b"\xff\xd8": (frozenset({0xFE, *range(0xE1, 0xE8), *range(0xE9, 0xEE), 0xEF}), frozenset({0xDA, 0xD9})),
                  b"\xff\x4f": (frozenset({0x64}), frozenset({0x90, 0xD9}))}
 
@@ -800,6 +805,8 @@ def _without_text_segments(fragment: memoryview) -> tuple[bytes | memoryview, in
     """A fragment with the text segments of its codestream's header (and for JPEG, anything
     after the end of the image) removed, padded to an even length; unchanged if it does not
     start a codestream or its header is cut."""
+    if bytes(fragment[:12]) == _JP2_SIGNATURE:
+        return _without_jp2_text(fragment) or (fragment, 0)
     markers = _TEXT_MARKERS.get(bytes(fragment[:2]))
     if markers is None:
         return fragment, 0
@@ -860,6 +867,38 @@ def _without_text_segments(fragment: memoryview) -> tuple[bytes | memoryview, in
     if len(kept) % 2:
         kept += b"\0"
     return bytes(kept), len(cuts)
+
+
+def _without_jp2_text(fragment: memoryview) -> tuple[bytes, int] | None:
+    """A JPEG 2000 codestream wrapped in a JP2 file (which PS3.5 A.4.4 forbids, and some
+    writers do) with only the boxes a decoder reads (signature, file type, header with its
+    colour specification, the codestream, itself stripped like a bare one): XML, UUID,
+    IPR and other boxes may hold any text. The header stays: its colour specification
+    changes how the codestream decodes. None if the boxes do not add up."""
+    out, pos, removed = bytearray(), 0, 0
+    while pos + 8 <= len(fragment):
+        length, kind, header = int.from_bytes(fragment[pos:pos + 4], "big"), bytes(fragment[pos + 4:pos + 8]), 8
+        if length == 1 and pos + 16 <= len(fragment):
+            length, header = int.from_bytes(fragment[pos + 8:pos + 16], "big"), 16
+        elif length == 0:  # the last box: to the end
+            length = len(fragment) - pos
+        if length < header or pos + length > len(fragment):
+            return None
+        if kind == b"jp2c":
+            codestream, count = _without_text_segments(fragment[pos + header:pos + length])
+            out += (8 + len(codestream)).to_bytes(4, "big") + kind
+            out += codestream
+            removed += count
+        elif kind in _JP2_DECODED_BOXES:
+            out += fragment[pos:pos + length]
+        else:
+            removed += 1
+        pos += length
+    if bytes(fragment[pos:]).strip(b"\0"):
+        removed += 1  # bytes after the last box
+    if not removed:
+        return None
+    return bytes(out) + b"\0" * (len(out) & 1), removed
 
 
 def _last_fragments_of_jpeg_frames(items: list[tuple[int, memoryview]]) -> list[int]:

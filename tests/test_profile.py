@@ -528,6 +528,36 @@ def test_text_after_a_jpeg_frame_split_over_items_is_removed(tmp_path):
     assert np.array_equal(out.pixel_array, before)
 
 
+def test_text_boxes_of_a_jp2_file_in_a_frame_are_removed(tmp_path):
+    """A JPEG 2000 frame wrapped in a JP2 file (PS3.5 A.4.4 forbids it; some writers do it)
+    loses its XML and UUID boxes and its codestream's comments; the header (its colour
+    specification decides how the codestream decodes) and the codestream stay."""
+    import struct
+
+    def box(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", 8 + len(data)) + kind + data
+
+    ds = instance()
+    ds.Rows, ds.Columns, ds.BitsAllocated, ds.BitsStored, ds.HighBit = 64, 80, 8, 8, 7
+    ds.PixelData = (np.arange(64 * 80, dtype=np.uint32) * 7 % 251).astype(np.uint8).tobytes()
+    ds.compress(JPEG2000Lossless, generate_instance_uid=False)
+    [codestream] = list(generate_frames(ds.PixelData, number_of_frames=1))
+    header = box(b"jp2h", box(b"ihdr", struct.pack(">IIHBBBB", 64, 80, 1, 7, 7, 0, 0))
+                 + box(b"colr", struct.pack(">BBBI", 1, 0, 0, 17)))
+    jp2 = (box(b"jP  ", b"\r\n\x87\n") + box(b"ftyp", b"jp2 \0\0\0\0jp2 ") + header
+           + box(b"xml ", b"<patient>Smith^John</patient>") + box(b"uuid", bytes(16) + b"MRN-4711")
+           + box(b"jp2c", codestream.rstrip(b"\0")))
+    ds.PixelData = encapsulate([jp2 + b"\0" * (len(jp2) & 1)])
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    before = ds.pixel_array.copy()
+    out, data = roundtrip(ds, engine(), tmp_path)
+    assert b"Smith" not in data and b"MRN-4711" not in data and b"Created by OpenJPEG" not in data
+    [frame] = list(generate_frames(out.PixelData, number_of_frames=1))
+    assert frame.startswith(b"\x00\x00\x00\x0cjP  ") and header in frame
+    assert np.array_equal(out.pixel_array, before)
+
+
 def test_element_stored_as_un(tmp_path):
     ds = instance()
     del ds.OtherPatientIDs
