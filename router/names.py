@@ -104,7 +104,9 @@ class PersonNames:
         return _key(family) in self.surnames and _key(given or "-") in self.given
 
     def _is_given(self, word: str, capitals: bool) -> bool:
-        return (capitals or word[0].isupper()) and _key(word) in self.given
+        key = _key(word)
+        return (capitals or word[0].isupper()) and (key in self.given or (
+            "-" in key and all(part in self.given for part in key.split("-"))))  # "Mary-Jane"
 
     def _is_surname(self, word: str, capitals: bool) -> bool:
         key = _key(word)

@@ -771,6 +771,7 @@ NAMES_NOT_IN_THE_HEADER = {
     "sent by BERRA,JAMES": "sent by",
     "seen by Karen, stable": "seen by , stable",
     "TECH: KAREN": "TECH:",
+    "cc Mary-Jane Watson": "cc",
 }
 #: Clinical text with words that are also given names or surnames: never taken for a name.
 NOT_NAMES = [
