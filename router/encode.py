@@ -13,7 +13,7 @@ lengths, as pydicom does.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from typing import BinaryIO
 
 from pydicom.dataelem import DataElement, RawDataElement
@@ -46,11 +46,12 @@ class EncodedFrames:
     """Encapsulated Pixel Data whose frames are encoded while the file is written: one
     frame's encoding in memory, not a whole clip's beside its decoded frames. The Basic
     Offset Table (PS3.5 A.4) is written as zeros, then filled in once the frames are: the
-    output must be seekable. ``value()`` gives the whole value, for pydicom's writer."""
+    output must be seekable. ``value()`` gives the whole value, for pydicom's writer. The
+    frames are encoded once: written, or made a value, not both."""
 
-    def __init__(self, count: int, frames: Callable[[], Iterable[bytes]]):
+    def __init__(self, count: int, frames: Iterator[bytes]):
         self.count = count
-        self.frames = frames  # called once per write: each frame's encoded bytes, in order
+        self.frames = frames  # each frame's encoded bytes, in order
 
     def write(self, out: BinaryIO) -> None:
         start = out.tell()
@@ -74,7 +75,7 @@ class EncodedFrames:
     def _items(self, offsets: list[int]) -> Iterator[bytes]:
         """Each frame as one item (odd lengths padded), noting where each starts."""
         position = 0
-        for frame in self.frames():
+        for frame in self.frames:
             if len(offsets) == self.count or position > 0xFFFFFFFF:
                 raise ValueError("more frames than Number of Frames, or offsets past 4 GB")
             offsets.append(position)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
 
@@ -77,13 +78,11 @@ class PersonNames:
 
     def _name_from(self, text: str, words: list[re.Match[str]], i: int, capitals: bool) -> int | None:
         """The index of the last word of a name starting at word i, or None."""
-        def spaced(a: int) -> bool:
-            return a + 1 < len(words) and _SPACE.fullmatch(text, words[a].end(), words[a + 1].start()) is not None
-
         word = words[i].group()
-        if self._is_given(word, capitals) and spaced(i):
+        if self._is_given(word, capitals) and _spaced(text, words, i):
             j = i + 1
-            if _is_initial(words[j].group()) and spaced(j) and self._is_surname(words[j + 1].group(), capitals):
+            if _is_initial(words[j].group()) and _spaced(text, words, j) \
+                    and self._is_surname(words[j + 1].group(), capitals):
                 j += 1
             if self._is_surname(words[j].group(), capitals) and not self._eponym_after(text, words, j):
                 return j
@@ -117,8 +116,13 @@ class PersonNames:
         return not capitals and _TITLE_CASE.fullmatch(word.rstrip(".")) is not None
 
     def _eponym_after(self, text: str, words: list[re.Match[str]], j: int) -> bool:
-        return (j + 1 < len(words) and _SPACE.fullmatch(text, words[j].end(), words[j + 1].start()) is not None
-                and _key(words[j + 1].group()) in self.eponym_nouns) or words[j].group().endswith(("'s", "\u2019s"))
+        return (_spaced(text, words, j) and _key(words[j + 1].group()) in self.eponym_nouns) \
+            or words[j].group().endswith(("'s", "\u2019s"))
+
+
+def _spaced(text: str, words: list[re.Match[str]], a: int) -> bool:
+    """Is word a followed by another, with only blanks between?"""
+    return a + 1 < len(words) and _SPACE.fullmatch(text, words[a].end(), words[a + 1].start()) is not None
 
 
 def _is_initial(word: str) -> bool:
@@ -135,7 +139,7 @@ def _merged(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
-def load(not_names: list[str], eponym_nouns: list[str], cues: list[str]) -> PersonNames:
+def load(not_names: Iterable[str], eponym_nouns: Iterable[str], cues: Iterable[str]) -> PersonNames:
     """The census lists of rules/person-names.json less the words a site says are not names."""
     table = json.loads(resources.files("router.rule_tables").joinpath("person-names.json").read_text(encoding="utf-8"))
     excluded = {_key(w) for w in not_names}

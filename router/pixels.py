@@ -17,6 +17,7 @@ What was masked, with the recognised text (the "crosswalk"), is returned in
 
 from __future__ import annotations
 
+import itertools
 import re
 import time
 import tomllib
@@ -837,15 +838,17 @@ def _rle_frames(arr: np.ndarray, ds: Dataset) -> EncodedFrames | None:
     time (``router.encode.EncodedFrames``): byte for byte what ``Dataset.compress`` gives,
     without the encoded clip in memory beside its decoded frames (compress keeps every
     encoded frame and then joins them twice). The first frame is encoded now, so that a
-    layout RLE cannot take fails here. None if the offsets could pass 4 GB."""
+    layout RLE cannot take fails here (and is kept, not encoded twice). None if the offsets
+    could pass 4 GB."""
     frames = _frames(ds)
     options = as_pixel_options(ds)
     encoder = get_encoder(RLELossless)
     # PackBits adds at most a byte per 128, each frame a 64-byte header and an item's 8 + 1
     if arr.nbytes + arr.nbytes // 128 + 73 * frames > 0xFFFFFFFF:
         return None
-    next(iter(encoder.iter_encode(arr, **options)))
-    return EncodedFrames(frames, lambda: encoder.iter_encode(arr, **options))
+    encoded = encoder.iter_encode(arr, **options)
+    first = next(encoded)
+    return EncodedFrames(frames, itertools.chain([first], encoded))
 
 
 # -- policy defaults -------------------------------------------------------------------------

@@ -72,7 +72,7 @@ def standard_safe_private_rows() -> dict[tuple[str, int, int], tuple[str, str]]:
 @cache
 def person_names(not_names: tuple[str, ...], eponym_nouns: tuple[str, ...], cues: tuple[str, ...]) -> PersonNames:
     """The census name lists (rules/person-names.json), read once per process."""
-    return load_person_names(list(not_names), list(eponym_nouns), list(cues))
+    return load_person_names(not_names, eponym_nouns, cues)
 
 
 def resolve(code: str, options: frozenset[str], row_options: dict[str, str], combined: str) -> str:
