@@ -324,7 +324,9 @@ class PixelCleaner:
         boxes: list[Box] = []
         for image in images:
             for b in self.engine.detect(image):
-                if self._plausible(image, b, rows, cols):
+                # a box inside one already taken (the same text found in another
+                # rendering) adds nothing to the mask: not read again to confirm it
+                if any(_inside(b, taken) for taken in boxes) or self._plausible(image, b, rows, cols):
                     boxes.append(b)
         pad, pad_max = float(self.policy["mask"]["pad_along"]), int(self.policy["mask"]["pad_along_max_px"])
         padded = [_pad_along(b, pad, pad_max, rows, cols) for b in boxes]
@@ -684,6 +686,13 @@ def _pad_along(b: Box, pad: float, pad_max: int, rows: int, cols: int) -> Box:
         return Box(max(0, b.x0 - d), b.y0, min(cols, b.x1 + d), b.y1, b.score)
     d = min(pad_max, int(round(pad * b.width)))
     return Box(b.x0, max(0, b.y0 - d), b.x1, min(rows, b.y1 + d), b.score)
+
+
+def _inside(b: Box, outer: Box) -> bool:
+    """b within outer, both along the same text direction (so b's padding stays within
+    outer's too)."""
+    return (outer.x0 <= b.x0 and outer.y0 <= b.y0 and b.x1 <= outer.x1 and b.y1 <= outer.y1
+            and (b.width >= b.height) == (outer.width >= outer.height))
 
 
 def _merge(boxes: list[Box]) -> list[Box]:
