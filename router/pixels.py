@@ -9,7 +9,8 @@ pixels back losslessly (native stays native; encapsulated becomes RLE Lossless o
 explicit VR little endian), with the transfer syntax, Photometric Interpretation, Planar
 Configuration and Lossy Image Compression attributes made consistent. An instance whose
 pixels cannot be decoded or re-encoded is refused (``InstanceRefused``): pixels that
-needed cleaning are never returned uncleaned.
+needed cleaning are never returned uncleaned. ``clean_overlays`` clears the text found in
+overlay bitmaps (60xx,3000) the same way (Clean Graphics).
 
 What was masked, with the recognised text (the "crosswalk"), is returned in
 ``PixelReport.regions``; it must never be logged or forwarded.
@@ -88,6 +89,16 @@ class PixelReport:
     #: Text read but kept (mode "phi"), for review: (frame, x0, y0, x1, y1, text).
     kept: list[Region] = field(default_factory=list)
     seconds: float = 0.0
+
+
+@dataclass
+class OverlayReport:
+    #: Overlay groups (0x6000, 0x6002 ...) whose bitmaps were examined and cleaned.
+    cleaned: set[int] = field(default_factory=set)
+    #: What was cleared, by group (the crosswalk: keep it local, never log it).
+    regions: list[tuple[int, Region]] = field(default_factory=list)
+    #: Text read but kept (mode "phi").
+    kept: list[Region] = field(default_factory=list)
 
 
 def load_policy(site: dict | None = None) -> dict:
@@ -222,19 +233,8 @@ class PixelCleaner:
         targets = [(range(frames), _projections(detection, frames))] if projected else \
             [((f,), detection(f)) for f in range(frames)]
         for masked_frames, images in targets:
-            if not images:
-                continue  # a constant frame holds no text
-            boxes = self._detect_frame(images, (rows, cols))
-            for box in boxes:
-                text, score = ("", 0.0)
-                if self.recognize:
-                    text, score = self._read(images, box)
-                keep = self.mode == "phi" and not self._is_phi(text, score, identifying)
-                for f in masked_frames:
-                    (kept if keep else regions).append(Region(f, box.x0, box.y0, box.x1, box.y1, text))
-        margin = int(self.policy["mask"]["margin"])
-        masked = [_clip_region(r, margin, rows, cols) for r in regions]
-        masked = [r for r in masked if r is not None]
+            self._find_text(masked_frames, images, (rows, cols), identifying, regions, kept)
+        masked = self._margined(regions, rows, cols)
         if masked:
             for r in masked:
                 arr[r.frame, r.y0:r.y1, r.x0:r.x1, :] = fill
@@ -246,6 +246,53 @@ class PixelCleaner:
             _drop_embedded_overlays(ds)
         ds.BurnedInAnnotation = "NO"
         return PixelReport(True, regions=masked, overlay_bits_cleared=high_bits, kept=kept)
+
+    def clean_overlays(self, ds: Dataset, identifying: set[str]) -> OverlayReport:
+        """Clear the text in each overlay's bitmap (60xx,3000), for the Clean Graphics
+        option: overlays hold annotations, names among them. An overlay whose attributes
+        do not describe its bitmap is left out of ``cleaned`` (the profile then removes its
+        group whole). Runs before the pixel stage may change the transfer syntax."""
+        report = OverlayReport()
+        big_endian = transfer_syntax_of(ds) == ExplicitVRBigEndian  # OW words swapped
+        for group in range(0x6000, 0x6020, 2):
+            if (group << 16 | 0x3000) not in ds or big_endian:
+                continue
+            overlay = _overlay_bits(ds, group)
+            if overlay is None:
+                continue
+            all_bits, bits = overlay
+            frames, rows, cols = bits.shape
+            regions: list[Region] = []
+            if bits.any():
+                image = np.where(bits.any(axis=0), 255, 0).astype(np.uint8)
+                self._find_text(range(frames), [image], (rows, cols), identifying, regions, report.kept)
+            masked = self._margined(regions, rows, cols)
+            for r in masked:
+                bits[r.frame, r.y0:r.y1, r.x0:r.x1] = 0
+            if masked:
+                ds[group << 16 | 0x3000].value = np.packbits(all_bits, bitorder="little").tobytes()
+            report.cleaned.add(group)
+            report.regions += [(group, r) for r in masked]
+        return report
+
+    def _find_text(self, masked_frames, images: list[np.ndarray], shape: tuple[int, int], identifying: set[str],
+                   regions: list[Region], kept: list[Region]) -> None:
+        """Detect text on the renderings of some frames; each box found goes to ``regions``
+        (to mask) or, read and not PHI in mode "phi", to ``kept``, once per frame."""
+        if not images:
+            return  # a constant frame holds no text
+        for box in self._detect_frame(images, shape):
+            text, score = ("", 0.0)
+            if self.recognize:
+                text, score = self._read(images, box)
+            keep = self.mode == "phi" and not self._is_phi(text, score, identifying)
+            for f in masked_frames:
+                (kept if keep else regions).append(Region(f, box.x0, box.y0, box.x1, box.y1, text))
+
+    def _margined(self, regions: list[Region], rows: int, cols: int) -> list[Region]:
+        margin = int(self.policy["mask"]["margin"])
+        clipped = [_clip_region(r, margin, rows, cols) for r in regions]
+        return [r for r in clipped if r is not None]
 
     # -- selection -----------------------------------------------------------------------
 
@@ -619,6 +666,38 @@ def _high_bits_set(ds: Dataset, ts: UID) -> bool:
 
 #: Pixel values checked at once for bits outside the stored range (4 MB of 16-bit values).
 _SCAN_VALUES = 2 * 1024 * 1024
+
+
+#: Six or more printable ASCII bytes: in an overlay's bitmap these are characters, not
+#: pixels (eight pixels a byte; real overlays hold none, a dashed line repeats one byte).
+_PRINTABLE_RUN = re.compile(rb"[\x20-\x7e]{6,}")
+
+
+def _overlay_bits(ds: Dataset, group: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """An overlay's bitmap, unpacked: every bit of its value, and a (frames, rows, cols)
+    view of those its attributes describe; None where they do not describe its value (one
+    bit per pixel at bit 0, enough bits for every frame) or where its bytes spell text."""
+    def number(element: int, default: int | None) -> int | None:
+        item = ds.get(group << 16 | element)
+        if item is None or item.value in (None, "", b""):
+            return default
+        value = item.value[0] if _is_multi(item.value) else item.value
+        return int(value)
+
+    try:
+        rows, cols = number(0x0010, None), number(0x0011, None)
+        frames = number(0x0015, 1)
+        bits_allocated, bit_position = number(0x0100, 1), number(0x0102, 0)
+    except (TypeError, ValueError):
+        return None
+    data = ds[group << 16 | 0x3000].value
+    if (not rows or not cols or not frames or rows < 0 or cols < 0 or frames < 0 or bits_allocated != 1
+            or bit_position != 0 or not isinstance(data, bytes) or len(data) * 8 < rows * cols * frames):
+        return None
+    if any(len(set(run.group())) >= 3 for run in _PRINTABLE_RUN.finditer(data)):
+        return None  # text written into the bytes: not a picture of anything
+    all_bits = np.unpackbits(np.frombuffer(data, np.uint8), bitorder="little")
+    return all_bits, all_bits[:rows * cols * frames].reshape(frames, rows, cols)
 
 
 def _drop_embedded_overlays(ds: Dataset) -> None:

@@ -196,6 +196,7 @@ class Deidentifier:
         #: Identifying values and their pattern, by the elements they come from, see ``_identity``.
         self._identities: dict[tuple, tuple[frozenset[str], re.Pattern[str] | None]] = {}
         self._instance: Dataset | None = None  # the dataset being de-identified
+        self._overlays_kept: frozenset[int] = frozenset()  # its overlay groups the pixel stage cleaned
         #: Return the original identifiers with each result (for an audit crosswalk).
         self.keep_originals = False
         #: Read the text of masked regions and return it with each result (for the audit store).
@@ -260,10 +261,14 @@ class Deidentifier:
         originals = {kind: _text(ds, tag) for kind, tag in CROSSWALK_TAGS.items()} if self.keep_originals else None
         trim_pixel_data(ds)
         strip_codestream_text(ds)
+        # overlays first: the pixel stage may change the transfer syntax their bytes follow
+        overlays = self._pixel_cleaner().clean_overlays(ds, identifying) \
+            if self.clean_pixels and self.profile.cleans_overlays else None
         pixels = self._pixel_cleaner().clean(ds, identifying) if self.clean_pixels else None
         transfer_syntax = transfer_syntax_of(ds)  # after the pixel stage, which may re-encode
         patient = self._patient(ds, scrub)
         self._instance = ds
+        self._overlays_kept = frozenset(overlays.cleaned) if overlays else frozenset()
         try:
             self._apply(ds, patient)
         finally:
@@ -289,7 +294,7 @@ class Deidentifier:
             modality=_text(ds, 0x00080060).upper(),
             transfer_syntax_uid=str(transfer_syntax),
             source_ae_title=source_ae,
-            pixel_regions_masked=len(pixels.regions) if pixels else 0,
+            pixel_regions_masked=(len(pixels.regions) if pixels else 0) + (len(overlays.regions) if overlays else 0),
             bytes_in=0,
             bytes_out=0,
             crosswalk=None if originals is None else (
@@ -342,8 +347,9 @@ class Deidentifier:
                 del ds[tag]  # file meta does not belong in the dataset
             elif group & 1:
                 private.append(tag)
-            elif element == 0 or self.profile.removes_group(group):
-                del ds[tag]  # group lengths (now wrong) and whole curve/overlay groups
+            elif element == 0 or (self.profile.removes_group(group)
+                                  and not (ds is self._instance and group in self._overlays_kept)):
+                del ds[tag]  # group lengths (now wrong) and whole curve/overlay groups (not cleaned ones)
             elif done is not None:
                 self._element_once(ds, tag, patient, done)
             else:
@@ -460,7 +466,8 @@ class Deidentifier:
             ds[tag] = DataElement(tag, vr, _vm([v for v in shifted if v is not None]))
         elif vr in TEXT_VRS:
             self._clean_text(ds, tag, vr, patient)
-        elif vr in BINARY_VRS and tag not in _PIXEL_TAGS and _holds_identifying_text(_get(ds, tag), patient.scrub):
+        elif (vr in BINARY_VRS and tag not in _PIXEL_TAGS and tag & 0xFF00FFFF != 0x60003000
+              and _holds_identifying_text(_get(ds, tag), patient.scrub)):
             # A binary value that spells the patient's name or an identifier: a vendor blob
             # with text in it, or a damaged length that swallowed the elements after it.
             del ds[tag]

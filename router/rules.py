@@ -94,11 +94,16 @@ class Profile:
         self.options = config.options
         self.exact: dict[int, Action] = {}
         self.private_code = "X"
+        self.cleans_overlays = False
         for row in standard_table()["rules"]:
             code = resolve(row["basic"], config.options, row["options"], config.combined_codes)
             tag = row["tag"]
             if tag == "private":
                 self.private_code = code
+            elif tag == "60xx3000":
+                #: Overlays are kept once the pixel stage has cleaned their bitmaps (C,
+                #: Clean Graphics), removed otherwise: see policy.toml [repeating_groups].
+                self.cleans_overlays = code == "C"
             elif "x" not in tag:  # (50xx,xxxx) and (60xx,...): see policy.toml [repeating_groups]
                 self.exact[int(tag, 16)] = Action(code)
         pol = policy()

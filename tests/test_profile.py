@@ -330,7 +330,7 @@ def test_kept_private_text_is_cleaned_whether_or_not_the_file_says_its_vr(tmp_pa
     assert b"Roe" not in data
 
 
-def test_overlays_and_curves_removed(tmp_path):
+def test_overlays_and_curves_removed_where_pixels_are_not_cleaned(tmp_path):
     ds = instance()
     ds.add_new(0x60000010, "US", 4)
     ds.add_new(0x60000011, "US", 4)
@@ -827,6 +827,55 @@ def test_clean_pixel_data_through_the_engine(tmp_path):
     kept = pydicom.dcmread(tmp_path / "plain.dcm")
     assert "113101" not in [i.CodeValue for i in kept.DeidentificationMethodCodeSequence]
     assert kept.PixelData == ds.PixelData
+
+
+def overlay_bitmap(rows: int, cols: int) -> np.ndarray:
+    """An overlay: a name and an ID written in it, a rectangle (a region of interest) away from them."""
+    from PIL import ImageDraw, ImageFont
+
+    canvas = Image.new("1", (cols, rows), 0)
+    draw = ImageDraw.Draw(canvas)
+    draw.text((8, 8), "DOE^JANE 19510829", font=ImageFont.load_default(size=14), fill=1)
+    draw.text((8, rows - 24), "MRN 4711", font=ImageFont.load_default(size=14), fill=1)
+    draw.rectangle((cols // 2, rows // 3, cols - 20, rows * 2 // 3), outline=1)
+    return np.asarray(canvas, dtype=np.uint8)
+
+
+def test_overlays_are_kept_with_the_text_in_their_bitmaps_cleared(tmp_path):
+    """Clean Graphics with the pixel stage: an overlay (60xx) is kept, its bitmap without
+    the text written in it (graphics stay), its text attributes cleaned; an overlay whose
+    attributes do not describe its bitmap, or whose bytes spell text, is removed whole, as
+    without the pixel stage."""
+    rows, cols = 160, 240
+    bitmap = overlay_bitmap(rows, cols)
+    ds = instance()
+    for group, frames in ((0x6000, 1), (0x6002, 1)):
+        ds.add_new(group << 16 | 0x0010, "US", rows)
+        ds.add_new(group << 16 | 0x0011, "US", cols)
+        ds.add_new(group << 16 | 0x0040, "CS", "G")
+        ds.add_new(group << 16 | 0x0050, "SS", [1, 1])
+        ds.add_new(group << 16 | 0x0100, "US", 1)
+        ds.add_new(group << 16 | 0x0102, "US", 0)
+        ds.add_new(group << 16 | 0x0022, "LO", "ROI of Smith John")
+        ds.add_new(group << 16 | 0x4000, "LT", "drawn for MRN-4711")
+        ds.add_new(group << 16 | 0x3000, "OW", np.packbits(bitmap.ravel(), bitorder="little").tobytes())
+    ds[0x60020010].value = rows * 2  # more bits than its data holds: cannot be cleaned
+    ds.add_new(0x60040010, "US", 16)
+    ds.add_new(0x60040011, "US", 16)
+    ds.add_new(0x60043000, "OW", b"Smith^John 4711" + bytes(17))  # text in the bytes, not in the picture
+    out, data = roundtrip(ds, engine("clean-pixel-data", "clean-graphics"), tmp_path)
+    assert not [e for e in out if e.tag.group in (0x6002, 0x6004)]
+    assert out[0x60000010].value == rows and out[0x60000050].value == [1, 1]
+    assert "Smith" not in out[0x60000022].value and "ROI" in out[0x60000022].value
+    assert "4711" not in out[0x60004000].value
+    after = out.overlay_array(0x6000)
+    assert after[: rows // 4].sum() == 0 and after[rows - 30:, : cols // 3].sum() == 0  # the text
+    box = (slice(rows // 3, rows * 2 // 3 + 1), slice(cols // 2, cols - 19))
+    assert np.array_equal(after[box], bitmap[box])  # the graphics
+    assert b"Smith" not in data and b"4711" not in data
+    # Without the option the overlays go, cleaned or not.
+    out, _ = roundtrip(ds, engine("clean-pixel-data"), tmp_path / "basic")
+    assert not [e for e in out if e.tag.group in (0x6000, 0x6002, 0x6004)]
 
 
 def test_uids_written_in_kept_text_are_remapped_consistently(tmp_path):
