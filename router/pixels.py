@@ -257,7 +257,10 @@ class PixelCleaner:
         for group in range(0x6000, 0x6020, 2):
             if (group << 16 | 0x3000) not in ds or big_endian:
                 continue
-            overlay = _overlay_bits(ds, group)
+            try:
+                overlay = _overlay_bits(ds, group)
+            except Exception:  # noqa: BLE001 - an attribute pydicom cannot read: removed whole
+                overlay = None
             if overlay is None:
                 continue
             all_bits, bits = overlay
@@ -688,7 +691,7 @@ def _overlay_bits(ds: Dataset, group: int) -> tuple[np.ndarray, np.ndarray] | No
         rows, cols = number(0x0010, None), number(0x0011, None)
         frames = number(0x0015, 1)
         bits_allocated, bit_position = number(0x0100, 1), number(0x0102, 0)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, IndexError):  # not numbers
         return None
     data = ds[group << 16 | 0x3000].value
     if (not rows or not cols or not frames or rows < 0 or cols < 0 or frames < 0 or bits_allocated != 1

@@ -863,8 +863,17 @@ def test_overlays_are_kept_with_the_text_in_their_bitmaps_cleared(tmp_path):
     ds.add_new(0x60040010, "US", 16)
     ds.add_new(0x60040011, "US", 16)
     ds.add_new(0x60043000, "OW", b"Smith^John 4711" + bytes(17))  # text in the bytes, not in the picture
-    out, data = roundtrip(ds, engine("clean-pixel-data", "clean-graphics"), tmp_path)
-    assert not [e for e in out if e.tag.group in (0x6002, 0x6004)]
+    ds.add_new(0x60060010, "US", 16)
+    ds.add_new(0x60060011, "US", 16)
+    ds.add_new(0x60063000, "OW", bytes(32))
+    src, dst = tmp_path / "in.dcm", tmp_path / "out.dcm"
+    ds.save_as(src, enforce_file_format=True)
+    rows_6006 = b"\x06\x60\x10\x00US\x02\x00\x10\x00"
+    assert src.read_bytes().count(rows_6006) == 1
+    src.write_bytes(src.read_bytes().replace(rows_6006, b"\x06\x60\x10\x00US\x03\x00\x10\x00\x00"))  # unreadable
+    engine("clean-pixel-data", "clean-graphics").process_file(src, dst)
+    out, data = pydicom.dcmread(dst), dst.read_bytes()
+    assert not [e for e in out if e.tag.group in (0x6002, 0x6004, 0x6006)]
     assert out[0x60000010].value == rows and out[0x60000050].value == [1, 1]
     assert "Smith" not in out[0x60000022].value and "ROI" in out[0x60000022].value
     assert "4711" not in out[0x60004000].value
