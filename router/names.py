@@ -5,7 +5,8 @@ and titled names by a pattern (rules/policy.toml); this finds the others by thei
 with the census name lists of rules/person-names.json (see rules/generate_names.py):
 
 - a given name, an optional middle initial and a surname: "Jane Roe", "Mary Q. Johnson";
-- a surname, a comma and a given name: "Smith, Anna";
+- a surname, a comma and a given name or an initial: "Smith, Anna", "Smith, J." (a
+  surname of the list there);
 - a given name and an initial: "Karen W.";
 - a given name alone after a word that announces a person: "seen by Karen", "tech: Karen";
 - a DICOM person name written into text, both parts on the lists: "SMITH^ANNA".
@@ -92,9 +93,12 @@ class PersonNames:
                 and _CUE_GAP.fullmatch(text, words[i - 1].end(), words[i].start()) is not None):
             return i  # "seen by Karen", "tech: Karen"
         if (self._is_surname(word, capitals) and i + 1 < len(words)
-                and _COMMA.fullmatch(text, words[i].end(), words[i + 1].start()) is not None
-                and self._is_given(words[i + 1].group(), capitals)):
-            return i + 1
+                and _COMMA.fullmatch(text, words[i].end(), words[i + 1].start()) is not None):
+            after = words[i + 1].group()
+            if self._is_given(after, capitals):
+                return i + 1  # "Smith, Anna"
+            if _is_initial(after) and after.endswith(".") and _key(word) in self.surnames:
+                return i + 1  # "Smith, J."
         return None
 
     def _is_caret_name(self, value: str) -> bool:

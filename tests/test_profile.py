@@ -751,10 +751,12 @@ def test_identifier_patterns_are_cut_from_kept_text(tmp_path):
     ds.StudyDescription = "CT CHEST, call Dr. Gregory House (555) 123-4567, MRN 00012345678, 12.5 mGy"
     ds.SeriesDescription = "Sent from 10.20.30.40 to 1234 Elm Street; Series 2 Chest CT, 10 mm circle ROI"
     ds.ImageComments = "acc A1234567; ACC# 20130714E864, MRN: AB1234, Accession No. 4711X; ACC 1.5 T, ID 2"
+    ds.AdditionalPatientHistory = "Referring: Dr. A. Nguyen; DR. SMITH; seen at Boston, MA 02114-1234 or CT 06510"
     out, _ = roundtrip(ds, engine("clean-descriptors"), tmp_path)
     assert out.StudyDescription == "CT CHEST, call , , 12.5 mGy"
     assert out.SeriesDescription == "Sent from to ; Series 2 Chest CT, 10 mm circle ROI"
     assert out.ImageComments == "; , , ; ACC 1.5 T, ID 2"
+    assert out.AdditionalPatientHistory == "Referring: ; ; seen at or CT 06510"
 
 
 NAMES_NOT_IN_THE_HEADER = {
@@ -770,6 +772,7 @@ NAMES_NOT_IN_THE_HEADER = {
     "seen by Karen, stable": "seen by , stable",
     "TECH: KAREN": "TECH:",
     "cc Mary-Jane Watson": "cc",
+    "Ordered by Smith, J. today": "Ordered by today",
 }
 #: Clinical text with words that are also given names or surnames: never taken for a name.
 NOT_NAMES = [
@@ -780,7 +783,8 @@ NOT_NAMES = [
     "Bone Window", "Lung 1.0 B70f", "Soft Tissue 3.0", "Mark Point 1", "Echo Planar", "DWI b1000",
     "Delayed Phase 5 min", "Portal Venous Phase", "Angle 15 degrees", "Scout Lateral", "Morton Neuroma",
     "Salter Harris II", "Chance Fracture", "Hunter Canal", "May require follow up", "June Protocol",
-    "reviewed by Max Window", "Pt Will return", "contrast by hand injection",
+    "reviewed by Max Window", "Pt Will return", "contrast by hand injection", "Chest, L. lateral",
+    "DR CHEST PA", "MR BRAIN W/O", "CT 12345 mAs", "Series 5, A. axial",
 ]
 
 
