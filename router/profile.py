@@ -953,7 +953,7 @@ def _without_j2k_text(fragment: memoryview, first_tile: int,
     tiles, pos, removed, resized = bytearray(), first_tile, len(cuts), False
     while fragment[pos:pos + 2] == b"\xff\x90" and pos + 12 <= len(fragment):
         length = int.from_bytes(fragment[pos + 6:pos + 10], "big")
-        end = pos + length if length else _unpadded_length(fragment) - 2  # 0: the last, up to EOC
+        end = pos + length if length else len(fragment)
         if end <= pos + 12 or end > len(fragment):
             return None
         header, at = bytearray(), pos + 12
@@ -967,6 +967,13 @@ def _without_j2k_text(fragment: memoryview, first_tile: int,
             else:
                 header += fragment[at:segment_end]
             at = segment_end
+        if not length:
+            # 0: the last tile-part, up to EOC, the first FFD9 after SOD (coded data never
+            # holds 0xFF followed by a byte above 0x8F, A.1.1 / annex D)
+            found = bytes(fragment[at + 2:]).find(b"\xff\xd9")
+            if found < 0:
+                return None
+            end = at + 2 + found
         new_length = (12 + len(header) + end - at) if length else 0
         for part in (fragment[pos:pos + 6], new_length.to_bytes(4, "big"), fragment[pos + 10:pos + 12], header,
                      fragment[at:end]):
@@ -989,13 +996,6 @@ def _without_j2k_text(fragment: memoryview, first_tile: int,
     if len(kept) % 2:
         kept += b"\0"
     return bytes(kept), removed
-
-
-def _unpadded_length(fragment: memoryview) -> int:
-    end = len(fragment)
-    while end and fragment[end - 1] == 0:
-        end -= 1
-    return end
 
 
 def _without_segment(header: bytearray, marker: int) -> bytearray:

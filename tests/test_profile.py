@@ -500,6 +500,26 @@ def test_text_segments_in_jpeg_frames_are_removed(tmp_path, syntax):
     assert all(len(f) - len(c.rstrip(b"\0")) <= 1 for f, c in zip(kept, codestreams))
 
 
+def test_text_after_a_jpeg_2000_frame_whose_last_tile_part_has_no_length_is_removed(tmp_path):
+    """A last tile-part may give its length as 0 (up to EOC): what follows EOC goes too."""
+    frames = [(np.arange(64 * 80, dtype=np.uint32).reshape(64, 80) * (f + 3) % 251).astype(np.uint8)
+              for f in range(2)]
+    ds = instance()
+    ds.Rows, ds.Columns, ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.NumberOfFrames = 64, 80, 8, 8, 7, 2
+    ds.PixelData = np.stack(frames).tobytes()
+    ds.compress(JPEG2000Lossless, generate_instance_uid=False)
+    codestreams = []
+    for c in generate_frames(ds.PixelData, number_of_frames=2):
+        c = c.rstrip(b"\0")
+        sot = c.index(b"\xff\x90")
+        assert int.from_bytes(c[sot + 6:sot + 10], "big") == len(c) - 2 - sot  # one tile-part, up to EOC
+        codestreams.append(c[:sot + 6] + bytes(4) + c[sot + 10:] + b"after the end: Smith^John MRN-4711")
+    out, data = roundtrip_encapsulated(ds, encapsulate(codestreams), tmp_path)
+    assert b"MRN-4711" not in data and b"Smith" not in data
+    kept = [f.rstrip(b"\0") for f in generate_frames(out.PixelData, number_of_frames=2)]
+    assert all(f.endswith(b"\xff\xd9") and b"\xff\x90" in f for f in kept)
+
+
 def test_text_after_a_jpeg_frame_split_over_items_is_removed(tmp_path):
     """A frame may span several items: what follows its end-of-image marker in its last item
     goes too; an APP8 segment goes from a JPEG that is not JPEG-LS (where it would be the
