@@ -771,12 +771,13 @@ def test_identifier_patterns_are_cut_from_kept_text(tmp_path):
     ds.StudyDescription = "CT CHEST, call Dr. Gregory House (555) 123-4567, MRN 00012345678, 12.5 mGy"
     ds.SeriesDescription = "Sent from 10.20.30.40 to 1234 Elm Street; Series 2 Chest CT, 10 mm circle ROI"
     ds.ImageComments = "acc A1234567; ACC# 20130714E864, MRN: AB1234, Accession No. 4711X; ACC 1.5 T, ID 2"
-    ds.AdditionalPatientHistory = "Referring: Dr. A. Nguyen; DR. SMITH; seen at Boston, MA 02114-1234 or CT 06510"
+    ds.AdditionalPatientHistory = ("Referring: Dr. A. Nguyen; DR. SMITH; seen at Boston, MA 02114-1234 or CT 06510; "
+                                   "call +44 20 7946 0958 or +33 1 42 68 53 00. Shift +12.5 -3.5 mm")
     out, _ = roundtrip(ds, engine("clean-descriptors"), tmp_path)
     assert out.StudyDescription == "CT CHEST, call , , 12.5 mGy"
     assert out.SeriesDescription == "Sent from to ; Series 2 Chest CT, 10 mm circle ROI"
     assert out.ImageComments == "; , , ; ACC 1.5 T, ID 2"
-    assert out.AdditionalPatientHistory == "Referring: ; ; seen at or CT 06510"
+    assert out.AdditionalPatientHistory == "Referring: ; ; seen at or CT 06510; call or . Shift +12.5 -3.5 mm"
 
 
 NAMES_NOT_IN_THE_HEADER = {
