@@ -782,7 +782,7 @@ def strip_codestream_text(ds: Dataset) -> int:
     if pos != len(data) or first is None:
         return 0  # not items to the end: left as it is (the decoder decides)
     cleaned = [(old, *_without_text_segments(fragment)) for old, fragment in items]
-    for k in _last_fragments_of_jpeg_frames(items):  # a frame split over several items
+    for k in _last_fragments_of_split_frames(items):  # a frame split over several items
         old, fragment = items[k]
         kept = _without_bytes_after_eoi(fragment)
         if kept is not None:
@@ -806,6 +806,12 @@ def strip_codestream_text(ds: Dataset) -> int:
     else:
         ds[PIXEL_DATA] = DataElement(PIXEL_DATA, raw.VR, value, is_undefined_length=True, already_converted=True)
     return removed
+
+
+#: A comment segment of odd length holding one zero byte, by codestream (JPEG and JPEG-LS,
+#: JPEG 2000): where cutting leaves a frame's first item of several odd, it keeps the item
+#: even without a byte inside the codestream.
+_ODD_COMMENT = {b"\xff\xd8": b"\xff\xfe\x00\x03\x00", b"\xff\x4f": b"\xff\x64\x00\x05\x00\x00\x00"}
 
 
 def _without_text_segments(fragment: memoryview) -> tuple[bytes | memoryview, int]:
@@ -869,10 +875,13 @@ def _without_text_segments(fragment: memoryview) -> tuple[bytes | memoryview, in
         start = cut_end
     kept += fragment[start:]
     eoi = kept.rfind(b"\xff\xd9")
-    if eoi >= 0 and not kept[eoi + 2:].strip(b"\0"):
+    ends = eoi >= 0 and not kept[eoi + 2:].strip(b"\0")
+    if ends:
         del kept[eoi + 2:]  # the padding of the odd length it had (padded again below)
-    if len(kept) % 2:
+    if len(kept) % 2 and ends:
         kept += b"\0"
+    elif len(kept) % 2:  # continued in the next item, where a padding byte would be read as data
+        kept[cuts[0][0]:cuts[0][0]] = _ODD_COMMENT[bytes(fragment[:2])]
     return bytes(kept), len(cuts)
 
 
@@ -908,21 +917,24 @@ def _without_jp2_text(fragment: memoryview) -> tuple[bytes, int] | None:
     return bytes(out) + b"\0" * (len(out) & 1), removed
 
 
-def _last_fragments_of_jpeg_frames(items: list[tuple[int, memoryview]]) -> list[int]:
-    """The indexes of the items that end a JPEG (or JPEG-LS) frame begun in an earlier item."""
-    starts = [bytes(fragment[:2]) in (b"\xff\xd8", b"\xff\x4f") for _old, fragment in items]
-    last, jpeg = [], False
+def _last_fragments_of_split_frames(items: list[tuple[int, memoryview]]) -> list[int]:
+    """The indexes of the items that end a JPEG, JPEG-LS or JPEG 2000 frame begun in an
+    earlier item."""
+    starts = [bytes(fragment[:2]) in (b"\xff\xd8", b"\xff\x4f") or bytes(fragment[:12]) == _JP2_SIGNATURE
+              for _old, fragment in items]
+    last, codestream = [], False
     for k, (_old, fragment) in enumerate(items):
         if starts[k]:
-            jpeg = fragment[:2] == b"\xff\xd8"
-        elif jpeg and k and (k + 1 == len(items) or starts[k + 1]):
+            codestream = bytes(fragment[:2]) in (b"\xff\xd8", b"\xff\x4f")
+        elif codestream and k and (k + 1 == len(items) or starts[k + 1]):
             last.append(k)
     return last
 
 
 def _without_bytes_after_eoi(fragment: memoryview) -> bytes | None:
     """The last fragment of a JPEG frame cut after its end-of-image marker (no entropy-coded
-    segment holds FF D9), padded to an even length; None if nothing follows EOI there."""
+    segment holds FF D9), or of a JPEG 2000 frame after its EOC (FF D9 too, which no coded
+    data holds), padded to an even length; None if nothing follows that marker there."""
     data = bytes(fragment)
     eoi = data.rfind(b"\xff\xd9")
     if eoi < 0 or not data[eoi + 2:].strip(b"\0"):
