@@ -60,6 +60,19 @@ def _init(deidentifier: Deidentifier, dst: Path) -> None:
     deidentifier.start()
 
 
+def _init_worker(config: Config, secret: bytes, dst: Path) -> None:
+    """A worker process (from the forkserver: the OCR runtime's threads do not survive a
+    fork of a process that ran it) builds its own de-identifier."""
+    _init(_deidentifier_for(config, secret), dst)
+
+
+def _deidentifier_for(config: Config, secret: bytes) -> Deidentifier:
+    deidentifier = Deidentifier(config.deid, secret)
+    deidentifier.keep_originals = config.audit.crosswalk
+    deidentifier.keep_pixel_text = config.audit.pixel_text
+    return deidentifier
+
+
 def inputs(src: Path) -> list[Path]:
     if src.is_dir():
         return sorted(p for p in src.rglob("*") if p.is_file())
@@ -85,9 +98,7 @@ def run(src: Path, dst: Path, config: Config, workers: int | None = None) -> int
     except OSError as exc:
         print(f"deid-router: {dst}: cannot make the output folder: {exc.strerror}", file=sys.stderr)
         return 2
-    deidentifier = Deidentifier(config.deid, secret)
-    deidentifier.keep_originals = config.audit.crosswalk
-    deidentifier.keep_pixel_text = config.audit.pixel_text
+    deidentifier = _deidentifier_for(config, secret)
     try:
         deidentifier.start()  # fail here, clearly, if the OCR models cannot run
     except RuntimeError as exc:
@@ -110,8 +121,8 @@ def run(src: Path, dst: Path, config: Config, workers: int | None = None) -> int
         _init(deidentifier, dst)
         outcomes = map(process, paths)
     else:
-        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
-                                   initializer=_init, initargs=(deidentifier, dst))
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"),
+                                   initializer=_init_worker, initargs=(config, secret, dst))
         outcomes = pool.map(process, paths, chunksize=8)
     for outcome in outcomes:
         if outcome.result is None:
