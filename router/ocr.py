@@ -31,11 +31,13 @@ DETECTION_MODEL = "PP-OCRv4_det_mobile.onnx"
 DETECTION_MODEL_SHA256 = "d2a7720d45a54257208b1e13e36a8479894cb74155a5efe29462512d42f49da9"
 #: Recognition: the model file inside the rapidocr wheel (rapidocr==3.10.0).
 RAPIDOCR_REC_MODEL = "PP-OCRv6_rec_small.onnx"
-#: Detector inputs above this many pixels (larger than ~1224x1224) run on a model compiled
-#: for them alone and give its working memory back after the call, so a worker keeps what
-#: usual images need (~0.2 GB), not what its largest image ever needed (~0.7 GB for a
-#: 2400-pixel radiograph).
+#: Detector inputs above this many pixels (larger than ~1224x1224) are searched in tiles,
+#: so a worker needs what a tile needs (~0.6 GB at peak for a 2400-pixel radiograph), not
+#: what the whole image would (~1.06 GB; 1.33 GB on ONNX Runtime).
 RELEASE_AFTER_PIXELS = 1_500_000
+#: Tiles of larger inputs: their side and how much neighbours overlap (multiples of 32).
+TILE_SIDE = 1024
+TILE_OVERLAP = 128
 #: glibc mallopt parameters: blocks up to MMAP_THRESHOLD (glibc's largest) come from the
 #: heap, and up to TRIM_THRESHOLD of free heap is kept for reuse (larger blocks are mapped
 #: and unmapped). An 18 MB clip frees ~55-90 MB at once (file, decoded frames, re-encoded
@@ -141,7 +143,7 @@ class RapidOcrDetector:
         # afresh (a fifth of a CT slice's OCR time was the kernel's: 183 -> 153 ms).
         options.enable_cpu_mem_arena = True
         options.log_severity_level = 3
-        self._libc = _keep_freed_memory()
+        _keep_freed_memory()
         providers = ["CPUExecutionProvider"]
         # Detection, most of a worker's time, on OpenVINO's CPU runtime: the same model and
         # results (f32: 1e-7 apart) in ~0.7x ONNX Runtime's time here, ~0.5x with bfloat16
@@ -190,16 +192,7 @@ class RapidOcrDetector:
         interpolation = self._cv2.INTER_LINEAR if rh * rw >= h * w else self._cv2.INTER_AREA
         resized = self._cv2.resize(rgb, (rw, rh), interpolation=interpolation)
         tensor = (resized.astype(np.float32) * (2.0 / 255.0) - 1.0).transpose(2, 0, 1)[None]
-        if rh * rw > RELEASE_AFTER_PIXELS:
-            # a model compiled for this image alone, dropped after it: a compiled model keeps
-            # the working memory of the largest image it ever ran (~0.6 GB at 2400 pixels)
-            request = self._ov.compile_model(self._det_model, "CPU", self._det_config).create_infer_request()
-            pred = np.array(request.infer({0: tensor})[0])
-            del request
-            if self._libc is not None:
-                self._libc.malloc_trim(0)
-        else:
-            pred = self._det.infer({0: tensor})[0]
+        pred = self._tiled(tensor) if rh * rw > RELEASE_AFTER_PIXELS else self._det.infer({0: tensor})[0]
         quads, scores = self._post(pred, (h, w))
         boxes = []
         for quad, score in zip(quads, scores):
@@ -210,6 +203,32 @@ class RapidOcrDetector:
             if x1 > x0 and y1 > y0:
                 boxes.append(Box(int(x0), int(y0), int(x1), int(y1), float(score)))
         return boxes
+
+    def _tiled(self, tensor: np.ndarray) -> np.ndarray:
+        """The text probability map of a large input, computed tile by tile: the network's
+        working memory grows with the input (~0.7 GB at 2400x1984), a tile's stays ~0.2 GB.
+        Tiles overlap by TILE_OVERLAP and each gives the map only its inner part (beyond
+        half the overlap from an inner edge), where it sees as much around every pixel as
+        the whole image would show (the map agrees with the whole image's)."""
+        _, _, height, width = tensor.shape
+        pred = np.zeros((1, 1, height, width), dtype=np.float32)
+        half = TILE_OVERLAP // 2
+        for top in range(0, height, TILE_SIDE - TILE_OVERLAP):
+            for left in range(0, width, TILE_SIDE - TILE_OVERLAP):
+                y0, x0 = min(top, max(0, height - TILE_SIDE)), min(left, max(0, width - TILE_SIDE))
+                y1, x1 = min(height, y0 + TILE_SIDE), min(width, x0 + TILE_SIDE)
+                tile = self._det.infer({0: np.ascontiguousarray(tensor[:, :, y0:y1, x0:x1])})[0]
+                # keep what lies beyond half the overlap from an edge shared with a neighbour
+                ky0 = y0 + half if y0 > 0 else 0
+                kx0 = x0 + half if x0 > 0 else 0
+                ky1 = y1 - half if y1 < height else height
+                kx1 = x1 - half if x1 < width else width
+                pred[:, :, ky0:ky1, kx0:kx1] = tile[:, :, ky0 - y0:ky1 - y0, kx0 - x0:kx1 - x0]
+                if x1 >= width:
+                    break
+            if y1 >= height:
+                break
+        return pred
 
     # -- recognition ---------------------------------------------------------------------
 
@@ -268,16 +287,15 @@ class RapidOcrDetector:
         return text.strip(), (float(np.mean(probs)) if probs else 0.0), spans
 
 
-def _keep_freed_memory() -> ctypes.CDLL | None:
-    """Tune glibc's allocator of this process (a worker's) for repeated same-sized images;
-    None where the C library is not glibc (then nothing changes)."""
+def _keep_freed_memory() -> None:
+    """Tune glibc's allocator of this process (a worker's) for repeated same-sized images
+    (nothing changes where the C library is not glibc)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
         libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
     except (OSError, AttributeError):
-        return None
-    return libc
+        pass
 
 
 def _as_rgb_uint8(image: np.ndarray) -> np.ndarray:
