@@ -34,7 +34,7 @@ RAPIDOCR_REC_MODEL = "PP-OCRv6_rec_small.onnx"
 #: Detector inputs above this many pixels (larger than ~1224x1224) are searched in tiles,
 #: so a worker needs what a tile needs (~0.6 GB at peak for a 2400-pixel radiograph), not
 #: what the whole image would (~1.06 GB; 1.33 GB on ONNX Runtime).
-RELEASE_AFTER_PIXELS = 1_500_000
+TILED_ABOVE_PIXELS = 1_500_000
 #: Tiles of larger inputs: their side and how much neighbours overlap (multiples of 32).
 TILE_SIDE = 1024
 TILE_OVERLAP = 128
@@ -148,16 +148,14 @@ class RapidOcrDetector:
         # Detection, most of a worker's time, on OpenVINO's CPU runtime: the same model and
         # results (f32: 1e-7 apart) in ~0.7x ONNX Runtime's time here, ~0.5x with bfloat16
         # where the CPU computes it natively (AVX512-BF16, AMX).
-        core = openvino.Core()
-        bf16 = "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-        # Not pinned to a core: OpenVINO pins each process's thread to the first core, so two
-        # workers took turns on one core (measured: 2 workers no faster than 1).
-        self._det_config = {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY",
-                            "INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32", "ENABLE_CPU_PINNING": False}
         try:
-            self._ov = core
-            self._det_model = core.read_model(str(det_path))
-            self._det_compiled = core.compile_model(self._det_model, "CPU", self._det_config)
+            core = openvino.Core()
+            bf16 = "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+            # Not pinned to a core: OpenVINO pins each process's thread to the first core, so
+            # two workers took turns on one core (measured: 2 workers no faster than 1).
+            config = {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY",
+                      "INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32", "ENABLE_CPU_PINNING": False}
+            self._det_compiled = core.compile_model(core.read_model(str(det_path)), "CPU", config)
             self._det = self._det_compiled.create_infer_request()
             self._rec = ort.InferenceSession(str(rec_path), options, providers=providers)
         except Exception as exc:  # noqa: BLE001 - any load failure means no engine
@@ -192,7 +190,7 @@ class RapidOcrDetector:
         interpolation = self._cv2.INTER_LINEAR if rh * rw >= h * w else self._cv2.INTER_AREA
         resized = self._cv2.resize(rgb, (rw, rh), interpolation=interpolation)
         tensor = (resized.astype(np.float32) * (2.0 / 255.0) - 1.0).transpose(2, 0, 1)[None]
-        pred = self._tiled(tensor) if rh * rw > RELEASE_AFTER_PIXELS else self._det.infer({0: tensor})[0]
+        pred = self._tiled(tensor) if rh * rw > TILED_ABOVE_PIXELS else self._det.infer({0: tensor})[0]
         quads, scores = self._post(pred, (h, w))
         boxes = []
         for quad, score in zip(quads, scores):
@@ -208,8 +206,9 @@ class RapidOcrDetector:
         """The text probability map of a large input, computed tile by tile: the network's
         working memory grows with the input (~0.7 GB at 2400x1984), a tile's stays ~0.2 GB.
         Tiles overlap by TILE_OVERLAP and each gives the map only its inner part (beyond
-        half the overlap from an inner edge), where it sees as much around every pixel as
-        the whole image would show (the map agrees with the whole image's)."""
+        half the overlap from an inner edge), where it sees most of what the whole image
+        shows around every pixel: the map differs from the whole image's at a few text
+        edges, the boxes found agree (measured on lines across tile edges)."""
         _, _, height, width = tensor.shape
         pred = np.zeros((1, 1, height, width), dtype=np.float32)
         half = TILE_OVERLAP // 2
