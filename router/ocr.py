@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import math
+import sys
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -109,6 +110,12 @@ class RapidOcrDetector:
 
     def __init__(self, settings: DetectorSettings | None = None, threads: int = 1):
         self.settings = settings or DetectorSettings()
+        # openvino's package imports its model converter (openvino.tools.ovc), and that
+        # import starts Intel's usage telemetry: a client id written under ~/intel and an
+        # event sent out (a DNS query at every worker start). A node never converts models
+        # and must not call out: the converter is marked unimportable, which openvino's
+        # package skips silently.
+        sys.modules.setdefault("openvino.tools.ovc", None)  # type: ignore[arg-type]
         try:
             import onnxruntime as ort
             import openvino
