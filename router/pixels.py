@@ -97,8 +97,6 @@ class OverlayReport:
     cleaned: set[int] = field(default_factory=set)
     #: What was cleared, by group (the crosswalk: keep it local, never log it).
     regions: list[tuple[int, Region]] = field(default_factory=list)
-    #: Text read but kept (mode "phi").
-    kept: list[Region] = field(default_factory=list)
 
 
 def load_policy(site: dict | None = None) -> dict:
@@ -253,9 +251,10 @@ class PixelCleaner:
         do not describe its bitmap is left out of ``cleaned`` (the profile then removes its
         group whole). Runs before the pixel stage may change the transfer syntax."""
         report = OverlayReport()
-        big_endian = transfer_syntax_of(ds) == ExplicitVRBigEndian  # OW words swapped
+        if transfer_syntax_of(ds) == ExplicitVRBigEndian:  # OW words swapped: removed whole
+            return report
         for group in range(0x6000, 0x6020, 2):
-            if (group << 16 | 0x3000) not in ds or big_endian:
+            if (group << 16 | 0x3000) not in ds:
                 continue
             try:
                 overlay = _overlay_bits(ds, group)
@@ -268,7 +267,7 @@ class PixelCleaner:
             regions: list[Region] = []
             if bits.any():
                 image = np.where(bits.any(axis=0), 255, 0).astype(np.uint8)
-                self._find_text(range(frames), [image], (rows, cols), identifying, regions, report.kept)
+                self._find_text(range(frames), [image], (rows, cols), identifying, regions, kept=[])
             masked = self._margined(regions, rows, cols)
             for r in masked:
                 bits[r.frame, r.y0:r.y1, r.x0:r.x1] = 0

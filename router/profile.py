@@ -920,12 +920,12 @@ def _without_jp2_text(fragment: memoryview) -> tuple[bytes, int] | None:
 def _last_fragments_of_split_frames(items: list[tuple[int, memoryview]]) -> list[int]:
     """The indexes of the items that end a JPEG, JPEG-LS or JPEG 2000 frame begun in an
     earlier item."""
-    starts = [bytes(fragment[:2]) in (b"\xff\xd8", b"\xff\x4f") or bytes(fragment[:12]) == _JP2_SIGNATURE
-              for _old, fragment in items]
+    codestreams = [bytes(fragment[:2]) in (b"\xff\xd8", b"\xff\x4f") for _old, fragment in items]
+    starts = [c or bytes(fragment[:12]) == _JP2_SIGNATURE for c, (_old, fragment) in zip(codestreams, items)]
     last, codestream = [], False
-    for k, (_old, fragment) in enumerate(items):
+    for k in range(len(items)):
         if starts[k]:
-            codestream = bytes(fragment[:2]) in (b"\xff\xd8", b"\xff\x4f")
+            codestream = codestreams[k]
         elif codestream and k and (k + 1 == len(items) or starts[k + 1]):
             last.append(k)
     return last
