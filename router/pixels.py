@@ -63,6 +63,10 @@ MAYBE_LOSSY_SYNTAXES = {
 }
 NATIVE_SYNTAXES = (ImplicitVRLittleEndian, ExplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian)
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+#: Width of the band just outside a masked region whose pixels give its fill (mask.fill
+#: "background").
+BACKGROUND_BAND_PX = 2
+BACKGROUND_SAMPLES = 256
 
 
 class Region(NamedTuple):
@@ -127,6 +131,8 @@ class PixelCleaner:
         if not self.renderings or set(self.renderings) - {"minmax", "window"}:
             raise ValueError('pixel policy: detect.renderings must name "minmax" and/or "window"')
         self.patterns = [re.compile(p, re.IGNORECASE) for p in self.policy["phi"]["patterns"]]
+        if self.policy["mask"]["fill"] not in ("background", "black"):
+            raise ValueError('pixel policy: mask.fill must be "background" or "black"')
         recognize = self.policy["mask"]["recognize"]
         if recognize not in (True, False, "auto"):
             raise ValueError('pixel policy: mask.recognize must be true, false or "auto"')
@@ -234,8 +240,10 @@ class PixelCleaner:
             self._find_text(masked_frames, images, (rows, cols), identifying, regions, kept)
         masked = self._margined(regions, rows, cols)
         if masked:
-            for r in masked:
-                arr[r.frame, r.y0:r.y1, r.x0:r.x1, :] = fill
+            fills = _background_fills(masked, arr, fill, photometric) if self.policy["mask"]["fill"] == "background" \
+                else [fill] * len(masked)
+            for r, value in zip(masked, fills):
+                arr[r.frame, r.y0:r.y1, r.x0:r.x1, :] = value
         if masked and stored is not None:
             ds[keyword].VR = "OB" if arr.dtype.itemsize == 1 else "OW"  # as _write gives it
         elif masked or high_bits:
@@ -826,6 +834,48 @@ def _squeeze(text: str) -> str:
 # -- masking and writing ---------------------------------------------------------------------
 
 
+def _background_fills(regions: list[Region], arr: np.ndarray, black: np.ndarray, photometric: str) -> list[np.ndarray]:
+    """Each region's fill: the median of the pixels in a band just outside it that no region
+    covers (a palette's most frequent index there), taken before anything is filled. A mask
+    is larger than its text (margin, padding along the line, the detector's unclipping:
+    ~2.5x the words' boxes): filled with the background, the pixels around the text stay
+    what they were (or within the noise) instead of turning black. Black where no such
+    pixel exists. Frames with the same rectangles (every frame of a clip) are done at once."""
+    _, rows, cols, _ = arr.shape
+    band = BACKGROUND_BAND_PX
+    rectangles: dict[int, list[tuple[int, int, int, int]]] = {}
+    for r in regions:
+        rectangles.setdefault(r.frame, []).append((r.x0, r.y0, r.x1, r.y1))
+    frames_of: dict[tuple, list[int]] = {}
+    for frame, rects in rectangles.items():
+        frames_of.setdefault(tuple(sorted(set(rects))), []).append(frame)
+    fill_of: dict[tuple[int, tuple[int, int, int, int]], np.ndarray] = {}
+    for rects, frames in frames_of.items():
+        covered = np.zeros((rows, cols), dtype=bool)
+        for x0, y0, x1, y1 in rects:
+            covered[y0:y1, x0:x1] = True
+        for rect in rects:
+            x0, y0, x1, y1 = rect
+            y0, y1, x0, x1 = max(0, y0 - band), min(rows, y1 + band), max(0, x0 - band), min(cols, x1 + band)
+            outside = np.flatnonzero(~covered[y0:y1, x0:x1])
+            if not len(outside):
+                continue
+            # at most BACKGROUND_SAMPLES pixels, evenly spread around the region
+            outside = outside[np.linspace(0, len(outside) - 1, min(len(outside), BACKGROUND_SAMPLES)).astype(np.int64)]
+            window = arr[frames, y0:y1, x0:x1]
+            around = window.reshape(len(frames), -1, window.shape[-1])[:, outside]  # (frames, pixels, samples)
+            if photometric == "PALETTE COLOR":
+                typical = np.array([np.bincount(a[:, 0].astype(np.int64) - a.min()).argmax() + a.min()
+                                    for a in around])[:, None]
+            else:
+                typical = np.median(around, axis=1)
+                if arr.dtype.kind in "iu":
+                    typical = np.rint(typical)
+            for frame, value in zip(frames, typical.astype(arr.dtype)):
+                fill_of[frame, rect] = value
+    return [fill_of.get((r.frame, (r.x0, r.y0, r.x1, r.y1)), black) for r in regions]
+
+
 def _fill_value(ds: Dataset, arr: np.ndarray, photometric: str) -> np.ndarray:
     """The value that renders black: per sample, for this image."""
     samples = arr.shape[3]
@@ -950,7 +1000,7 @@ _DEFAULTS: dict[str, Any] = {
                "unclip_ratio": 1.6, "max_upscale": 4.0, "max_text_height_fraction": 0.15, "min_filtered_px": 32,
                "confirm_height_fraction": 0.05, "confirm_min_px": 20, "confirm_min_score": 0.8,
                "projection_min_frames": 8},
-    "mask": {"margin": 2, "pad_along": 0.5, "pad_along_max_px": 16, "recognize": "auto"},
+    "mask": {"margin": 2, "pad_along": 0.5, "pad_along_max_px": 16, "fill": "background", "recognize": "auto"},
     "phi": {"min_confidence": 0.6, "whole_word_max_length": 3, "min_value_length": 2, "patterns": []},
     "output": {"encapsulated": "rle"},
     "regions": [],
