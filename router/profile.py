@@ -782,9 +782,9 @@ def strip_codestream_text(ds: Dataset) -> int:
     if pos != len(data) or first is None:
         return 0  # not items to the end: left as it is (the decoder decides)
     cleaned = [(old, *_without_text_segments(fragment)) for old, fragment in items]
-    for k in _last_fragments_of_split_frames(items):  # a frame split over several items
+    for start, k in _split_frames(items):  # a frame split over several items
         old, fragment = items[k]
-        kept = _without_bytes_after_eoi(fragment)
+        kept = _without_bytes_after_eoi([fragment for _old, fragment in items[start:k + 1]])
         if kept is not None:
             cleaned[k] = (old, kept, 1)
     removed = sum(count for _old, _kept, count in cleaned)
@@ -858,13 +858,12 @@ def _without_text_segments(fragment: memoryview) -> tuple[bytes | memoryview, in
         whole = _without_j2k_text(fragment, pos, cuts)
         if whole is not None:
             return whole
-    if fragment[:2] == b"\xff\xd8" and fragment[-2:] != b"\xff\xd9" and fragment[-3:] != b"\xff\xd9\0":
-        # JPEG, JPEG-LS: bytes after the end of the image (EOI, a marker no entropy-coded
-        # data can hold); a frame continued in the next fragment has none here and stays
-        # whole.
-        eoi = bytes(fragment).rfind(b"\xff\xd9")
-        if eoi >= pos:
-            cuts.append((eoi + 2, len(fragment)))
+    if fragment[:2] == b"\xff\xd8":
+        # JPEG, JPEG-LS: bytes after the end of the image; a frame continued in the next
+        # fragment has none here and stays whole.
+        end = _jpeg_image_end(fragment, pos)
+        if end is not None and bytes(fragment[end:]).strip(b"\0"):
+            cuts.append((end, len(fragment)))
     if not cuts:
         return fragment, 0
     kept = bytearray()
@@ -917,26 +916,65 @@ def _without_jp2_text(fragment: memoryview) -> tuple[bytes, int] | None:
     return bytes(out) + b"\0" * (len(out) & 1), removed
 
 
-def _last_fragments_of_split_frames(items: list[tuple[int, memoryview]]) -> list[int]:
-    """The indexes of the items that end a JPEG, JPEG-LS or JPEG 2000 frame begun in an
-    earlier item."""
+def _split_frames(items: list[tuple[int, memoryview]]) -> list[tuple[int, int]]:
+    """The first and last indexes of the items over which a JPEG, JPEG-LS or JPEG 2000
+    frame is split."""
     codestreams = [bytes(fragment[:2]) in (b"\xff\xd8", b"\xff\x4f") for _old, fragment in items]
     starts = [c or bytes(fragment[:12]) == _JP2_SIGNATURE for c, (_old, fragment) in zip(codestreams, items)]
-    last, codestream = [], False
+    split, codestream, first = [], False, 0
     for k in range(len(items)):
         if starts[k]:
-            codestream = codestreams[k]
+            codestream, first = codestreams[k], k
         elif codestream and k and (k + 1 == len(items) or starts[k + 1]):
-            last.append(k)
-    return last
+            split.append((first, k))
+    return split
 
 
-def _without_bytes_after_eoi(fragment: memoryview) -> bytes | None:
-    """The last fragment of a JPEG frame cut after its end-of-image marker (no entropy-coded
-    segment holds FF D9), or of a JPEG 2000 frame after its EOC (FF D9 too, which no coded
-    data holds), padded to an even length; None if nothing follows that marker there."""
-    data = bytes(fragment)
-    eoi = data.rfind(b"\xff\xd9")
+#: A JPEG or JPEG-LS marker where it can end entropy-coded data: FF, then a byte from C0 on
+#: but a restart marker's (D0-D7). Neither coder writes one in its data (JPEG stuffs 00 after
+#: FF, JPEG-LS a byte below 80); FF FF is a fill byte before a marker.
+_JPEG_MARKER = re.compile(rb"\xff[\xc0-\xcf\xd8-\xfe]")
+
+
+def _jpeg_image_end(data: memoryview | bytes, pos: int) -> int | None:
+    """Where a JPEG or JPEG-LS image ends (just past EOI), walked from its first scan's SOS
+    (or EOI) at ``pos``: marker segments by their lengths, entropy-coded data up to the next
+    marker. FF D9 inside a segment (a table's bytes) or in what follows the image is not
+    taken for the end. None if the image does not end within ``data``."""
+    while pos + 2 <= len(data):
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xD9:
+            return pos + 2
+        if marker == 0xFF or marker == 0x01 or 0xD0 <= marker <= 0xD7:
+            pos += 1 if marker == 0xFF else 2  # a fill byte, TEM, a restart marker
+            continue
+        if pos + 4 > len(data):
+            return None
+        pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+        if marker == 0xDA:  # SOS: the scan's entropy-coded data follows its header
+            found = _JPEG_MARKER.search(data, pos)
+            if found is None:
+                return None
+            pos = found.start()
+    return None
+
+
+def _without_bytes_after_eoi(fragments: list[memoryview]) -> bytes | None:
+    """The last of the fragments a frame is split over, cut after the frame's end: a JPEG
+    or JPEG-LS image's EOI, walked from its start (``_jpeg_image_end``); a JPEG 2000
+    codestream's EOC, the last FF D9 (no coded data holds it). Padded to an even length;
+    None if nothing follows the end in the last fragment."""
+    data = bytes(fragments[-1])
+    if bytes(fragments[0][:2]) == b"\xff\xd8":
+        frame = b"".join(bytes(fragment) for fragment in fragments)
+        end = _jpeg_image_end(frame, 2)
+        if end is None or end <= len(frame) - len(data):
+            return None
+        eoi = end - (len(frame) - len(data)) - 2
+    else:
+        eoi = data.rfind(b"\xff\xd9")
     if eoi < 0 or not data[eoi + 2:].strip(b"\0"):
         return None
     kept = data[:eoi + 2]

@@ -561,6 +561,44 @@ def test_text_after_a_jpeg_frame_split_over_items_is_removed(tmp_path):
     assert b"MRN-4711" not in data and b"Smith" not in data
 
 
+@pytest.mark.parametrize("progressive", [False, True])
+def test_bytes_after_a_jpeg_image_go_even_where_they_end_like_one(tmp_path, progressive):
+    """What follows a JPEG image's end goes even where it ends in FF D9 itself (a second
+    picture appended, a vendor's trailer), in one item or split over two; FF D9 inside a
+    segment (here a quantization table's bytes) is not taken for the end. The frames decode
+    as before."""
+    frames = [(np.arange(64 * 80, dtype=np.uint32).reshape(64, 80) * (f + 3) % 251).astype(np.uint8)
+              for f in range(2)]
+    table = [255 if k % 2 == 0 else 217 for k in range(64)]
+    codestreams = []
+    for frame in frames:
+        jpeg = io.BytesIO()
+        Image.fromarray(frame).save(jpeg, format="JPEG", qtables=[table], progressive=progressive)
+        c = jpeg.getvalue()
+        assert c.index(b"\xff\xd9") < len(c) - 2 and c.endswith(b"\xff\xd9")  # FF D9 in the table
+        codestreams.append(c + b"Smith^John MRN-4711 \xff\xd8\xff\xfe\x00\x04\xff\xd9")
+
+    def item(fragment: bytes) -> bytes:
+        fragment += b"\0" * (len(fragment) & 1)
+        return b"\xfe\xff\x00\xe0" + len(fragment).to_bytes(4, "little") + fragment
+
+    def instance_of(fragments_per_frame: list[list[bytes]]) -> Dataset:
+        ds = instance()
+        ds.Rows, ds.Columns, ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.NumberOfFrames = 64, 80, 8, 8, 7, 2
+        ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+        ds.PixelData = item(b"") + b"".join(item(f) for fragments in fragments_per_frame for f in fragments)
+        return ds
+
+    whole = instance_of([[c] for c in codestreams])
+    out, data = roundtrip_encapsulated(whole, whole.PixelData, tmp_path / "whole")
+    assert b"MRN-4711" not in data and b"Smith" not in data
+    kept = list(generate_frames(out.PixelData, number_of_frames=2))
+    assert [f.rstrip(b"\0") for f in kept] == [c[:c.index(b"Smith")] for c in codestreams]
+    split = instance_of([[c[:len(c) // 2 & ~1], c[len(c) // 2 & ~1:]] for c in codestreams])
+    _out, data = roundtrip_encapsulated(split, split.PixelData, tmp_path / "split")
+    assert b"MRN-4711" not in data and b"Smith" not in data
+
+
 def test_text_boxes_of_a_jp2_file_in_a_frame_are_removed(tmp_path):
     """A JPEG 2000 frame wrapped in a JP2 file (PS3.5 A.4.4 forbids it; some writers do it)
     loses its XML and UUID boxes and its codestream's comments; the header (its colour
