@@ -781,12 +781,19 @@ def strip_codestream_text(ds: Dataset) -> int:
         pos += 8 + length
     if pos != len(data) or first is None:
         return 0  # not items to the end: left as it is (the decoder decides)
-    cleaned = [(old, *_without_text_segments(fragment)) for old, fragment in items]
-    for start, k in _split_frames(items):  # a frame split over several items
-        old, fragment = items[k]
-        kept = _without_bytes_after_eoi([fragment for _old, fragment in items[start:k + 1]])
-        if kept is not None:
-            cleaned[k] = (old, kept, 1)
+    cleaned = []
+    for start, end in _frames(items):
+        if end - start == 1:
+            old, fragment = items[start]
+            cleaned.append((old, *_without_text_segments(fragment)))
+            continue
+        # A frame split over several items is cleaned whole and, where anything went, kept
+        # in one item (PS3.5 A.4 allows either): its segments and its end may lie anywhere.
+        kept, count = _without_text_segments(memoryview(b"".join(fragment for _old, fragment in items[start:end])))
+        if count:
+            cleaned.append((items[start][0], kept, count))
+        else:
+            cleaned += [(old, fragment, 0) for old, fragment in items[start:end]]
     removed = sum(count for _old, _kept, count in cleaned)
     if not removed:
         return 0
@@ -808,16 +815,10 @@ def strip_codestream_text(ds: Dataset) -> int:
     return removed
 
 
-#: A comment segment of odd length holding one zero byte, by codestream (JPEG and JPEG-LS,
-#: JPEG 2000): where cutting leaves a frame's first item of several odd, it keeps the item
-#: even without a byte inside the codestream.
-_ODD_COMMENT = {b"\xff\xd8": b"\xff\xfe\x00\x03\x00", b"\xff\x4f": b"\xff\x64\x00\x05\x00\x00\x00"}
-
-
 def _without_text_segments(fragment: memoryview) -> tuple[bytes | memoryview, int]:
-    """A fragment with the text segments of its codestream's header (and for JPEG, anything
-    after the end of the image) removed, padded to an even length; unchanged if it does not
-    start a codestream or its header is cut."""
+    """A frame with the text segments of its codestream's header (and anything after its
+    end) removed, padded to an even length; unchanged if it does not start a codestream or
+    its header is cut."""
     if bytes(fragment[:12]) == _JP2_SIGNATURE:
         return _without_jp2_text(fragment) or (fragment, 0)
     markers = _TEXT_MARKERS.get(bytes(fragment[:2]))
@@ -874,13 +875,10 @@ def _without_text_segments(fragment: memoryview) -> tuple[bytes | memoryview, in
         start = cut_end
     kept += fragment[start:]
     eoi = kept.rfind(b"\xff\xd9")
-    ends = eoi >= 0 and not kept[eoi + 2:].strip(b"\0")
-    if ends:
+    if eoi >= 0 and not kept[eoi + 2:].strip(b"\0"):
         del kept[eoi + 2:]  # the padding of the odd length it had (padded again below)
-    if len(kept) % 2 and ends:
+    if len(kept) % 2:
         kept += b"\0"
-    elif len(kept) % 2:  # continued in the next item, where a padding byte would be read as data
-        kept[cuts[0][0]:cuts[0][0]] = _ODD_COMMENT[bytes(fragment[:2])]
     return bytes(kept), len(cuts)
 
 
@@ -916,18 +914,13 @@ def _without_jp2_text(fragment: memoryview) -> tuple[bytes, int] | None:
     return bytes(out) + b"\0" * (len(out) & 1), removed
 
 
-def _split_frames(items: list[tuple[int, memoryview]]) -> list[tuple[int, int]]:
-    """The first and last indexes of the items over which a JPEG, JPEG-LS or JPEG 2000
-    frame is split."""
-    codestreams = [bytes(fragment[:2]) in (b"\xff\xd8", b"\xff\x4f") for _old, fragment in items]
-    starts = [c or bytes(fragment[:12]) == _JP2_SIGNATURE for c, (_old, fragment) in zip(codestreams, items)]
-    split, codestream, first = [], False, 0
-    for k in range(len(items)):
-        if starts[k]:
-            codestream, first = codestreams[k], k
-        elif codestream and k and (k + 1 == len(items) or starts[k + 1]):
-            split.append((first, k))
-    return split
+def _frames(items: list[tuple[int, memoryview]]) -> list[tuple[int, int]]:
+    """The items as frames, each a range of indexes: an item that starts a JPEG, JPEG-LS or
+    JPEG 2000 codestream (or a JP2 file) with the items after it that start none."""
+    starts = [bytes(fragment[:2]) in (b"\xff\xd8", b"\xff\x4f") or bytes(fragment[:12]) == _JP2_SIGNATURE
+              for _old, fragment in items]
+    bounds = [k for k, start in enumerate(starts) if start or not k]
+    return list(zip(bounds, bounds[1:] + [len(items)]))
 
 
 #: A JPEG or JPEG-LS marker where it can end entropy-coded data: FF, then a byte from C0 on
@@ -959,26 +952,6 @@ def _jpeg_image_end(data: memoryview | bytes, pos: int) -> int | None:
                 return None
             pos = found.start()
     return None
-
-
-def _without_bytes_after_eoi(fragments: list[memoryview]) -> bytes | None:
-    """The last of the fragments a frame is split over, cut after the frame's end: a JPEG
-    or JPEG-LS image's EOI, walked from its start (``_jpeg_image_end``); a JPEG 2000
-    codestream's EOC, the last FF D9 (no coded data holds it). Padded to an even length;
-    None if nothing follows the end in the last fragment."""
-    data = bytes(fragments[-1])
-    if bytes(fragments[0][:2]) == b"\xff\xd8":
-        frame = b"".join(bytes(fragment) for fragment in fragments)
-        end = _jpeg_image_end(frame, 2)
-        if end is None or end <= len(frame) - len(data):
-            return None
-        eoi = end - (len(frame) - len(data)) - 2
-    else:
-        eoi = data.rfind(b"\xff\xd9")
-    if eoi < 0 or not data[eoi + 2:].strip(b"\0"):
-        return None
-    kept = data[:eoi + 2]
-    return kept + b"\0" if len(kept) % 2 else kept
 
 
 def _jfif_without_thumbnail(segment: bytes) -> bytes | None:

@@ -528,6 +528,20 @@ def test_text_after_a_jpeg_2000_frame_is_removed_whatever_its_tile_part_lengths_
     out, data = roundtrip(ds, engine(), tmp_path / "split")
     assert b"MRN-4711" not in data and b"Smith" not in data
     assert np.array_equal(out.pixel_array, np.stack(frames))  # (OpenJPEG misreads the input)
+    # A comment in a tile-part header (its SOT's length grown), the frame split over items.
+    text = b"\x00\x01Smith^John 4711"
+    comment = b"\xff\x64" + (len(text) + 2).to_bytes(2, "big") + text
+    for n, c in enumerate(codestreams):
+        sot = c.index(b"\xff\x90")
+        codestreams[n] = c[:sot + 12] + comment + c[sot + 12:c.index(b"after the end")]
+    fragments = [c[:len(c) // 3 & ~1] for c in codestreams] + [c[len(c) // 3 & ~1:] for c in codestreams]
+    fragments = [f + b"\0" * (len(f) & 1) for f in (fragments[0], fragments[2], fragments[1], fragments[3])]
+    items = [b"\xfe\xff\x00\xe0" + len(f).to_bytes(4, "little") + f for f in fragments]
+    table = (0).to_bytes(4, "little") + (len(items[0]) + len(items[1])).to_bytes(4, "little")
+    ds.PixelData = b"\xfe\xff\x00\xe0" + len(table).to_bytes(4, "little") + table + b"".join(items)
+    out, data = roundtrip(ds, engine(), tmp_path / "tile-part")
+    assert b"Smith" not in data and b"4711" not in data
+    assert np.array_equal(out.pixel_array, np.stack(frames))
 
 
 def test_text_after_a_jpeg_frame_split_over_items_is_removed(tmp_path):
