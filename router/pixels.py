@@ -64,7 +64,8 @@ MAYBE_LOSSY_SYNTAXES = {
 NATIVE_SYNTAXES = (ImplicitVRLittleEndian, ExplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian)
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 #: Width of the band just outside a masked region whose pixels give its fill (mask.fill
-#: "background").
+#: "background"), and how many of them at most are taken (evenly spread: a clip's regions
+#: cost ~1.4 ms instead of ~5).
 BACKGROUND_BAND_PX = 2
 BACKGROUND_SAMPLES = 256
 
