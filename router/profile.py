@@ -13,6 +13,7 @@ import dataclasses
 import datetime as dt
 import functools
 import io
+import itertools
 import os
 import re
 import struct
@@ -331,10 +332,17 @@ class Deidentifier:
         if not tokens:
             return None
         short = self.profile.scrub_whole_word_max
-        parts = [
-            rf"(?<![0-9A-Za-z]){re.escape(t)}(?![0-9A-Za-z])" if len(t) <= short else re.escape(t)
-            for t in sorted(tokens, key=len, reverse=True)
-        ]
+        parts = []
+        for t in sorted(tokens, key=len, reverse=True):
+            if len(t) <= short:
+                parts.append(rf"(?<![0-9A-Za-z]){re.escape(t)}(?![0-9A-Za-z])")
+            elif _WORDS.fullmatch(t):
+                # a name or a place: as a word, or with one more letter ("JSMITH", "SMITHS"),
+                # not inside another word ("Mary" in "PRIMARY", "Tate" in "PROSTATE");
+                # glued to another part of the same name ("JOHNSMITH"), that is a value too
+                parts.append(rf"(?<![A-Za-z])[A-Za-z]?{re.escape(t)}[A-Za-z]?(?![A-Za-z])")
+            else:
+                parts.append(re.escape(t))  # a number, an ID: anywhere
         return re.compile("|".join(parts), re.IGNORECASE)
 
     def _apply(self, ds: Dataset, patient: _Patient) -> None:
@@ -1260,7 +1268,9 @@ def identifying_values(ds: Dataset, institution: bool = True) -> set[str]:
     # the patient's names and every other person named in the header, at any depth
     for name in [name for tag in person_names for name in _decoded(ds, tag)] + _nested_person_names(ds):
         values.add(name)
-        values.update(re.split(r"[\^=,\s]+", name))  # components of every group
+        components = [c for c in re.split(r"[\^=,\s]+", name) if c]  # of every group
+        values.update(components)
+        values.update(a + b for a, b in itertools.permutations(components[:5], 2))  # "JOHNSMITH", "SMITHJOHN"
     for birth_date in _strings(_get(ds, 0x00100030)):
         values.update(date_spellings(birth_date))
     return {v for v in values if v.strip("^= ")}
@@ -1297,6 +1307,10 @@ def date_spellings(value: str) -> set[str]:
                           f"{month} {day} {y}"}
     return spellings
 
+
+#: A value made of words (a name, a place), which kept text loses only where it stands as a
+#: word (Deidentifier._scrub_pattern).
+_WORDS = re.compile(r"[^\W\d_]+(?:[ '\u2019.-]+[^\W\d_]+)*\.?")
 
 _DT = re.compile(r"(\d{4})(\d{2})?(\d{2})?(\d*(?:\.\d*)?)([+-]\d{4})?")
 

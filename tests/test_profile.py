@@ -353,6 +353,22 @@ def test_free_text_not_listed_is_scrubbed_of_identifiers(tmp_path):
     assert b"1951-08-29" not in data and b"MRN-4711" not in data
 
 
+def test_a_name_in_kept_text_is_cut_where_it_stands_as_a_word_not_inside_others(tmp_path):
+    """A patient named Tate, Mary, Ella keeps "PRIMARY PROSTATE PATELLA" in a description;
+    the names go where they stand as words, glued to one more letter (an initial, a plural)
+    or to each other."""
+    ds = instance()
+    ds.PatientName = "TATE^MARY^ELLA"
+    ds.ReferringPhysicianName = "KING^ROSS"
+    ds.StudyDescription = "PRIMARY PROSTATE PATELLA, SMOKING ACROSS"
+    ds.ImageComments = "Mary Tate, MTATE, marytate, KINGROSS and Tates seen"
+    out, data = roundtrip(ds, engine("clean-descriptors"), tmp_path)
+    assert out.StudyDescription == "PRIMARY PROSTATE PATELLA, SMOKING ACROSS"
+    assert out.ImageComments.split() == [",", ",", ",", "and", "seen"]
+    for name in (b"Mary", b"Tate", b"MTATE", b"marytate", b"KINGROSS"):
+        assert name not in data
+
+
 def test_kept_text_loses_places_and_order_numbers(tmp_path):
     ds = instance()
     ds.RequestAttributesSequence = [item(RequestedProcedureID="RP-5521", ScheduledProcedureStepID="7")]
