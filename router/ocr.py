@@ -9,9 +9,9 @@ engine (PaddleOCR with local model folders, say) without touching the pixel stag
 package (``router/models``, see its README: ~4x faster than the PP-OCRv6 small model of
 the rapidocr wheel, and it finds the same text on the corpus), and the PP-OCRv6 small
 recognition model that the pinned ``rapidocr`` wheel ships (any model the wheel does not
-bundle would be downloaded at run time, which must never happen here). Detection runs on
-OpenVINO's CPU runtime, recognition on ONNX Runtime, both single-threaded: parallelism
-comes from worker processes, one engine each. An engine is not thread-safe.
+bundle would be downloaded at run time, which must never happen here). Both run on
+OpenVINO's CPU runtime, single-threaded: parallelism comes from worker processes, one
+engine each. An engine is not thread-safe.
 """
 
 from __future__ import annotations
@@ -39,6 +39,10 @@ TILED_ABOVE_PIXELS = 1_500_000
 #: Tiles of larger inputs: their side and how much neighbours overlap (multiples of 32).
 TILE_SIDE = 1024
 TILE_OVERLAP = 128
+#: Input shapes whose prepared kernels OpenVINO keeps per model (a series repeats its image
+#: size; text widths are rounded up to REC_WIDTH_STEP so that they repeat too).
+RUNTIME_CACHE_SHAPES = 16
+REC_WIDTH_STEP = 160
 #: glibc mallopt parameters: blocks up to MMAP_THRESHOLD (glibc's largest) come from the
 #: heap, and up to TRIM_THRESHOLD of free heap is kept for reuse (larger blocks are mapped
 #: and unmapped). An 18 MB clip frees ~55-90 MB at once (file, decoded frames, re-encoded
@@ -106,7 +110,7 @@ class DetectorSettings:
 
 
 class RapidOcrDetector:
-    """PP-OCRv4 mobile detection and PP-OCRv6 small recognition, on ONNX Runtime."""
+    """PP-OCRv4 mobile detection and PP-OCRv6 small recognition, on OpenVINO."""
 
     def __init__(self, settings: DetectorSettings | None = None, threads: int = 1):
         self.settings = settings or DetectorSettings()
@@ -117,12 +121,11 @@ class RapidOcrDetector:
         # package skips silently.
         sys.modules.setdefault("openvino.tools.ovc", None)  # type: ignore[arg-type]
         try:
-            import onnxruntime as ort
             import openvino
             from rapidocr.ch_ppocr_det.utils import DBPostProcess
         except ImportError as exc:  # pragma: no cover - depends on the installation
             raise OcrUnavailable(
-                f"the OCR engine needs the packages rapidocr, onnxruntime and openvino ({exc.name} is not installed)"
+                f"the OCR engine needs the packages rapidocr and openvino ({exc.name} is not installed)"
             ) from None
         import cv2
 
@@ -140,35 +143,32 @@ class RapidOcrDetector:
                 )
         if hashlib.sha256(det_path.read_bytes()).hexdigest() != DETECTION_MODEL_SHA256:
             raise OcrUnavailable(f"OCR model file {det_path} is not the one this version ships (checksum differs)")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # ONNX Runtime's arena and a heap that keeps freed blocks let every call reuse the
-        # memory of the last one: without them each call mapped and page-faulted its tensors
-        # afresh (a fifth of a CT slice's OCR time was the kernel's: 183 -> 153 ms).
-        options.enable_cpu_mem_arena = True
-        options.log_severity_level = 3
+        # A heap that keeps freed blocks lets every call reuse the memory of the last one
+        # (each call page-faulted its tensors afresh: a fifth of a CT slice's OCR time).
         _keep_freed_memory()
-        providers = ["CPUExecutionProvider"]
-        # Detection, most of a worker's time, on OpenVINO's CPU runtime: the same model and
-        # results (f32: 1e-7 apart) in ~0.7x ONNX Runtime's time here, ~0.5x with bfloat16
-        # where the CPU computes it natively (AVX512-BF16, AMX).
+        # OpenVINO's CPU runtime: the same models and results (f32: 1e-7 to 1e-5 apart) as
+        # ONNX Runtime in ~0.7x its time (detection) or the same (recognition); ~0.5-0.6x
+        # with bfloat16 where the CPU computes it natively (AVX512-BF16, AMX).
         try:
             core = openvino.Core()
             bf16 = "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
             # Not pinned to a core: OpenVINO pins each process's thread to the first core, so
             # two workers took turns on one core (measured: 2 workers no faster than 1).
+            # Each input shape's prepared kernels and buffers are cached: by default 5000 of
+            # them, which grew a worker by ~3 MB per new image size (~140 MB after 60) and
+            # ~0.7 GB over 900 text widths; the last RUNTIME_CACHE_SHAPES stay.
             config = {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY",
-                      "INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32", "ENABLE_CPU_PINNING": False}
+                      "INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32", "ENABLE_CPU_PINNING": False,
+                      "CPU_RUNTIME_CACHE_CAPACITY": RUNTIME_CACHE_SHAPES}
             self._det_compiled = core.compile_model(core.read_model(str(det_path)), "CPU", config)
             self._det = self._det_compiled.create_infer_request()
-            self._rec = ort.InferenceSession(str(rec_path), options, providers=providers)
+            rec_model = core.read_model(str(rec_path))
+            self._rec_compiled = core.compile_model(rec_model, "CPU", config)
+            self._rec = self._rec_compiled.create_infer_request()
+            characters = rec_model.get_rt_info(["framework", "character"]).astype(str) \
+                if rec_model.has_rt_info(["framework", "character"]) else ""
         except Exception as exc:  # noqa: BLE001 - any load failure means no engine
             raise OcrUnavailable(f"cannot load the OCR models: {type(exc).__name__}: {exc}") from None
-        self._rec_input = self._rec.get_inputs()[0].name
-        characters = self._rec.get_modelmeta().custom_metadata_map.get("character")
         if not characters:
             raise OcrUnavailable(f"the recognition model {rec_path.name} carries no character list")
         # CTC classes: 0 is the blank, then the model's characters, then a space.
@@ -269,10 +269,10 @@ class RapidOcrDetector:
         width = max(8, int(math.ceil(height * w / h)))
         width = min(width, 3200)
         resized = self._cv2.resize(crop, (width, height), interpolation=self._cv2.INTER_LINEAR)
-        padded_width = max(width, 320)
+        padded_width = max(320, -(-width // REC_WIDTH_STEP) * REC_WIDTH_STEP)
         tensor = np.zeros((1, 3, height, padded_width), dtype=np.float32)
         tensor[0, :, :, :width] = resized.astype(np.float32).transpose(2, 0, 1) * (2.0 / 255.0) - 1.0
-        pred = self._rec.run(None, {self._rec_input: tensor})[0][0]  # (T, classes)
+        pred = self._rec.infer({0: tensor})[0][0]  # (T, classes)
         index = pred.argmax(axis=1)
         prob = pred.max(axis=1)
         steps = len(index)
