@@ -32,10 +32,10 @@ DETECTION_MODEL = "PP-OCRv4_det_mobile.onnx"
 DETECTION_MODEL_SHA256 = "d2a7720d45a54257208b1e13e36a8479894cb74155a5efe29462512d42f49da9"
 #: Recognition: the model file inside the rapidocr wheel (rapidocr==3.10.0).
 RAPIDOCR_REC_MODEL = "PP-OCRv6_rec_small.onnx"
-#: Detector inputs above this many pixels (larger than ~1224x1224) are searched in tiles,
-#: so a worker needs what a tile needs (~0.6 GB at peak for a 2400-pixel radiograph), not
-#: what the whole image would (~1.06 GB; 1.33 GB on ONNX Runtime).
-TILED_ABOVE_PIXELS = 1_500_000
+#: Detector inputs above this many pixels (larger than 1024x1024) are searched in tiles,
+#: so a worker needs what a tile needs (~0.4 GB at peak for a 2400-pixel radiograph), not
+#: what the whole image would (~1.06 GB; 1.33 GB on ONNX Runtime; 0.52 GB at 1216x1216).
+TILED_ABOVE_PIXELS = 1024 * 1024
 #: Tiles of larger inputs: their side and how much neighbours overlap (multiples of 32).
 TILE_SIDE = 1024
 TILE_OVERLAP = 128
@@ -211,18 +211,17 @@ class RapidOcrDetector:
 
     def _tiled(self, tensor: np.ndarray) -> np.ndarray:
         """The text probability map of a large input, computed tile by tile: the network's
-        working memory grows with the input (~0.7 GB at 2400x1984), a tile's stays ~0.2 GB.
-        Tiles overlap by TILE_OVERLAP and each gives the map only its inner part (beyond
-        half the overlap from an inner edge), where it sees most of what the whole image
-        shows around every pixel: the map differs from the whole image's at a few text
-        edges, the boxes found agree (measured on lines across tile edges)."""
+        working memory grows with the input (~0.7 GB at 2400x1984), a tile's stays within
+        what TILE_SIDE needs (~0.2 GB). As few tiles per side as fit, of equal size, overlap
+        by TILE_OVERLAP or more and each gives the map only its inner part (beyond half the
+        overlap from an inner edge), where it sees most of what the whole image shows around
+        every pixel: the map differs from the whole image's at a few text edges, the boxes
+        found agree (measured on lines across tile edges)."""
         _, _, height, width = tensor.shape
         pred = np.zeros((1, 1, height, width), dtype=np.float32)
         half = TILE_OVERLAP // 2
-        for top in range(0, height, TILE_SIDE - TILE_OVERLAP):
-            for left in range(0, width, TILE_SIDE - TILE_OVERLAP):
-                y0, x0 = min(top, max(0, height - TILE_SIDE)), min(left, max(0, width - TILE_SIDE))
-                y1, x1 = min(height, y0 + TILE_SIDE), min(width, x0 + TILE_SIDE)
+        for y0, y1 in _tiles(height):
+            for x0, x1 in _tiles(width):
                 tile = self._det.infer({0: np.ascontiguousarray(tensor[:, :, y0:y1, x0:x1])})[0]
                 # keep what lies beyond half the overlap from an edge shared with a neighbour
                 ky0 = y0 + half if y0 > 0 else 0
@@ -230,10 +229,6 @@ class RapidOcrDetector:
                 ky1 = y1 - half if y1 < height else height
                 kx1 = x1 - half if x1 < width else width
                 pred[:, :, ky0:ky1, kx0:kx1] = tile[:, :, ky0 - y0:ky1 - y0, kx0 - x0:kx1 - x0]
-                if x1 >= width:
-                    break
-            if y1 >= height:
-                break
         return pred
 
     # -- recognition ---------------------------------------------------------------------
@@ -291,6 +286,16 @@ class RapidOcrDetector:
             end = chars[i + 1][1] if i + 1 < len(chars) else max(b, min(w, b + scale))
             spans.append((c, a, end))
         return text.strip(), (float(np.mean(probs)) if probs else 0.0), spans
+
+
+def _tiles(length: int) -> list[tuple[int, int]]:
+    """Where the tiles of a side of ``length`` (a multiple of 32) start and end: as few as
+    TILE_SIDE allows, all of one size (a multiple of 32), each overlapping the next by at
+    least TILE_OVERLAP."""
+    count = max(1, math.ceil((length - TILE_OVERLAP) / (TILE_SIDE - TILE_OVERLAP)))
+    side = min(length, math.ceil((length + (count - 1) * TILE_OVERLAP) / count / 32) * 32)
+    starts = [min(k * (side - TILE_OVERLAP), length - side) for k in range(count)]
+    return [(start, start + side) for start in starts]
 
 
 def _keep_freed_memory() -> None:
