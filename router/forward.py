@@ -25,7 +25,8 @@ fault: 0xA7xx (Refused: Out of Resources: a PACS whose disk is full), no answer 
 association lost or timed out during the C-STORE: a PACS crashing or hanging), a folder
 that cannot be written (full, read-only, a share gone). Unless the destination took other
 instances between two such failures of one instance: then it is that instance it cannot
-take, and from then on its failures count as attempts.
+take, and from then on its failures count as attempts; or, for no answer with nothing else
+waiting, the destination answers a C-ECHO right after (``Forwarder._stuck_alone``).
 
 Folder destinations: ``<path>/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm`` (new UIDs),
 written atomically (tmp + fsync + rename).
@@ -219,6 +220,25 @@ class DicomSender:
             return
         assoc.release()
         log.info("association_released", destination=self.dest.name, reason=reason, instances=self.sent_on_assoc)
+
+    def answers_echo(self) -> bool:
+        """Whether the destination takes an association of its own and answers a C-ECHO
+        with success now."""
+        try:
+            assoc = StoreAssociation.request(
+                self.dest.host, self.dest.port, self.calling_ae, self.dest.ae_title,
+                [(VERIFICATION, ImplicitVRLittleEndian)], timeout=self.dest.timeout_seconds, max_pdu=MAX_PDU,
+                implementation=(IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION), tls=self.tls_args,
+                negotiation_timeout=self.negotiation_timeout)
+        except (AssociationError, OSError):  # ssl.SSLError too
+            return False
+        try:
+            context_id = assoc.contexts.get((VERIFICATION, ImplicitVRLittleEndian))
+            ok = context_id is not None and assoc.echo(context_id) == 0x0000
+        except AssociationError:
+            return False
+        assoc.release() if ok else assoc.abort()
+        return ok
 
     def plan(self, pairs: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], set[tuple[str, str]]]:
         """Presentation contexts for pairs (head first), at most 128, and the pairs covered."""
@@ -759,7 +779,7 @@ class Forwarder:
             self._rest(lane, item, outcome.detail)
         elif outcome.kind == "unavailable":
             self._unavailable(item, outcome.detail)
-        elif outcome.kind == "ambiguous" and not self._fails_alone(item):
+        elif outcome.kind == "ambiguous" and not self._fails_alone(item) and not self._stuck_alone(lane, outcome):
             self._unavailable(item, outcome.detail, last=True)
         elif outcome.kind == "retry" and item.free_retries < 2:
             item.free_retries += 1
@@ -856,6 +876,21 @@ class Forwarder:
             item.fails_alone = True
         item.failed_at = delivered
         return item.fails_alone
+
+    def _stuck_alone(self, lane: int, outcome: Outcome) -> bool:
+        """An instance sent with nothing else waiting went unanswered (the association
+        aborted, lost or timed out): the destination answering a C-ECHO on an association of
+        its own right after tells that it is alive and that it is this instance it aborts or
+        hangs on, charged as a failure (others waiting tell the same by being delivered,
+        ``_fails_alone``; without either it would wait as an outage for ever). Not a refusal
+        for lack of room (0xA7xx) or a folder destination."""
+        sender = self.senders[lane]
+        if outcome.status is not None or not isinstance(sender, DicomSender):
+            return False
+        with self._cond:
+            if len(self._ready) + len(self._delayed) + self._busy > 1:
+                return False
+        return sender.answers_echo()
 
     def _unavailable(self, item: Item, detail: str, last: bool = False) -> None:
         """The destination cannot take instances now: nothing is charged, everything waits

@@ -31,7 +31,7 @@ from pydicom.filereader import read_file_meta_info
 from pydicom.uid import generate_uid
 from pynetdicom import AE, _config, build_context, evt
 from pynetdicom.dsutils import split_dataset
-from pynetdicom.sop_class import CTImageStorage, SecondaryCaptureImageStorage
+from pynetdicom.sop_class import CTImageStorage, SecondaryCaptureImageStorage, Verification
 
 import mutations
 from bench.passthrough import install_checkpoint, nodelay
@@ -186,12 +186,14 @@ def send_all(port: int, paths: Iterable[Path], standing: Iterable[tuple[str, str
 
 
 class RecordingSCP:
-    """A pynetdicom Storage SCP that keeps a hash of every data set it is sent, per SOP
-    Instance UID, answers ``status_for(sop_class, sop_instance)`` and can be made to hang."""
+    """A pynetdicom Storage SCP (and Verification SCP) that keeps a hash of every data set
+    it is sent, per SOP Instance UID, answers ``status_for(sop_class, sop_instance)``,
+    aborts the association where ``aborts_for(sop_instance)`` and can be made to hang."""
 
     def __init__(self, status_for=lambda sop_class, sop_instance: 0x0000, port: int | None = None,
-                 seconds_per_store: float = 0.0):
+                 seconds_per_store: float = 0.0, aborts_for=lambda sop_instance: False):
         self.status_for = status_for
+        self.aborts_for = aborts_for
         self.seconds_per_store = seconds_per_store
         self.storing = 0  # C-STOREs being answered now, and the most at once
         self.most_storing = 0
@@ -205,6 +207,7 @@ class RecordingSCP:
         self.ae.maximum_pdu_size = 131072
         for context in (CTImageStorage, SecondaryCaptureImageStorage):
             self.ae.add_supported_context(context, [mutations.EXPLICIT_LE, mutations.IMPLICIT_LE])
+        self.ae.add_supported_context(Verification)
         self.server = None
 
     def start(self) -> RecordingSCP:
@@ -213,6 +216,11 @@ class RecordingSCP:
         return self
 
     def _store(self, event) -> int:
+        if self.aborts_for(str(event.request.AffectedSOPInstanceUID)):
+            with self.lock:
+                self.received.setdefault(str(event.request.AffectedSOPInstanceUID), []).append("aborted")
+            event.assoc.abort()
+            return 0xC000
         if self.hang.is_set():
             self.hanging.set()
             self.released.wait(120)
@@ -515,6 +523,33 @@ def test_an_instance_a_destination_never_has_room_for_is_quarantined_the_others_
                 assert len(scp.received[refused]) == 3
             wait_until(lambda: len(router.events("forwarded")) == 5, timeout=30, what="the other 5 delivered")
             assert new_uids(series) - {refused} <= scp.uids()
+            assert router.stop() == 0
+        assert_no_phi(router)
+    finally:
+        scp.stop()
+
+
+def test_a_lone_instance_the_destination_aborts_on_is_quarantined(tmp_path: Path) -> None:
+    """A destination that aborts the association whenever it is sent one instance: sent
+    alone, nothing delivered in between tells its fault from the destination's state, but
+    the destination answering a C-ECHO right after does. It ends in the quarantine with its
+    reason after its attempts, not retried as an outage for ever; the next one is delivered."""
+    series = phi_series(2)
+    files = write_all(tmp_path / "ct", series)
+    aborted = new_uid(str(series[0].SOPInstanceUID))
+    scp = RecordingSCP(aborts_for=lambda uid: uid == aborted).start()
+    try:
+        dest = dicom_destination("recorder", "127.0.0.1", scp.port, "RECORDER", max_attempts=2,
+                                 retry_initial_seconds=0.1, retry_max_seconds=0.2)
+        with Router(tmp_path, [dest]) as router:
+            assert set(send_all(router.port, files[:1]).values()) == {0x0000}
+            wait_until(lambda: len(router.reasons("recorder")) == 1, timeout=60, what="the instance quarantined")
+            [reason] = router.reasons("recorder")
+            assert reason["sop_instance_uid"] == aborted and "no response" in reason["reason"]
+            assert reason["attempts"] == 2
+            assert set(send_all(router.port, files[1:]).values()) == {0x0000}
+            wait_until(lambda: len(router.events("forwarded")) == 1, timeout=30, what="the other delivered")
+            assert scp.uids() == new_uids(series)
             assert router.stop() == 0
         assert_no_phi(router)
     finally:
