@@ -7,6 +7,8 @@ with the census name lists of rules/person-names.json (see rules/generate_names.
 - a given name, an optional middle initial and a surname: "Jane Roe", "Mary Q. Johnson";
 - a surname, a comma and a given name or an initial: "Smith, Anna", "Smith, J." (a
   surname of the list there);
+- a surname of the list and a given name: "SMITH JOHN", "Smith John" (not after a word
+  that begins place names: "SAN JOSE", "WEST VIRGINIA");
 - a given name and an initial: "Karen W.";
 - a given name alone after a word that announces a person: "seen by Karen", "tech: Karen";
 - a DICOM person name written into text, both parts on the lists: "SMITH^ANNA".
@@ -27,7 +29,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
 
-_WORD = re.compile(r"[A-Za-z][A-Za-z'\u2019-]*\.?")
+_WORD = re.compile(r"[^\W\d_](?:[^\W\d_]|['\u2019-])*\.?")  # letters of any script: "FRANÇAIS" is one word
 _SPACE = re.compile(r"[ \t]+")
 _COMMA = re.compile(r"[ \t]*,[ \t]*")
 _CUE_GAP = re.compile(r"[ \t]*[:=-]?[ \t]*")
@@ -51,6 +53,8 @@ class PersonNames:
     eponym_nouns: frozenset[str]
     #: Words after which a given name alone is a person ("seen by Karen").
     cues: frozenset[str]
+    #: Words that begin place names ("SAN JOSE", "WEST VIRGINIA"): no surname before a given name.
+    place_words: frozenset[str]
 
     def spans(self, text: str) -> list[tuple[int, int]]:
         """(start, end) of each person's name found in text."""
@@ -89,6 +93,14 @@ class PersonNames:
                 return j
             if j == i + 1 and _is_initial(words[j].group()) and words[j].group().endswith("."):
                 return j  # "Karen W."
+        if (_key(word) in self.surnames and _key(word) not in self.place_words and self._is_surname(word, capitals)
+                and _spaced(text, words, i)
+                and self._is_given(words[i + 1].group(), capitals) and not self._eponym_after(text, words, i + 1)):
+            j = i + 1  # "SMITH JOHN", "Smith John": a surname of the list first
+            if _spaced(text, words, j) and (self._is_given(words[j + 1].group(), capitals)
+                                            or _is_initial(words[j + 1].group())):
+                j += 1  # "JONES MARY ANN", "SMITH JOHN A"
+            return j
         if (self._is_given(word, capitals) and i > 0 and _key(words[i - 1].group()) in self.cues
                 and _CUE_GAP.fullmatch(text, words[i - 1].end(), words[i].start()) is not None):
             return i  # "seen by Karen", "tech: Karen"
@@ -143,9 +155,11 @@ def _merged(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
-def load(not_names: Iterable[str], eponym_nouns: Iterable[str], cues: Iterable[str]) -> PersonNames:
+def load(not_names: Iterable[str], eponym_nouns: Iterable[str], cues: Iterable[str],
+         place_words: Iterable[str] = ()) -> PersonNames:
     """The census lists of rules/person-names.json less the words a site says are not names."""
     table = json.loads(resources.files("router.rule_tables").joinpath("person-names.json").read_text(encoding="utf-8"))
     excluded = {_key(w) for w in not_names}
     return PersonNames(frozenset(table["given"]) - excluded, frozenset(table["surnames"]) - excluded,
-                       frozenset(_key(w) for w in eponym_nouns), frozenset(_key(w) for w in cues))
+                       frozenset(_key(w) for w in eponym_nouns), frozenset(_key(w) for w in cues),
+                       frozenset(_key(w) for w in place_words))

@@ -70,9 +70,10 @@ def standard_safe_private_rows() -> dict[tuple[str, int, int], tuple[str, str]]:
 
 
 @cache
-def person_names(not_names: tuple[str, ...], eponym_nouns: tuple[str, ...], cues: tuple[str, ...]) -> PersonNames:
+def person_names(not_names: tuple[str, ...], eponym_nouns: tuple[str, ...], cues: tuple[str, ...],
+                 place_words: tuple[str, ...]) -> PersonNames:
     """The census name lists (rules/person-names.json), read once per process."""
-    return load_person_names(not_names, eponym_nouns, cues)
+    return load_person_names(not_names, eponym_nouns, cues, place_words)
 
 
 def resolve(code: str, options: frozenset[str], row_options: dict[str, str], combined: str) -> str:
@@ -127,7 +128,8 @@ class Profile:
         #: Person names the header does not hold, cut where the patterns are (router/names.py).
         self.person_names: PersonNames | None = person_names(
             tuple(names.get("not_names", ())) + config.not_names, tuple(names.get("eponym_nouns", ())),
-            tuple(names.get("cues", ()))) if names.get("enabled") and config.find_names else None
+            tuple(names.get("cues", ())), tuple(names.get("place_words", ()))) \
+            if names.get("enabled") and config.find_names else None
         self.keep_safe_private = self.private_code == "C"
         #: creator -> the (group, element) pairs kept; None in either place matches any.
         self.safe_private: dict[str, set[tuple[int | None, int | None]]] = {}

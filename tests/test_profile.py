@@ -872,6 +872,9 @@ NAMES_NOT_IN_THE_HEADER = {
     "TECH: KAREN": "TECH:",
     "cc Mary-Jane Watson": "cc",
     "Ordered by Smith, J. today": "Ordered by today",
+    "CT HEAD FOR JONES MARY ANN": "CT HEAD FOR",  # a surname first, without a comma
+    "Smith John A. called": "called",
+    "ref GARCIA MARIA, stable": "ref , stable",
 }
 #: Clinical text with words that are also given names or surnames: never taken for a name.
 NOT_NAMES = [
@@ -884,6 +887,8 @@ NOT_NAMES = [
     "Salter Harris II", "Chance Fracture", "Hunter Canal", "May require follow up", "June Protocol",
     "reviewed by Max Window", "Pt Will return", "contrast by hand injection", "Chest, L. lateral",
     "DR CHEST PA", "MR BRAIN W/O", "CT 12345 mAs", "Series 5, A. axial",
+    "Transfer from SAN JOSE", "West Virginia clinic", "WHITE MATTER HYPERINTENSITY", "HEAD NECK CTA",
+    "Chien Français dog breed",
 ]
 
 
