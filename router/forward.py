@@ -237,7 +237,10 @@ class DicomSender:
             ok = context_id is not None and assoc.echo(context_id) == 0x0000
         except AssociationError:
             return False
-        assoc.release() if ok else assoc.abort()
+        if ok:
+            assoc.release()
+        else:
+            assoc.abort()
         return ok
 
     def plan(self, pairs: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], set[tuple[str, str]]]:

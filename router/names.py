@@ -156,7 +156,7 @@ def _merged(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 
 def load(not_names: Iterable[str], eponym_nouns: Iterable[str], cues: Iterable[str],
-         place_words: Iterable[str] = ()) -> PersonNames:
+         place_words: Iterable[str]) -> PersonNames:
     """The census lists of rules/person-names.json less the words a site says are not names."""
     table = json.loads(resources.files("router.rule_tables").joinpath("person-names.json").read_text(encoding="utf-8"))
     excluded = {_key(w) for w in not_names}
