@@ -79,8 +79,10 @@ class Sizes:
         self.filemode = 200 if quick else 1000
         self.scaling = [100, 400] if quick else [250, 1000, 4000]
         self.large_frames = 100 if quick else 600  # 52 or 315 MB
-        self.ocr_ct = 6 if quick else 40
-        self.ocr_us = 6 if quick else 40
+        # 120 images: a row of ~10 s, where filling and draining the pipeline and OpenVINO's
+        # first call on a new image size (~50 ms) weigh ~2% (~6% in the 3-4 s rows of 40)
+        self.ocr_ct = 6 if quick else 120
+        self.ocr_us = 6 if quick else 120
         # 48 clips: 24 rounds per worker with 2. Filling and draining the pipeline (receiving
         # the first 18 MB clip, one worker idle while the other finishes the last) left the
         # machine idle ~12% of a 16-clip run (2.5 s) and ~5% of a 48-clip one (7 s) here
