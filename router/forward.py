@@ -890,10 +890,7 @@ class Forwarder:
         sender = self.senders[lane]
         if outcome.status is not None or not isinstance(sender, DicomSender):
             return False
-        with self._cond:
-            if len(self._ready) + len(self._delayed) + self._busy > 1:
-                return False
-        return sender.answers_echo()
+        return self.pending() == 1 and sender.answers_echo()
 
     def _unavailable(self, item: Item, detail: str, last: bool = False) -> None:
         """The destination cannot take instances now: nothing is charged, everything waits
