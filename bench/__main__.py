@@ -184,6 +184,17 @@ def print_table(rows: list[Row]) -> None:
                    f"{1000 * r.seconds * r.extra['workers'] / r.instances:.0f} ms per instance per worker"
                    if worker_ms else "")
             print(f"  {r.path}/{r.name}: peak MB by role: {roles}{ocr}")
+        roles = r.extra.get("cpu_ms_per_instance_by_role")
+        if r.path == "ocr" and r.extra.get("workers", 1) > 1 and roles and roles.get("worker") and r.cpu_ms_per_instance:
+            # the speed-up N workers can reach on these cores when one worker is saturated:
+            # cores x the worker's CPU per instance / the whole machine's
+            cores, worker, total = min(r.extra["workers"], os.cpu_count() or 1), roles["worker"], r.cpu_ms_per_instance
+            rest = total - sum(roles.values())
+            print(f"  {r.path}/{r.name}: CPU ms per instance: " + ", ".join(
+                f"{role} {ms:.1f}" for role, ms in roles.items() if ms >= 0.05)
+                + f", the rest of the machine (sender, destination, kernel) {rest:.1f}; speed-up over 1 worker "
+                f"on {cores} cores at most {cores * worker / total:.2f}x with these costs, "
+                f"{cores * worker / (worker + rest):.2f}x if receiving and forwarding cost nothing")
         if r.path == "backpressure":
             print(f"  backpressure: {r.note}")
     for r in rows:
