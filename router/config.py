@@ -116,6 +116,11 @@ class Destination:
     from_ae_titles: tuple[str, ...] = ()
     modalities: tuple[str, ...] = ()
     max_attempts: int = 10
+    #: Attempts for an instance the destination refused outright (a failure status other
+    #: than 0xA7xx Out of Resources, its SOP class not accepted, a file it cannot be sent
+    #: from): the answer does not change by waiting, so it reaches the quarantine (and its
+    #: reason a PACS administrator) in seconds, not after max_attempts' ~8 minutes.
+    refused_attempts: int = 3
     retry_initial_seconds: float = 1.0
     retry_max_seconds: float = 300.0
     idle_timeout_seconds: float = 20.0
@@ -560,7 +565,9 @@ class _Reader:
                 calling_ae_title=self.get(t, k("calling_ae_title"), str, node.ae_title),
                 from_ae_titles=self.strings(t, k("from_ae_titles")),
                 modalities=tuple(m.upper() for m in self.strings(t, k("modalities"))),
-                max_attempts=self.get(t, k("max_attempts"), int, d.max_attempts),
+                max_attempts=self.attempts(k("max_attempts"), self.get(t, k("max_attempts"), int, d.max_attempts)),
+                refused_attempts=self.attempts(k("refused_attempts"),
+                                               self.get(t, k("refused_attempts"), int, d.refused_attempts)),
                 retry_initial_seconds=float(self.get(t, k("retry_initial_seconds"), (int, float), d.retry_initial_seconds)),
                 retry_max_seconds=float(self.get(t, k("retry_max_seconds"), (int, float), d.retry_max_seconds)),
                 idle_timeout_seconds=float(self.get(t, k("idle_timeout_seconds"), (int, float), d.idle_timeout_seconds)),
@@ -569,6 +576,12 @@ class _Reader:
                 tls=self.tls(k("tls"), t["tls"], server=False) if "tls" in t else None,
             ))
         return tuple(result)
+
+    def attempts(self, key: tuple[str, ...], value: int) -> int:
+        if value < 1:
+            self.problem(key, "must be 1 or more")
+            return 1
+        return value
 
     def associations(self, key: tuple[str, ...], value: int) -> int:
         if not 1 <= value <= MAX_ASSOCIATIONS_PER_DESTINATION:

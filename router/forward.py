@@ -16,7 +16,9 @@ Success (0x0000) and warning (0x0001, 0xBxxx) statuses complete an instance: its
 link is deleted (or moved to done/<dest>/). A failure status, an abort or a time-out while
 sending it, or a SOP class the destination does not accept count as an attempt: the
 instance waits ``retry_initial_seconds`` doubling up to ``retry_max_seconds`` while the
-others go on, and after ``max_attempts`` it goes to quarantine/<dest>/ with a reason file.
+others go on, and after ``max_attempts`` it goes to quarantine/<dest>/ with a reason file;
+after ``refused_attempts`` (3: seconds, not minutes) where the destination refused it
+outright (a failure status but 0xA7xx, its SOP class not accepted), which waiting does not change.
 When the destination cannot be reached at all (connection refused, association rejected),
 no instance is charged: the whole destination backs off the same way and everything stays
 queued in outgoing/<dest>/ until it is back (an outage must not empty the queue into the
@@ -791,7 +793,7 @@ class Forwarder:
         else:
             item.attempts += 1
             self._recovered()
-            self._schedule_retry(item, outcome.detail, outcome.status, outcome.mode)
+            self._schedule_retry(item, outcome.detail, outcome.status, outcome.mode, refused=outcome.kind == "failed")
 
     def _send_again(self, item: Item) -> None:
         """The file was replaced while it was being sent (the same instance received again,
@@ -805,17 +807,20 @@ class Forwarder:
             self._ready.appendleft(item)
             self._cond.notify_all()
 
-    def _schedule_retry(self, item: Item, detail: str, status: int | None, mode: str) -> None:
+    def _schedule_retry(self, item: Item, detail: str, status: int | None, mode: str, refused: bool = False) -> None:
+        """Send ``item`` again later, or quarantine it after its last attempt (fewer where the
+        destination refused it outright: ``Destination.refused_attempts``)."""
         info = item.info
         uid = info.sop_instance_uid if info else None
-        if item.attempts >= self.dest.max_attempts:
+        limit = min(self.dest.max_attempts, self.dest.refused_attempts) if refused else self.dest.max_attempts
+        if item.attempts >= limit:
             self._quarantine(item, detail, status)
             return
         delay = min(self.dest.retry_max_seconds, self.dest.retry_initial_seconds * 2 ** max(0, item.attempts - 1))
         self._count("retried")
         self.on_event("retried", uid, detail)
         log.warning("retried", destination=self.dest.name, sop_instance_uid=uid, attempt=item.attempts,
-                    max_attempts=self.dest.max_attempts, reason=detail,
+                    max_attempts=limit, reason=detail,
                     status=f"0x{status:04X}" if status is not None else None, retry_in_s=round(delay, 3))
         with self._cond:
             heapq.heappush(self._delayed, (time.monotonic() + delay, next(self._seq), item))

@@ -62,6 +62,15 @@ def test_associations_per_destination_are_bounded():
                 parse(text)
 
 
+def test_attempts_per_destination_are_at_least_one():
+    assert parse(DOCUMENTED).destinations[0].refused_attempts == 3
+    for key in ("max_attempts", "refused_attempts"):
+        text = DOCUMENTED.replace('port = 4242', f'port = 4242\n{key} = 1', 1)
+        assert getattr(parse(text).destinations[0], key) == 1
+        with pytest.raises(ConfigError, match=f"destinations.0.{key}: must be 1 or more"):
+            parse(DOCUMENTED.replace('port = 4242', f'port = 4242\n{key} = 0', 1))
+
+
 def test_toml_syntax_error_names_the_line():
     with pytest.raises(ConfigError, match="line 2"):
         parse("[node]\nport = = 3\n")

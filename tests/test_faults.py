@@ -31,7 +31,7 @@ from pydicom.filereader import read_file_meta_info
 from pydicom.uid import generate_uid
 from pynetdicom import AE, _config, build_context, evt
 from pynetdicom.dsutils import split_dataset
-from pynetdicom.sop_class import CTImageStorage, SecondaryCaptureImageStorage, Verification
+from pynetdicom.sop_class import CTImageStorage, MRImageStorage, SecondaryCaptureImageStorage, Verification
 
 import mutations
 from bench.passthrough import install_checkpoint, nodelay
@@ -371,6 +371,41 @@ def test_destination_failing_one_sop_class_quarantines_only_that_class(tmp_path:
             for path in router.files("quarantine", "recorder"):
                 assert MARKER.encode() not in path.read_bytes()
             wait_until(lambda: not router.files("outgoing", "recorder"), timeout=10, what="an empty outgoing/")
+            assert router.stop() == 0
+        assert_no_phi(router)
+    finally:
+        scp.stop()
+
+
+def test_instances_refused_outright_reach_the_quarantine_in_seconds(tmp_path: Path) -> None:
+    """A failure status (0xC000) or a SOP class the destination does not take is its answer
+    whatever the wait: with the default max_attempts (10, ~100 s at this backoff) such an
+    instance is quarantined after refused_attempts (3) while the rest is delivered."""
+    series = phi_series(3)
+    captures = phi_series(1, series_number=3)
+    for ds in captures:
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    unsupported = phi_series(1, series_number=4)
+    for ds in unsupported:
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = MRImageStorage  # the SCP has no context for it
+    files = write_all(tmp_path / "in", [*series, *captures, *unsupported])
+    scp = RecordingSCP(lambda sop_class, _uid: 0xC000 if sop_class == SecondaryCaptureImageStorage else 0x0000).start()
+    try:
+        dest = dicom_destination("recorder", "127.0.0.1", scp.port, "RECORDER", retry_initial_seconds=0.2)
+        with Router(tmp_path, [dest]) as router:
+            started = time.monotonic()
+            assert set(send_all(router.port, files).values()) == {0x0000}
+            wait_until(lambda: len(router.reasons("recorder")) == 2, timeout=30, what="both refused instances quarantined")
+            assert time.monotonic() - started < 30
+            reasons = {r["sop_instance_uid"]: r for r in router.reasons("recorder")}
+            [capture] = new_uids(captures)
+            [mr] = new_uids(unsupported)
+            assert set(reasons) == {capture, mr}
+            assert "0xC000" in reasons[capture]["reason"] and reasons[capture]["attempts"] == 3
+            assert "accepted no presentation context" in reasons[mr]["reason"] and reasons[mr]["attempts"] == 3
+            with scp.lock:
+                assert len(scp.received[capture]) == 3 and mr not in scp.received
+            assert new_uids(series) <= scp.uids()
             assert router.stop() == 0
         assert_no_phi(router)
     finally:
