@@ -340,10 +340,11 @@ class Deidentifier:
             if len(t) <= short:
                 parts.append(rf"(?<!{alnum}){re.escape(t)}(?!{alnum})")
             elif _WORDS.fullmatch(t):
-                # a name or a place: as a word, or with one more letter ("JSMITH", "SMITHS"),
-                # not inside another word ("Mary" in "PRIMARY", "Tate" in "PROSTATE");
-                # glued to another part of the same name ("JOHNSMITH"), that is a value too
-                parts.append(rf"(?<!{letter}){letter}?{re.escape(t)}{letter}?(?!{letter})")
+                # a name or a place: as a word, with one more letter ("JSMITH", "SMITHS") or
+                # a title ("DRSMITH", "SMITHJR"), not inside another word ("Mary" in
+                # "PRIMARY", "Tate" in "PROSTATE"); glued to another part of the same name
+                # ("JOHNSMITH"), that is a value too
+                parts.append(rf"(?<!{letter})(?:DR|MRS?|MS|{letter})?{re.escape(t)}(?:JR|SR|MD|{letter})?(?!{letter})")
             else:
                 parts.append(re.escape(t))  # a number, an ID: anywhere
         return re.compile("|".join(parts), re.IGNORECASE)

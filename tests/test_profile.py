@@ -361,11 +361,11 @@ def test_a_name_in_kept_text_is_cut_where_it_stands_as_a_word_not_inside_others(
     ds.PatientName = "TATE^MARY^ELLA"
     ds.ReferringPhysicianName = "KING^ROSS"
     ds.StudyDescription = "PRIMARY PROSTATE PATELLA, SMOKING ACROSS"
-    ds.ImageComments = "Mary Tate, MTATE, marytate, KINGROSS and Tates seen"
+    ds.ImageComments = "Mary Tate, MTATE, marytate, KINGROSS and Tates seen by DRKING, MrsTate, KINGJR"
     out, data = roundtrip(ds, engine("clean-descriptors"), tmp_path)
     assert out.StudyDescription == "PRIMARY PROSTATE PATELLA, SMOKING ACROSS"
-    assert out.ImageComments.split() == [",", ",", ",", "and", "seen"]
-    for name in (b"Mary", b"Tate", b"MTATE", b"marytate", b"KINGROSS"):
+    assert out.ImageComments.split() == [",", ",", ",", "and", "seen", "by", ",", ","]
+    for name in (b"Mary", b"Tate", b"MTATE", b"marytate", b"KINGROSS", b"DRKING", b"KINGJR"):
         assert name not in data
 
 
