@@ -10,6 +10,8 @@ with the census name lists of rules/person-names.json (see rules/generate_names.
 - a surname of the list and a given name: "SMITH JOHN", "Smith John" (not after a word
   that begins place names: "SAN JOSE", "WEST VIRGINIA");
 - a given name and an initial: "Karen W.";
+- an initial (or two) with a full stop and a surname of the list: "J. Smith", "J. A. Smith"
+  (not R. or L., sides: "R. Hand");
 - a given name alone after a word that announces a person: "seen by Karen", "tech: Karen";
 - a DICOM person name written into text, both parts on the lists: "SMITH^ANNA".
 
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
@@ -34,6 +37,8 @@ _SPACE = re.compile(r"[ \t]+")
 _COMMA = re.compile(r"[ \t]*,[ \t]*")
 _CUE_GAP = re.compile(r"[ \t]*[:=-]?[ \t]*")
 _TITLE_CASE = re.compile(r"(?:Mc|Mac|O'|De|Van|Le)?[A-Z][a-z'\u2019]+(?:-[A-Z][a-z'\u2019]+)?")
+#: Initials that are sides in radiology text ("R. Hand", "L. Hill-Sachs"), not a name's.
+_SIDES = frozenset({"R", "L"})
 _CARET_NAME = re.compile(r"(?<![\w^])[A-Za-z'\u2019-]{2,}(?:\^[A-Za-z'\u2019.-]*)+")
 
 
@@ -42,7 +47,10 @@ def _key(word: str) -> str:
     word = word.rstrip(".")
     if word[-2:] in ("'s", "\u2019s"):
         word = word[:-2]
-    return word.replace("'", "").replace("\u2019", "").upper()
+    word = word.replace("'", "").replace("\u2019", "").upper()
+    if not word.isascii():  # "GARCÍA", "MÜLLER": the lists spell them without accents
+        word = "".join(c for c in unicodedata.normalize("NFKD", word) if not unicodedata.combining(c))
+    return word
 
 
 @dataclass(frozen=True, eq=False)
@@ -101,6 +109,14 @@ class PersonNames:
                                             or _is_initial(words[j + 1].group())):
                 j += 1  # "JONES MARY ANN", "SMITH JOHN A"
             return j
+        if _is_initial(word) and word.endswith(".") and _key(word) not in _SIDES and _spaced(text, words, i):
+            j = i + 1
+            if _is_initial(words[j].group()) and words[j].group().endswith(".") and _spaced(text, words, j):
+                j += 1  # "J. A. Smith"
+            after = words[j].group()
+            if _key(after) in self.surnames and self._is_surname(after, capitals) \
+                    and not self._eponym_after(text, words, j):
+                return j  # "J. Smith": a surname of the list
         if (self._is_given(word, capitals) and i > 0 and _key(words[i - 1].group()) in self.cues
                 and _CUE_GAP.fullmatch(text, words[i - 1].end(), words[i].start()) is not None):
             return i  # "seen by Karen", "tech: Karen"

@@ -875,6 +875,10 @@ NAMES_NOT_IN_THE_HEADER = {
     "CT HEAD FOR JONES MARY ANN": "CT HEAD FOR",  # a surname first, without a comma
     "Smith John A. called": "called",
     "ref GARCIA MARIA, stable": "ref , stable",
+    "Images reviewed by J. Smith": "Images reviewed by",  # an initial and a surname of the list
+    "cc J. A. Smith": "cc",
+    "ref María García, stable": "ref , stable",  # the lists spell names without accents
+    "CT FOR JOSÉ HERNÁNDEZ": "CT FOR",
 }
 #: Clinical text with words that are also given names or surnames: never taken for a name.
 NOT_NAMES = [
@@ -888,7 +892,7 @@ NOT_NAMES = [
     "reviewed by Max Window", "Pt Will return", "contrast by hand injection", "Chest, L. lateral",
     "DR CHEST PA", "MR BRAIN W/O", "CT 12345 mAs", "Series 5, A. axial",
     "Transfer from SAN JOSE", "West Virginia clinic", "WHITE MATTER HYPERINTENSITY", "HEAD NECK CTA",
-    "Chien Français dog breed",
+    "Chien Français dog breed", "R. Hand view", "L. Hill-Sachs lesion", "E. Coli infection",
 ]
 
 
