@@ -388,7 +388,9 @@ class PixelCleaner:
                     boxes.append(b)
         pad, pad_max = float(self.policy["mask"]["pad_along"]), int(self.policy["mask"]["pad_along_max_px"])
         padded = [_pad_along(b, pad, pad_max, rows, cols) for b in boxes]
-        return _merge(padded)
+        flat_sigma = float(self.policy["mask"]["trim_flat_sigma"])
+        merged = _merge(padded)
+        return [_trimmed(b, images, flat_sigma) for b in merged] if flat_sigma > 0 else merged
 
     def _plausible(self, image: np.ndarray, box: Box, rows: int, cols: int) -> bool:
         """Is a detected box text? Detectors return boxes over large smooth regions (and
@@ -778,6 +780,44 @@ def _pad_along(b: Box, pad: float, pad_max: int, rows: int, cols: int) -> Box:
     return Box(b.x0, max(0, b.y0 - d), b.x1, min(rows, b.y1 + d), b.score)
 
 
+#: A box's pixel differs from its border's level (in an 8-bit rendering) when by more
+#: than this many sigmas of the border's noise, and never by less than TRIM_MIN_LEVELS.
+TRIM_SIGMAS = 4.0
+TRIM_MIN_LEVELS = 2.0
+
+
+def _trimmed(box: Box, images: list[np.ndarray], flat_sigma: float) -> Box:
+    """box shrunk to 1 px around the pixels that differ from its border in any rendering,
+    where every rendering's border is even (its noise at most flat_sigma of 255 levels):
+    padding and the detector's overshoot over an even background (air, a black border)
+    would change pixels where there is no text. A side stops at the first pixel that is
+    not background, so text the detector stopped short of stays inside; over texture
+    (anatomy, speckle) and where nothing differs the box stays whole."""
+    if box.width < 3 or box.height < 3:
+        return box
+    ink_x0, ink_y0, ink_x1, ink_y1 = box.x1, box.y1, box.x0, box.y0
+    for image in images:
+        block = image[box.y0:box.y1, box.x0:box.x1].astype(np.float32)
+        if block.ndim == 2:
+            block = block[:, :, None]
+        border = np.concatenate([block[0], block[-1], block[1:-1, 0], block[1:-1, -1]])  # (n, samples)
+        level = np.median(border, axis=0)
+        sigma = 1.4826 * float(np.median(np.abs(border - level)))
+        if sigma > flat_sigma:
+            return box
+        differs = (np.abs(block - level) > max(TRIM_MIN_LEVELS, TRIM_SIGMAS * sigma)).any(axis=2)
+        ys = np.flatnonzero(differs.any(axis=1))
+        if not len(ys):
+            continue
+        xs = np.flatnonzero(differs.any(axis=0))
+        ink_x0, ink_x1 = min(ink_x0, box.x0 + int(xs[0])), max(ink_x1, box.x0 + int(xs[-1]) + 1)
+        ink_y0, ink_y1 = min(ink_y0, box.y0 + int(ys[0])), max(ink_y1, box.y0 + int(ys[-1]) + 1)
+    if ink_x1 <= ink_x0:
+        return box  # nothing differs in any rendering: what the detector saw stays masked
+    return Box(max(box.x0, ink_x0 - 1), max(box.y0, ink_y0 - 1), min(box.x1, ink_x1 + 1), min(box.y1, ink_y1 + 1),
+               box.score)
+
+
 def _inside(b: Box, outer: Box) -> bool:
     """b within outer, both along the same text direction (so b's padding stays within
     outer's too)."""
@@ -1001,7 +1041,8 @@ _DEFAULTS: dict[str, Any] = {
                "unclip_ratio": 1.6, "max_upscale": 4.0, "max_text_height_fraction": 0.15, "min_filtered_px": 32,
                "confirm_height_fraction": 0.05, "confirm_min_px": 20, "confirm_min_score": 0.8,
                "projection_min_frames": 8},
-    "mask": {"margin": 2, "pad_along": 0.5, "pad_along_max_px": 16, "fill": "background", "recognize": "auto"},
+    "mask": {"margin": 2, "pad_along": 0.5, "pad_along_max_px": 16, "trim_flat_sigma": 3.0, "fill": "background",
+             "recognize": "auto"},
     "phi": {"min_confidence": 0.6, "whole_word_max_length": 3, "min_value_length": 2, "patterns": []},
     "output": {"encapsulated": "rle"},
     "regions": [],
