@@ -1120,9 +1120,12 @@ def write_instance(ds: Dataset, dst: Path, durable: bool = True,
 
 #: Identifiers of the patient and the visit, and telephone numbers: cut out of kept text.
 _ID_TAGS = (0x00100020, 0x00101000, 0x00080050, 0x00101090, 0x00102154, 0x00380010, 0x00080094, 0x00401103)
-#: Identifiers of the order and the procedure (top level and Request Attributes items).
+#: Identifiers of the order and the procedure (top level, and the items of the Request
+#: Attributes and Referenced Request Sequences, accession number included there).
 #: Often short numbers: kept numbers shorter than ``_MIN_ORDER_DIGITS`` are not cut.
-_ORDER_TAGS = (0x00200010, 0x00401001, 0x00402016, 0x00402017, 0x00400009, 0x00400253, 0x00380060)
+_ORDER_TAGS = (0x00200010, 0x00401001, 0x00402016, 0x00402017, 0x00400009, 0x00400253, 0x00380060, 0x00080050)
+#: Sequences whose items name an order: Request Attributes, Referenced Request (SR).
+_REQUEST_SEQUENCES = (0x00400275, 0x0040A370)
 _MIN_ORDER_DIGITS = 5
 #: Where the patient lives and stays, and the addresses of people named in the header:
 #: the whole value and each comma-separated part of 4 characters or more.
@@ -1133,8 +1136,8 @@ _INSTITUTION_TAGS = (0x00080080, 0x00080081)
 
 
 #: Every element ``identifying_values`` reads besides the person names and the character set.
-_IDENTITY_TAGS = frozenset(_ID_TAGS + _ORDER_TAGS + _RESIDENCE_TAGS + _INSTITUTION_TAGS
-                           + (0x00101002, 0x00400275, 0x00100030))
+_IDENTITY_TAGS = frozenset(_ID_TAGS + _ORDER_TAGS + _RESIDENCE_TAGS + _INSTITUTION_TAGS + _REQUEST_SEQUENCES
+                           + (0x00101002, 0x00100030))
 
 
 def _identity_key(ds: Dataset) -> tuple | None:
@@ -1251,12 +1254,13 @@ def identifying_values(ds: Dataset, institution: bool = True) -> set[str]:
     for item in _items(ds, 0x00101002):  # Other Patient IDs Sequence
         values.update(_strings(_get(item, 0x00100020)))
     values.update(_order_numbers(ds))
-    request = _get(ds, 0x00400275)
-    if isinstance(request, RawDataElement) and len(request.value or b"") <= SEQUENCE_CACHE_BYTES:  # read once a series
-        values.update(_request_order_numbers(request._replace(value_tell=0), _charset_key(ds)))
-    else:
-        for item in _items(ds, 0x00400275):
-            values.update(_order_numbers(item))
+    for tag in _REQUEST_SEQUENCES:
+        request = _get(ds, tag)
+        if isinstance(request, RawDataElement) and len(request.value or b"") <= SEQUENCE_CACHE_BYTES:  # once a series
+            values.update(_request_order_numbers(request._replace(value_tell=0), _charset_key(ds)))
+        else:
+            for item in _items(ds, tag):
+                values.update(_order_numbers(item))
     places: set[str] = set()
     for tag in _RESIDENCE_TAGS + (_INSTITUTION_TAGS if institution else ()):
         for place in _decoded(ds, tag):
@@ -1286,7 +1290,7 @@ def _order_numbers(ds: Dataset) -> list[str]:
 
 @functools.lru_cache(maxsize=64)
 def _request_order_numbers(raw: RawDataElement, charset: str | tuple[str, ...]) -> tuple[str, ...]:
-    """The order numbers in a Request Attributes Sequence, from its bytes."""
+    """The order numbers in a request sequence's items, from its bytes."""
     try:
         items = convert_raw_data_element(raw, encoding=charset if isinstance(charset, str) else list(charset)).value
     except Exception:  # noqa: BLE001 - an unreadable sequence has no usable items

@@ -369,6 +369,19 @@ def test_a_name_in_kept_text_is_cut_where_it_stands_as_a_word_not_inside_others(
         assert name not in data
 
 
+def test_kept_text_loses_the_accession_numbers_of_request_items(tmp_path):
+    """An order's accession number stands in its Request Attributes item (images) or its
+    Referenced Request item (SR) as often as at the top level."""
+    ds = instance()
+    ds.RequestAttributesSequence = [item(AccessionNumber="ZX7781234", RequestedProcedureID="RP-1")]
+    ds.ReferencedRequestSequence = [item(AccessionNumber="QY5512009", RequestedProcedureID="RP-2",
+                                         StudyInstanceUID=ds.StudyInstanceUID)]
+    ds.ImageComments = "orders ZX7781234 and QY5512009, see prior"
+    out, data = roundtrip(ds, engine("clean-descriptors"), tmp_path)
+    assert out.ImageComments == "orders and , see prior"
+    assert b"ZX7781234" not in data and b"QY5512009" not in data
+
+
 def test_kept_text_loses_places_and_order_numbers(tmp_path):
     ds = instance()
     ds.RequestAttributesSequence = [item(RequestedProcedureID="RP-5521", ScheduledProcedureStepID="7")]
