@@ -1352,22 +1352,24 @@ def shift_date(value: str, vr: str, days: int) -> str | None:
 
 
 #: UIDs written in free text (at least five components, so versions such as 3.5.1 stay).
-_TEXT_UID = re.compile(r"(?<![\w.])[0-2](?:\.(?:0|[1-9]\d*)){4,}(?![\w.])")
+_TEXT_UID = re.compile(r"(?<![\w.])[0-2](?:\.(?:0|[1-9]\d*)){4,}(?!\w|\.\d)")  # "... UID 1.2.3.4.5."
 
 #: Dates as people write them in free text: 08/29/1951, 29.08.1951, 1951-08-29, 19510829,
-#: 8/29/51, 29 Aug 1951, August 29, 1951, Aug 1951. Each match is checked to be a real date
+#: 8/29/51, 29.08.51, 29 Aug 1951, 29-AUG-51, August 29, 1951, Aug 1951. Each match is checked to be a real date
 #: before it is touched.
 _MONTHS = ("january", "february", "march", "april", "may", "june", "july", "august", "september", "october",
            "november", "december")
 _MONTH = r"(?:jan(?:uary)?|feb(?:ruary)?|mar(?:ch)?|apr(?:il)?|may|june?|july?|aug(?:ust)?|sep(?:t(?:ember)?)?" \
          r"|oct(?:ober)?|nov(?:ember)?|dec(?:ember)?)"
 _TEXT_DATE = re.compile(
-    r"(?<![\d.])(?:(?P<y1>(?:19|20)\d\d)(?P<s1>[-/.])(?P<m1>\d{1,2})(?P=s1)(?P<d1>\d{1,2})"
+    r"(?<!\d)(?<!\d\.)(?:(?P<y1>(?:19|20)\d\d)(?P<s1>[-/.])(?P<m1>\d{1,2})(?P=s1)(?P<d1>\d{1,2})"
     r"|(?P<a2>\d{1,2})(?P<s2>[-/.])(?P<b2>\d{1,2})(?P=s2)(?P<y2>(?:19|20)\d\d)"
     r"|(?P<a3>\d{1,2})/(?P<b3>\d{1,2})/(?P<y3>\d\d)"
-    r"|(?P<y4>(?:19|20)\d\d)(?P<m4>0[1-9]|1[0-2])(?P<d4>0[1-9]|[12]\d|3[01]))(?![\d.])"
+    r"|(?P<a9>\d\d)(?P<s9>[-.])(?P<b9>\d\d)(?P=s9)(?P<y9>\d\d)"  # 14.03.61, 14-03-61
+    r"|(?P<y4>(?:19|20)\d\d)(?P<m4>0[1-9]|1[0-2])(?P<d4>0[1-9]|[12]\d|3[01]))(?!\d|\.\d)"  # "on 05/17/2024."
     # 17 May 2023, 17-MAY-2023, 17MAY2023; May 17, 2023, Sept. 3rd 2021
     rf"|(?<![\w.])(?P<d5>\d{{1,2}})[ -]?(?P<n5>(?i:{_MONTH}))\.?[ ,-]*(?P<y5>(?:19|20)\d\d)(?!\d)"
+    rf"|(?<![\w.])(?P<d8>\d{{1,2}})(?P<s8>[ -]?)(?P<n8>(?i:{_MONTH}))(?P=s8)(?P<y8>\d\d)(?!\w)"  # 14-MAR-61
     rf"|(?<![\w.])(?P<n6>(?i:{_MONTH}))\.? ?(?P<d6>\d{{1,2}})(?P<o6>st|nd|rd|th)?,? (?P<y6>(?:19|20)\d\d)(?!\d)"
     # May 2023, SEP-2021 (a month and a year)
     rf"|(?<![\w.])(?P<n7>(?i:{_MONTH}))\.?[ ,-]*(?P<y7>(?:19|20)\d\d)(?!\d)"
@@ -1377,7 +1379,7 @@ _TEXT_DATE = re.compile(
 def _replace_text_date(m: re.Match[str], shift_days: int | None) -> str:
     """A date found in free text, shifted in its own spelling (or removed without a shift)."""
     g = m.groupdict()
-    if g["n5"] or g["n6"]:
+    if g["n5"] or g["n6"] or g["n8"]:
         return _replace_named_month_date(m, shift_days)
     if g["n7"]:
         return _replace_month_and_year(m, shift_days)
@@ -1385,10 +1387,12 @@ def _replace_text_date(m: re.Match[str], shift_days: int | None) -> str:
         order, year, parts, sep = "ymd", int(g["y1"]), (int(g["m1"]), int(g["d1"])), g["s1"]
     elif g["y4"]:
         order, year, parts, sep = "ymd", int(g["y4"]), (int(g["m4"]), int(g["d4"])), ""
+    elif g["y2"]:
+        a, b, year, sep = int(g["a2"]), int(g["b2"]), int(g["y2"]), g["s2"]
     else:
-        a, b = (int(g["a2"]), int(g["b2"])) if g["y2"] else (int(g["a3"]), int(g["b3"]))
-        year = int(g["y2"]) if g["y2"] else 2000 + int(g["y3"]) if int(g["y3"]) < 50 else 1900 + int(g["y3"])
-        sep = g["s2"] or "/"
+        k = "3" if g["y3"] else "9"
+        a, b, year, sep = int(g[f"a{k}"]), int(g[f"b{k}"]), _century(g[f"y{k}"]), g["s9"] or "/"
+    if not (g["y1"] or g["y4"]):
         order, parts = ("mdy", (a, b)) if a <= 12 and (b > 12 or sep == "/") else ("dmy", (b, a))
     try:
         original = dt.date(year, *parts)
@@ -1401,7 +1405,7 @@ def _replace_text_date(m: re.Match[str], shift_days: int | None) -> str:
     width = lambda i: len(text.split(sep)[i]) if sep else 2  # noqa: E731
     if g["y4"]:
         return new.strftime("%Y%m%d")
-    year_text = f"{new.year:04d}" if not g["y3"] else f"{new.year % 100:02d}"
+    year_text = f"{new.year:04d}" if not (g["y3"] or g["y9"]) else f"{new.year % 100:02d}"
     if order == "ymd":
         return sep.join((year_text, f"{new.month:0{width(1)}d}", f"{new.day:0{width(2)}d}"))
     if order == "mdy":
@@ -1411,22 +1415,29 @@ def _replace_text_date(m: re.Match[str], shift_days: int | None) -> str:
 
 def _replace_named_month_date(m: re.Match[str], shift_days: int | None) -> str:
     """"17 May 2023", "May 17, 2023" ...: shifted in place, the month in its own spelling."""
-    n = "5" if m.group("n5") else "6"
+    n = "5" if m.group("n5") else "6" if m.group("n6") else "8"
     day, name, year = m.group(f"d{n}"), m.group(f"n{n}"), m.group(f"y{n}")
+    if n == "8" and name == "may":
+        return m.group(0)  # "3 may 12": the verb
     month = _month_number(name)
     try:
-        original = dt.date(int(year), month, int(day))
+        original = dt.date(_century(year) if n == "8" else int(year), month, int(day))
     except ValueError:
         return m.group(0)
     if shift_days is None:
         return ""
     new = original - dt.timedelta(days=shift_days)
     parts = [(f"d{n}", f"{new.day:0{len(day)}d}"), (f"n{n}", _spell_month(new.month, name)),
-             (f"y{n}", f"{new.year:04d}")]
+             (f"y{n}", f"{new.year % 100:02d}" if n == "8" else f"{new.year:04d}")]
     if n == "6" and m.group("o6"):
         suffix = "th" if 10 <= new.day % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(new.day % 10, "th")
         parts.append(("o6", suffix.upper() if m.group("o6").isupper() else suffix))
     return _with_groups(m, parts)
+
+
+def _century(year: str) -> int:
+    """A two-digit year as people mean it: 00-49 this century, 50-99 the last."""
+    return 2000 + int(year) if int(year) < 50 else 1900 + int(year)
 
 
 def _with_groups(m: re.Match[str], parts: list[tuple[str, str]]) -> str:

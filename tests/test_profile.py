@@ -422,6 +422,24 @@ def test_kept_text_keeps_its_lines_and_non_ascii_text_is_cut_only_where_needed(t
     assert lines[2] == "Area 3 cm²"
 
 
+def test_dates_uids_and_identifiers_that_end_a_sentence_are_handled(tmp_path):
+    """A full stop after a date, a UID or a number ends the sentence: it is no part of a
+    longer token ("1234567.5 mm", "v1.20.30.40.5" stay), so the value is shifted, remapped
+    or removed as anywhere else."""
+    ds = instance()
+    ds.ImageComments = ("Prior CT 05/17/2024. Compare 2023-11-02. See 1.2.840.113619.2.55.3.1234. "
+                        "Call 617-555-0199. SSN 123-45-6789. Chart 77123456. Sent from 10.20.30.40. "
+                        "Size 1234567.5 mm, fw 10.20.30.40.5")
+    out, data = roundtrip(ds, engine("clean-descriptors", "retain-longitudinal-modified-dates"), tmp_path)
+    for value in (b"05/17/2024", b"2023-11-02", b"1.2.840.113619.2.55.3.1234", b"617-555-0199", b"123-45-6789",
+                  b"77123456"):
+        assert value not in data, value
+    text = out.ImageComments
+    assert "Prior CT " in text and "/2024." not in text and "Compare " in text and "See 2.25." in text
+    assert "Sent from . Size" in text
+    assert text.endswith("Size 1234567.5 mm, fw 10.20.30.40.5")
+
+
 def test_unlisted_person_names_are_replaced(tmp_path):
     ds = instance()
     ds.add_new(0x00142006, "PN", "Evaluator^Eve")  # Evaluator Name: not in Table E.1-1
@@ -834,6 +852,20 @@ def test_dates_with_month_names_in_kept_text_follow_the_date_option(tmp_path):
     assert removed.StudyDescription == "CT of (prior ; ), born ,"
     ds.StudyDescription = "the lesion may 2023 grow"  # the verb, not a month
     assert roundtrip(ds, engine("clean-descriptors"), tmp_path / "c")[0].StudyDescription == ds.StudyDescription
+
+
+def test_dates_with_two_digit_years_in_kept_text_are_shifted(tmp_path):
+    """"05.01.24", "03-11-23" and "03-NOV-23" are dates with the century left out."""
+    ds = instance(study_date="20240105")
+    ds.StudyDescription = "CT 05.01.24 (prior 03-11-23, 03-NOV-23, 1/5/24), ratio 10-12-5, 3 may 12"
+    shifted, _ = roundtrip(ds, engine("clean-descriptors", "retain-longitudinal-modified-dates"), tmp_path / "a")
+    offset = (dt.date(2024, 1, 5) - dt.datetime.strptime(shifted.StudyDate, "%Y%m%d").date()).days
+    study, prior = (dt.date(2024, 1, 5) - dt.timedelta(days=offset)), (dt.date(2023, 11, 3) - dt.timedelta(days=offset))
+    assert shifted.StudyDescription == (f"CT {study:%d.%m.%y} (prior {prior:%d-%m-%y}, {prior:%d-%b-%y}".upper()
+                                        .replace("PRIOR", "prior")
+                                        + f", {study.month}/{study.day}/{study:%y}), ratio 10-12-5, 3 may 12")
+    removed, _ = roundtrip(ds, engine("clean-descriptors"), tmp_path / "b")
+    assert removed.StudyDescription == "CT (prior , , ), ratio 10-12-5, 3 may 12"
 
 
 def test_device_identity_and_software_text_keep_their_numbers_and_dates(tmp_path):
