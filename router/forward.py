@@ -16,9 +16,9 @@ Success (0x0000) and warning (0x0001, 0xBxxx) statuses complete an instance: its
 link is deleted (or moved to done/<dest>/). A failure status, an abort or a time-out while
 sending it, or a SOP class the destination does not accept count as an attempt: the
 instance waits ``retry_initial_seconds`` doubling up to ``retry_max_seconds`` while the
-others go on, and after ``max_attempts`` it goes to quarantine/<dest>/ with a reason file;
-after ``refused_attempts`` (3: seconds, not minutes) where the destination refused it
-outright (a failure status but 0xA7xx, its SOP class not accepted), which waiting does not change.
+others go on, and after ``max_attempts`` it goes to quarantine/<dest>/ with a reason file
+(after ``refused_attempts``, 3: seconds, not minutes, where the destination refused it
+outright: a failure status but 0xA7xx, its SOP class not accepted; waiting changes nothing).
 When the destination cannot be reached at all (connection refused, association rejected),
 no instance is charged: the whole destination backs off the same way and everything stays
 queued in outgoing/<dest>/ until it is back (an outage must not empty the queue into the

@@ -1355,8 +1355,9 @@ def shift_date(value: str, vr: str, days: int) -> str | None:
 _TEXT_UID = re.compile(r"(?<![\w.])[0-2](?:\.(?:0|[1-9]\d*)){4,}(?!\w|\.\d)")  # "... UID 1.2.3.4.5."
 
 #: Dates as people write them in free text: 08/29/1951, 29.08.1951, 1951-08-29, 19510829,
-#: 8/29/51, 29.08.51, 29 Aug 1951, 29-AUG-51, August 29, 1951, Aug 1951. Each match is checked to be a real date
-#: before it is touched.
+#: 8/29/51, 29.08.51, 29 Aug 1951, 29-AUG-51, August 29, 1951, Aug 1951. Each match is
+#: checked to be a real date before it is touched. A full stop after one ends a sentence
+#: ("on 08/29/1951."); followed by a digit it is part of a longer number.
 _MONTHS = ("january", "february", "march", "april", "may", "june", "july", "august", "september", "october",
            "november", "december")
 _MONTH = r"(?:jan(?:uary)?|feb(?:ruary)?|mar(?:ch)?|apr(?:il)?|may|june?|july?|aug(?:ust)?|sep(?:t(?:ember)?)?" \
@@ -1366,7 +1367,7 @@ _TEXT_DATE = re.compile(
     r"|(?P<a2>\d{1,2})(?P<s2>[-/.])(?P<b2>\d{1,2})(?P=s2)(?P<y2>(?:19|20)\d\d)"
     r"|(?P<a3>\d{1,2})/(?P<b3>\d{1,2})/(?P<y3>\d\d)"
     r"|(?P<a9>\d\d)(?P<s9>[-.])(?P<b9>\d\d)(?P=s9)(?P<y9>\d\d)"  # 14.03.61, 14-03-61
-    r"|(?P<y4>(?:19|20)\d\d)(?P<m4>0[1-9]|1[0-2])(?P<d4>0[1-9]|[12]\d|3[01]))(?!\d|\.\d)"  # "on 05/17/2024."
+    r"|(?P<y4>(?:19|20)\d\d)(?P<m4>0[1-9]|1[0-2])(?P<d4>0[1-9]|[12]\d|3[01]))(?!\d|\.\d)"
     # 17 May 2023, 17-MAY-2023, 17MAY2023; May 17, 2023, Sept. 3rd 2021
     rf"|(?<![\w.])(?P<d5>\d{{1,2}})[ -]?(?P<n5>(?i:{_MONTH}))\.?[ ,-]*(?P<y5>(?:19|20)\d\d)(?!\d)"
     rf"|(?<![\w.])(?P<d8>\d{{1,2}})(?P<s8>[ -]?)(?P<n8>(?i:{_MONTH}))(?P=s8)(?P<y8>\d\d)(?!\w)"  # 14-MAR-61
@@ -1387,12 +1388,12 @@ def _replace_text_date(m: re.Match[str], shift_days: int | None) -> str:
         order, year, parts, sep = "ymd", int(g["y1"]), (int(g["m1"]), int(g["d1"])), g["s1"]
     elif g["y4"]:
         order, year, parts, sep = "ymd", int(g["y4"]), (int(g["m4"]), int(g["d4"])), ""
-    elif g["y2"]:
-        a, b, year, sep = int(g["a2"]), int(g["b2"]), int(g["y2"]), g["s2"]
     else:
-        k = "3" if g["y3"] else "9"
-        a, b, year, sep = int(g[f"a{k}"]), int(g[f"b{k}"]), _century(g[f"y{k}"]), g["s9"] or "/"
-    if not (g["y1"] or g["y4"]):
+        if g["y2"]:
+            a, b, year, sep = int(g["a2"]), int(g["b2"]), int(g["y2"]), g["s2"]
+        else:  # a two-digit year
+            k = "3" if g["y3"] else "9"
+            a, b, year, sep = int(g[f"a{k}"]), int(g[f"b{k}"]), _century(g[f"y{k}"]), g["s9"] or "/"
         order, parts = ("mdy", (a, b)) if a <= 12 and (b > 12 or sep == "/") else ("dmy", (b, a))
     try:
         original = dt.date(year, *parts)
