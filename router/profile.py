@@ -1369,7 +1369,8 @@ _TEXT_DATE = re.compile(
     r"|(?P<a9>\d\d)(?P<s9>[-.])(?P<b9>\d\d)(?P=s9)(?P<y9>\d\d)"  # 14.03.61, 14-03-61
     r"|(?P<y4>(?:19|20)\d\d)(?P<m4>0[1-9]|1[0-2])(?P<d4>0[1-9]|[12]\d|3[01]))(?!\d|\.\d)"
     # 17 May 2023, 17-MAY-2023, 17MAY2023; May 17, 2023, Sept. 3rd 2021
-    rf"|(?<![\w.])(?P<d5>\d{{1,2}})[ -]?(?P<n5>(?i:{_MONTH}))\.?[ ,-]*(?P<y5>(?:19|20)\d\d)(?!\d)"
+    rf"|(?<![\w.])(?P<d5>\d{{1,2}})(?P<o5>st|nd|rd|th)?(?: of)?[ -]?(?P<n5>(?i:{_MONTH}))\.?[ ,-]*"
+    r"(?P<y5>(?:19|20)\d\d)(?!\d)"  # ... 14th of March 1961
     rf"|(?<![\w.])(?P<d8>\d{{1,2}})(?P<s8>[ -]?)(?P<n8>(?i:{_MONTH}))(?P=s8)(?P<y8>\d\d)(?!\w)"  # 14-MAR-61
     rf"|(?<![\w.])(?P<n6>(?i:{_MONTH}))\.? ?(?P<d6>\d{{1,2}})(?P<o6>st|nd|rd|th)?,? (?P<y6>(?:19|20)\d\d)(?!\d)"
     # May 2023, SEP-2021 (a month and a year)
@@ -1430,9 +1431,10 @@ def _replace_named_month_date(m: re.Match[str], shift_days: int | None) -> str:
     new = original - dt.timedelta(days=shift_days)
     parts = [(f"d{n}", f"{new.day:0{len(day)}d}"), (f"n{n}", _spell_month(new.month, name)),
              (f"y{n}", f"{new.year % 100:02d}" if n == "8" else f"{new.year:04d}")]
-    if n == "6" and m.group("o6"):
+    ordinal = m.group(f"o{n}") if n in ("5", "6") else None
+    if ordinal:
         suffix = "th" if 10 <= new.day % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(new.day % 10, "th")
-        parts.append(("o6", suffix.upper() if m.group("o6").isupper() else suffix))
+        parts.append((f"o{n}", suffix.upper() if ordinal.isupper() else suffix))
     return _with_groups(m, parts)
 
 
@@ -1459,7 +1461,7 @@ def _spell_month(month: int, like: str) -> str:
     """Month number month written as the month name like was: full or three letters, in
     its case."""
     full = _MONTHS[month - 1]
-    spelled = full if len(like) > 4 or like.lower() == full else full[:3]
+    spelled = full if len(like) > 4 or like.lower() in _MONTHS else full[:3]  # "May", "June": full names
     return spelled.upper() if like.isupper() else spelled.capitalize() if like[0].isupper() else spelled
 
 

@@ -855,6 +855,22 @@ def test_dates_with_month_names_in_kept_text_follow_the_date_option(tmp_path):
     assert roundtrip(ds, engine("clean-descriptors"), tmp_path / "c")[0].StudyDescription == ds.StudyDescription
 
 
+def test_a_day_written_before_of_moves_with_its_month(tmp_path):
+    """"the 5th of January 2024": the day goes with the month and year, and "May" or
+    "June" (full names, however short) stay full names."""
+    ds = instance(study_date="20240105")
+    ds.StudyDescription = "CT on the 5th of January 2024, prior 1st May 2023"
+    shifted, _ = roundtrip(ds, engine("clean-descriptors", "retain-longitudinal-modified-dates"), tmp_path)
+    offset = (dt.date(2024, 1, 5) - dt.datetime.strptime(shifted.StudyDate, "%Y%m%d").date()).days
+    study, prior = (dt.date(2024, 1, 5) - dt.timedelta(days=offset)), (dt.date(2023, 5, 1) - dt.timedelta(days=offset))
+
+    def ordinal(day: int) -> str:
+        return "th" if 10 <= day <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(day % 10, "th")
+
+    assert shifted.StudyDescription == (f"CT on the {study.day}{ordinal(study.day)} of {study:%B} {study.year}, "
+                                        f"prior {prior.day}{ordinal(prior.day)} {prior:%B} {prior.year}")
+
+
 def test_dates_with_two_digit_years_in_kept_text_are_shifted(tmp_path):
     """"05.01.24", "03-11-23" and "03-NOV-23" are dates with the century left out."""
     ds = instance(study_date="20240105")
