@@ -45,7 +45,7 @@ _CARET_NAME = re.compile(r"(?<![\w^])[A-Za-z'\u2019-]{2,}(?:\^[A-Za-z'\u2019.-]*
 def _key(word: str) -> str:
     """A word as the lists spell it: capitals, no apostrophe, no possessive or full stop."""
     word = word.rstrip(".")
-    if word[-2:] in ("'s", "\u2019s"):
+    if word[-2:].lower() in ("'s", "\u2019s"):
         word = word[:-2]
     word = word.replace("'", "").replace("\u2019", "").upper()
     if not word.isascii():  # "GARCÍA", "MÜLLER": the lists spell them without accents
@@ -97,7 +97,7 @@ class PersonNames:
             if _is_initial(words[j].group()) and _spaced(text, words, j) \
                     and self._is_surname(words[j + 1].group(), capitals):
                 j += 1
-            if self._is_surname(words[j].group(), capitals) and not self._eponym_after(text, words, j):
+            if self._is_surname(words[j].group(), capitals) and not self._eponym_after(text, words, j, False):
                 return j
             if j == i + 1 and _is_initial(words[j].group()) and words[j].group().endswith("."):
                 return j  # "Karen W."
@@ -115,7 +115,7 @@ class PersonNames:
                 j += 1  # "J. A. Smith"
             after = words[j].group()
             if _key(after) in self.surnames and self._is_surname(after, capitals) \
-                    and not self._eponym_after(text, words, j):
+                    and not self._eponym_after(text, words, j, False):
                 return j  # "J. Smith": a surname of the list
         if (self._is_given(word, capitals) and i > 0 and _key(words[i - 1].group()) in self.cues
                 and _CUE_GAP.fullmatch(text, words[i - 1].end(), words[i].start()) is not None):
@@ -147,9 +147,12 @@ class PersonNames:
             return capitals or word[0].isupper()
         return not capitals and _TITLE_CASE.fullmatch(word.rstrip(".")) is not None
 
-    def _eponym_after(self, text: str, words: list[re.Match[str]], j: int) -> bool:
+    def _eponym_after(self, text: str, words: list[re.Match[str]], j: int, possessive: bool = True) -> bool:
+        """Is word j an eponym's name: a noun of the list after it ("Barrett Esophagus") or,
+        unless a given name or an initial comes first ("John Smith's scan" is a person's),
+        a possessive ("Barrett's")?"""
         return (_spaced(text, words, j) and _key(words[j + 1].group()) in self.eponym_nouns) \
-            or words[j].group().endswith(("'s", "\u2019s"))
+            or (possessive and words[j].group().lower().endswith(("'s", "\u2019s")))
 
 
 def _spaced(text: str, words: list[re.Match[str]], a: int) -> bool:
