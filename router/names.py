@@ -5,8 +5,9 @@ and titled names by a pattern (rules/policy.toml); this finds the others by thei
 with the census name lists of rules/person-names.json (see rules/generate_names.py):
 
 - a given name, an optional middle initial and a surname: "Jane Roe", "Mary Q. Johnson";
-- a surname, a comma and a given name or an initial: "Smith, Anna", "Smith, J." (a
-  surname of the list there);
+- a surname, a comma and a given name or an initial: "Smith, Anna", "Smith, Anna M.",
+  "Smith, J." (a surname of the list there);
+- the particles before a surname go with it: "van der Berg, Anna", "Anna van der Berg";
 - a surname of the list and a given name: "SMITH JOHN", "Smith John" (not after a word
   that begins place names: "SAN JOSE", "WEST VIRGINIA");
 - a given name and an initial: "Karen W.";
@@ -37,6 +38,9 @@ _SPACE = re.compile(r"[ \t]+")
 _COMMA = re.compile(r"[ \t]*,[ \t]*")
 _CUE_GAP = re.compile(r"[ \t]*[:=-]?[ \t]*")
 _TITLE_CASE = re.compile(r"(?:Mc|Mac|O'|De|Van|Le)?[A-Z][a-z'\u2019]+(?:-[A-Z][a-z'\u2019]+)?")
+#: Words that begin surnames: "van der Berg", "De La Cruz", "von Braun".
+_PARTICLES = frozenset({"VAN", "VON", "DER", "DEN", "DE", "DEL", "DELLA", "DA", "DI", "DOS", "DU", "LA", "LE",
+                        "TEN", "TER"})
 #: Initials that are sides in radiology text ("R. Hand", "L. Hill-Sachs"), not a name's.
 _SIDES = frozenset({"R", "L"})
 _CARET_NAME = re.compile(r"(?<![\w^])[A-Za-z'\u2019-]{2,}(?:\^[A-Za-z'\u2019.-]*)+")
@@ -75,7 +79,10 @@ class PersonNames:
             if end is None:
                 i += 1
                 continue
-            found.append((words[i].start(), words[end].end()))
+            first = i
+            while first > 0 and _key(words[first - 1].group()) in _PARTICLES and _spaced(text, words, first - 1):
+                first -= 1  # "van der Berg, Anna"
+            found.append((words[first].start(), words[end].end()))
             i = end + 1
         return sorted(found)
 
@@ -97,6 +104,8 @@ class PersonNames:
             if _is_initial(words[j].group()) and _spaced(text, words, j) \
                     and self._is_surname(words[j + 1].group(), capitals):
                 j += 1
+            while _key(words[j].group()) in _PARTICLES and _spaced(text, words, j):
+                j += 1  # "Anna van der Berg"
             if self._is_surname(words[j].group(), capitals) and not self._eponym_after(text, words, j, False):
                 return j
             if j == i + 1 and _is_initial(words[j].group()) and words[j].group().endswith("."):
@@ -124,6 +133,8 @@ class PersonNames:
                 and _COMMA.fullmatch(text, words[i].end(), words[i + 1].start()) is not None):
             after = words[i + 1].group()
             if self._is_given(after, capitals):
+                if _spaced(text, words, i + 1) and _is_initial(words[i + 2].group()):
+                    return i + 2  # "Smith, Anna M."
                 return i + 1  # "Smith, Anna"
             if _is_initial(after) and after.endswith(".") and _key(word) in self.surnames:
                 return i + 1  # "Smith, J."

@@ -943,6 +943,9 @@ NAMES_NOT_IN_THE_HEADER = {
     "CT FOR JOSÉ HERNÁNDEZ": "CT FOR",
     "CT for John Smith's follow-up": "CT for follow-up",  # a possessive after a given name: a person
     "JOHN SMITH'S CT": "CT",
+    "ref van der Berg, Anna": "ref",  # the particles go with the surname
+    "seen by Anna van der Berg today": "seen by today",
+    "Smith, John A. called": "called",
 }
 #: Clinical text with words that are also given names or surnames: never taken for a name.
 NOT_NAMES = [
@@ -957,7 +960,7 @@ NOT_NAMES = [
     "DR CHEST PA", "MR BRAIN W/O", "CT 12345 mAs", "Series 5, A. axial",
     "Transfer from SAN JOSE", "West Virginia clinic", "WHITE MATTER HYPERINTENSITY", "HEAD NECK CTA",
     "Chien Français dog breed", "R. Hand view", "L. Hill-Sachs lesion", "E. Coli infection",
-    "BARRETT'S ESOPHAGUS", "Hodgkin's lymphoma",
+    "BARRETT'S ESOPHAGUS", "Hodgkin's lymphoma", "lesion de novo",
 ]
 
 
