@@ -946,6 +946,9 @@ NAMES_NOT_IN_THE_HEADER = {
     "ref van der Berg, Anna": "ref",  # the particles go with the surname
     "seen by Anna van der Berg today": "seen by today",
     "Smith, John A. called": "called",
+    "Patient Name: Zoë Quirke; see prior": "; see prior",  # after a name label, whatever the lists say
+    "Mother's name: Ade Okafor. Stable": ". Stable",
+    "Pt name: J. Q. Public; seen": "; seen",
 }
 #: Clinical text with words that are also given names or surnames: never taken for a name.
 NOT_NAMES = [
@@ -960,7 +963,7 @@ NOT_NAMES = [
     "DR CHEST PA", "MR BRAIN W/O", "CT 12345 mAs", "Series 5, A. axial",
     "Transfer from SAN JOSE", "West Virginia clinic", "WHITE MATTER HYPERINTENSITY", "HEAD NECK CTA",
     "Chien Français dog breed", "R. Hand view", "L. Hill-Sachs lesion", "E. Coli infection",
-    "BARRETT'S ESOPHAGUS", "Hodgkin's lymphoma", "lesion de novo",
+    "BARRETT'S ESOPHAGUS", "Hodgkin's lymphoma", "lesion de novo", "Protocol Name: Head Routine",
 ]
 
 
