@@ -429,15 +429,15 @@ def test_dates_uids_and_identifiers_that_end_a_sentence_are_handled(tmp_path):
     ds = instance()
     ds.ImageComments = ("Prior CT 05/17/2024. Compare 2023-11-02. See 1.2.840.113619.2.55.3.1234. "
                         "Call 617-555-0199. SSN 123-45-6789. Chart 77123456. Sent from 10.20.30.40. "
-                        "Acct: 998877; Pt ID 55-1234; SSN 123 45 6789. "
+                        "Acct: 998877; Pt ID 55-1234; SSN 123 45 6789. Fax (617)555-0142. "
                         "Size 1234567.5 mm, fw 10.20.30.40.5")
     out, data = roundtrip(ds, engine("clean-descriptors", "retain-longitudinal-modified-dates"), tmp_path)
     for value in (b"05/17/2024", b"2023-11-02", b"1.2.840.113619.2.55.3.1234", b"617-555-0199", b"123-45-6789",
-                  b"77123456", b"998877", b"55-1234", b"123 45 6789"):
+                  b"77123456", b"998877", b"55-1234", b"123 45 6789", b"555-0142"):
         assert value not in data, value
     text = out.ImageComments
     assert "Prior CT " in text and "/2024." not in text and "Compare " in text and "See 2.25." in text
-    assert "Sent from . ; ; . Size" in text  # labelled IDs go with their labels
+    assert "Sent from . ; ; . Fax . Size" in text  # labelled IDs go with their labels
     assert text.endswith("Size 1234567.5 mm, fw 10.20.30.40.5")
 
 
