@@ -8,6 +8,7 @@ with the census name lists of rules/person-names.json (see rules/generate_names.
 - a surname, a comma and a given name or an initial: "Smith, Anna", "Smith, Anna M.",
   "Smith, J." (a surname of the list there);
 - the particles before a surname go with it: "van der Berg, Anna", "Anna van der Berg";
+  and a given name joined by "and": "John and Mary Smith";
 - a surname of the list and a given name: "SMITH JOHN", "Smith John" (not after a word
   that begins place names: "SAN JOSE", "WEST VIRGINIA");
 - a given name and an initial: "Karen W.";
@@ -82,6 +83,10 @@ class PersonNames:
             first = i
             while first > 0 and _key(words[first - 1].group()) in _PARTICLES and _spaced(text, words, first - 1):
                 first -= 1  # "van der Berg, Anna"
+            if first > 1 and _key(words[first - 1].group()) == "AND" and _spaced(text, words, first - 2) \
+                    and _spaced(text, words, first - 1) and self._is_given(words[first - 2].group(), capitals) \
+                    and self._is_given(words[first].group(), capitals):
+                first -= 2  # "John and Mary Smith": both given names go with the surname
             found.append((words[first].start(), words[end].end()))
             i = end + 1
         return sorted(found)

@@ -946,6 +946,7 @@ NAMES_NOT_IN_THE_HEADER = {
     "ref van der Berg, Anna": "ref",  # the particles go with the surname
     "seen by Anna van der Berg today": "seen by today",
     "Smith, John A. called": "called",
+    "seen by John and Mary Smith today": "seen by today",  # a given name before "and" goes too
     "Patient Name: Zoë Quirke; see prior": "; see prior",  # after a name label, whatever the lists say
     "Mother's name: Ade Okafor. Stable": ". Stable",
     "Pt name: J. Q. Public; seen": "; seen",
