@@ -80,16 +80,21 @@ class PersonNames:
             if end is None:
                 i += 1
                 continue
-            first = i
-            while first > 0 and _key(words[first - 1].group()) in _PARTICLES and _spaced(text, words, first - 1):
-                first -= 1  # "van der Berg, Anna"
-            if first > 1 and _key(words[first - 1].group()) == "AND" and _spaced(text, words, first - 2) \
-                    and _spaced(text, words, first - 1) and self._is_given(words[first - 2].group(), capitals) \
-                    and self._is_given(words[first].group(), capitals):
-                first -= 2  # "John and Mary Smith": both given names go with the surname
-            found.append((words[first].start(), words[end].end()))
+            found.append((words[self._start_of(text, words, i, capitals)].start(), words[end].end()))
             i = end + 1
         return sorted(found)
+
+    def _start_of(self, text: str, words: list[re.Match[str]], i: int, capitals: bool) -> int:
+        """The first word of a name found from word i: with the particles before a surname
+        ("van der Berg, Anna") and a given name joined by "and" ("John and Mary Smith")."""
+        first = i
+        while first > 0 and _key(words[first - 1].group()) in _PARTICLES and _spaced(text, words, first - 1):
+            first -= 1
+        if first > 1 and _key(words[first - 1].group()) == "AND" and _spaced(text, words, first - 2) \
+                and _spaced(text, words, first - 1) and self._is_given(words[first - 2].group(), capitals) \
+                and self._is_given(words[first].group(), capitals):
+            first -= 2
+        return first
 
     def search(self, text: str) -> bool:
         return bool(self.spans(text))
