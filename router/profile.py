@@ -17,6 +17,7 @@ import itertools
 import os
 import re
 import struct
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -1279,9 +1280,30 @@ def identifying_values(ds: Dataset, institution: bool = True) -> set[str]:
         components = [c for c in re.split(r"[\^=,\s]+", name) if c]  # of every group
         values.update(components)
         values.update(a + b for a, b in itertools.permutations(components[:5], 2))  # "JOHNSMITH", "SMITHJOHN"
+        values.update(v for c in components for v in _spellings(c))
     for birth_date in _strings(_get(ds, 0x00100030)):
         values.update(date_spellings(birth_date))
     return {v for v in values if v.strip("^= ")}
+
+
+#: How German umlauts are written without them: "Müller" is "Mueller" as often as "Muller".
+_TRANSLITERATED = str.maketrans({"ä": "ae", "ö": "oe", "ü": "ue", "Ä": "AE", "Ö": "OE", "Ü": "UE", "ß": "ss"})
+
+
+def _spellings(component: str) -> set[str]:
+    """Other ways text writes a name's component: without its accents ("MULLER", "NGUYEN",
+    "JOSE"), umlauts spelled out ("MUELLER"), and the parts of a hyphenated or apostrophed
+    one, alone and joined ("SMITH", "JONES", "SMITHJONES"; "OBRIEN")."""
+    unaccented = "".join(c for c in unicodedata.normalize("NFKD", component) if not unicodedata.combining(c))
+    out = {unaccented, component.translate(_TRANSLITERATED)} - {component}
+    if any(c.isdigit() for c in component):
+        return out  # an ID where a name belongs ("PID-0001"): cut whole, not by its parts
+    for spelling in (component, unaccented):
+        parts = [part for part in re.split(r"[-'\u2019]+", spelling) if part]
+        if len(parts) > 1:
+            out.update(parts)
+            out.add("".join(parts))
+    return out
 
 
 def _order_numbers(ds: Dataset) -> list[str]:
