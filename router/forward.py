@@ -227,11 +227,7 @@ class DicomSender:
         """Whether the destination takes an association of its own and answers a C-ECHO
         with success now."""
         try:
-            assoc = StoreAssociation.request(
-                self.dest.host, self.dest.port, self.calling_ae, self.dest.ae_title,
-                [(VERIFICATION, ImplicitVRLittleEndian)], timeout=self.dest.timeout_seconds, max_pdu=MAX_PDU,
-                implementation=(IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION), tls=self.tls_args,
-                negotiation_timeout=self.negotiation_timeout)
+            assoc = self._associate([(VERIFICATION, ImplicitVRLittleEndian)])
         except (AssociationError, OSError):  # ssl.SSLError too
             return False
         try:
@@ -264,16 +260,20 @@ class DicomSender:
             covered.update((sop, ts) for ts in syntaxes)
         return contexts, covered
 
+    def _associate(self, contexts: list[tuple[str, str]]) -> StoreAssociation:
+        """An association with the destination proposing these contexts, as this node calls it."""
+        return StoreAssociation.request(
+            self.dest.host, self.dest.port, self.calling_ae, self.dest.ae_title, contexts,
+            timeout=self.dest.timeout_seconds, max_pdu=MAX_PDU,
+            implementation=(IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION), tls=self.tls_args,
+            negotiation_timeout=self.negotiation_timeout)
+
     def connect(self, pairs: list[tuple[str, str]]) -> str | None:
         """(Re)associate for these pairs; returns a problem or None."""
         self.close(reason="new presentation contexts")
         contexts, covered = self.plan(pairs)
         try:
-            assoc = StoreAssociation.request(
-                self.dest.host, self.dest.port, self.calling_ae, self.dest.ae_title, contexts,
-                timeout=self.dest.timeout_seconds, max_pdu=MAX_PDU,
-                implementation=(IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION), tls=self.tls_args,
-                negotiation_timeout=self.negotiation_timeout)
+            assoc = self._associate(contexts)
         except ssl.SSLError as exc:
             failure = self.tls_args[0].take_failure() if self.tls_args else None
             return f"TLS handshake failed: {failure or exc.reason or type(exc).__name__}"

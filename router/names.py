@@ -53,9 +53,12 @@ def _key(word: str) -> str:
     if word[-2:].lower() in ("'s", "\u2019s"):
         word = word[:-2]
     word = word.replace("'", "").replace("\u2019", "").upper()
-    if not word.isascii():  # "GARCÍA", "MÜLLER": the lists spell them without accents
-        word = "".join(c for c in unicodedata.normalize("NFKD", word) if not unicodedata.combining(c))
-    return word
+    return word if word.isascii() else unaccented(word)  # "GARCÍA": the lists spell names without accents
+
+
+def unaccented(text: str) -> str:
+    """text without its accents and other combining marks: "Müller" -> "Muller"."""
+    return "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
 
 
 @dataclass(frozen=True, eq=False)

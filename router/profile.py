@@ -17,7 +17,6 @@ import itertools
 import os
 import re
 import struct
-import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +43,7 @@ from router import __version__
 from router.config import BASIC_PROFILE_CODE, OPTIONS, DeidConfig
 from router.decode import ITEM_TAG, PIXEL_DATA, TAGS, read_part10, tag_object
 from router.encode import ConstantElement, fast_syntax, materialized, part10_bytes, write_chunks
-from router.names import PersonNames
+from router.names import PersonNames, unaccented
 from router.pseudonyms import Pseudonymizer
 from router.rules import Action, Profile
 from router.spool import reusable
@@ -1294,11 +1293,11 @@ def _spellings(component: str) -> set[str]:
     """Other ways text writes a name's component: without its accents ("MULLER", "NGUYEN",
     "JOSE"), umlauts spelled out ("MUELLER"), and the parts of a hyphenated or apostrophed
     one, alone and joined ("SMITH", "JONES", "SMITHJONES"; "OBRIEN")."""
-    unaccented = "".join(c for c in unicodedata.normalize("NFKD", component) if not unicodedata.combining(c))
-    out = {unaccented, component.translate(_TRANSLITERATED)} - {component}
+    plain = unaccented(component)
+    out = {plain, component.translate(_TRANSLITERATED)} - {component}
     if any(c.isdigit() for c in component):
         return out  # an ID where a name belongs ("PID-0001"): cut whole, not by its parts
-    for spelling in (component, unaccented):
+    for spelling in (component, plain):
         parts = [part for part in re.split(r"[-'\u2019]+", spelling) if part]
         if len(parts) > 1:
             out.update(parts)
